@@ -1,0 +1,164 @@
+"""The `tunelab` command: parse arguments, call the API, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pretrained transformers on your data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="validate, score the baseline, train, score again, write a run folder")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=3 method.r=8")
+    train.add_argument("--output", help="run folder to create (default: runs/<name>-<timestamp>)")
+    train.add_argument("--resume", action="store_true", help="finish the interrupted run in --output")
+
+    validate = commands.add_parser("validate", help="check a recipe and its data; print the resolved recipe")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*")
+
+    evaluate = commands.add_parser("eval", help="score a trained run or model on a dataset")
+    evaluate.add_argument("model", help="run folder or model folder")
+    evaluate.add_argument("--data", required=True, help="Hub id, file or folder")
+    evaluate.add_argument("--split", default="test", help="split to score (a single file is split 'train')")
+    evaluate.add_argument("--text", help="text column (default: the run's recipe, else 'text')")
+    evaluate.add_argument("--label", help="label column (default: the run's recipe, else 'label')")
+    evaluate.add_argument("--size", type=int, help="score a stratified sample of this many rows")
+
+    predict = commands.add_parser("predict", help="label texts with a trained run")
+    predict.add_argument("model", help="run folder or model folder")
+    predict.add_argument("texts", nargs="*", help="texts to label")
+    predict.add_argument("--file", help="JSONL file of rows to label (field given by --field)")
+    predict.add_argument("--field", default="text", help="field of each --file row holding the text")
+    predict.add_argument("--top-k", type=int, default=1, help="also list the k most likely labels")
+
+    commands.add_parser("models", help="list offline model aliases and whether they are installed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one `error:` line and exit with code 2."""
+    parser = build_parser()
+    # Overrides may come after options (`train r.yaml --output D train.epochs=2`): collect them from leftovers.
+    args, leftovers = parser.parse_known_args(argv)
+    unknown = [item for item in leftovers if item.startswith("-") or "=" not in item]
+    if unknown or (leftovers and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or leftovers)}")
+    if leftovers:
+        args.overrides = [*args.overrides, *leftovers]
+    quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except TunelabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; resume with the same command plus --output RUN_DIR --resume", file=sys.stderr)
+        return 130
+
+
+def quiet_libraries() -> None:
+    """Hide library chatter (load reports, map progress) so tunelab's own lines and the training bar stand out."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def cmd_train(args) -> int:
+    from tunelab import api
+    from tunelab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir, metrics = api.train(recipe, args.output, args.resume)
+    before, after = metrics["before"], metrics["after"]
+    print(f"tunelab: accuracy {before['accuracy']:.4f} → {after['accuracy']:.4f} "
+          f"(macro-F1 {before['macro_f1']:.4f} → {after['macro_f1']:.4f}); "
+          f"{metrics['train_samples_per_second']:.2f} train samples/s; report: {run_dir / 'report.html'}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from tunelab import api
+    from tunelab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    data, source = api.check_recipe(recipe)
+    print(recipe.to_yaml(), end="")
+    print(f"# ok: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split}), "
+          f"{len(data.labels)} labels; model {source.location}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tunelab import api
+    from tunelab.recipe import DataConfig
+
+    saved = run_recipe_data(args.model)
+    data = DataConfig(source=args.data, text=args.text or saved.get("text", "text"),
+                      label=args.label or saved.get("label", "label"), text_pair=saved.get("text_pair"),
+                      eval_size=args.size)
+    print(json.dumps(api.evaluate(args.model, data, args.split), indent=2))
+    return 0
+
+
+def run_recipe_data(model: str) -> dict:
+    """The data section of a run folder's recipe, for default column names."""
+    import yaml
+
+    recipe = Path(model) / "recipe.yaml"
+    return yaml.safe_load(recipe.read_text())["data"] if recipe.is_file() else {}
+
+
+def cmd_predict(args) -> int:
+    from tunelab import api
+
+    texts = list(args.texts)
+    if args.file:
+        texts += read_texts(Path(args.file), args.field)
+    if not texts:
+        raise TunelabError("predict needs texts: give them as arguments or with --file rows.jsonl")
+    for row in api.predict(args.model, texts, args.top_k):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def read_texts(path: Path, field: str) -> list[str]:
+    """The `field` of each row of a JSONL file."""
+    if not path.is_file():
+        raise TunelabError(f"--file '{path}' does not exist")
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(str(json.loads(line)[field]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise TunelabError(f"--file '{path}' line {number} is not a JSON object with field '{field}'; "
+                               f"fix the line or pass --field") from None
+    return texts
+
+
+def cmd_models(args) -> int:
+    from tunelab.models.aliases import OFFLINE_MODELS
+
+    for model in OFFLINE_MODELS.values():
+        installed = model.locate() is not None
+        print(f"{model.alias:20} {model.family:8} {'installed' if installed else 'missing':10} {model.description}")
+        if not installed:
+            print(f"{'':40} install: {model.install}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
+            "models": cmd_models}

@@ -1,0 +1,95 @@
+"""Find and read a dataset: a Hub id (resolved offline through TUNELAB_DATA_PATH), a file, or a folder of splits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+from tunelab.errors import TunelabError, one_line
+
+# File suffix → the `datasets` builder that reads it.
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLIT_NAMES = ("train", "validation", "test")
+DEFAULT_SEARCH_PATH = ("data", "../shared/data")
+
+
+def data_search_path() -> list[Path]:
+    """Folders where a Hub id `org/name` is looked up as `<folder>/name/`: TUNELAB_DATA_PATH, else the defaults."""
+    env = os.environ.get("TUNELAB_DATA_PATH")
+    entries = env.split(os.pathsep) if env else DEFAULT_SEARCH_PATH
+    return [Path(entry).expanduser() for entry in entries if entry]
+
+
+def find_local_copy(source: str) -> Path | None:
+    """The local folder holding a Hub dataset, or None when no search-path folder has it."""
+    name = source.rstrip("/").split("/")[-1]
+    for folder in data_search_path():
+        if (folder / name).is_dir():
+            return folder / name
+    return None
+
+
+def load_splits(source: str) -> dict[str, datasets.Dataset]:
+    """Read every split of a data source into `datasets.Dataset`s keyed by split name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {"train": read_file(path)}
+    if path.is_dir():
+        return read_split_folder(path)
+    if _looks_like_path(source):
+        raise TunelabError(f"data.source '{source}' does not exist; give an existing file or folder, or a Hub id")
+    local = find_local_copy(source)
+    if local is not None:
+        return read_split_folder(local)
+    return _load_from_hub(source)
+
+
+def read_file(path: Path) -> datasets.Dataset:
+    """Read one csv/tsv/json/jsonl/parquet file (optionally .gz) as a Dataset."""
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    builder = FORMATS.get(suffixes[-1].lower()) if suffixes else None
+    if builder is None:
+        raise TunelabError(f"data file '{path}' has an unsupported format; use one of "
+                           f"{', '.join(sorted(FORMATS))} (optionally .gz)")
+    options = {"delimiter": "\t"} if suffixes[-1].lower() == ".tsv" else {}
+    try:
+        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as exc:  # datasets raises many types for a malformed file; all mean "cannot read it"
+        raise TunelabError(f"cannot read data file '{path}' as {builder}: {one_line(exc, 200)}; "
+                           f"check that the file is valid {builder}") from None
+    return loaded
+
+
+def read_split_folder(folder: Path) -> dict[str, datasets.Dataset]:
+    """Read a folder holding `train.*`, `test.*` and/or `validation.*` files."""
+    splits = {}
+    for split in SPLIT_NAMES:
+        candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] == split)
+        readable = [p for p in candidates if any(s in FORMATS for s in p.suffixes)]
+        if readable:
+            splits[split] = read_file(readable[0])
+    if not splits:
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+        raise TunelabError(f"data folder '{folder}' has no train.*/test.*/validation.* file (it holds: {present}); "
+                           f"name the split files so, or point data.source at one file")
+    return splits
+
+
+def _looks_like_path(source: str) -> bool:
+    """A source written as a path (./x, /x, ~/x, a/b/c, x.csv) is never tried as a Hub id."""
+    name = source.lower().removesuffix(".gz")
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or name.endswith(tuple(FORMATS))
+
+
+def _load_from_hub(source: str) -> dict[str, datasets.Dataset]:
+    """Load a Hub dataset (needs network); name the offline fix when it fails."""
+    searched = ", ".join(str(p) for p in data_search_path())
+    try:
+        loaded = datasets.load_dataset(source)
+    except Exception as exc:  # offline, missing or private: the fix is the same
+        raise TunelabError(f"dataset '{source}' is not in TUNELAB_DATA_PATH ({searched}) and could not be loaded "
+                           f"from the Hub ({one_line(exc, 160)}); put a copy in <folder>/{source.split('/')[-1]}/ "
+                           f"or set TUNELAB_DATA_PATH") from None
+    return dict(loaded)

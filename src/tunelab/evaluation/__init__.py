@@ -1,0 +1,1 @@
+"""Evaluation: metrics per task family and scoring a model on a dataset."""

@@ -1,0 +1,99 @@
+"""Apply a recipe's method to a loaded model: one entry point for full, freeze and every peft method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+from tunelab.errors import TunelabError, one_line
+from tunelab.recipe import FreezeMethod, FullMethod, IA3Method, LoraMethod, VirtualTokenMethod
+
+HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like and decoder models
+
+
+@dataclass(frozen=True)
+class TrainableCount:
+    """How many parameters train, out of how many."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        """Trainable share of all parameters, in percent."""
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"{self.trainable:,} of {self.total:,} parameters train ({self.percent:.2f}%)"
+
+
+def count_parameters(model: torch.nn.Module) -> TrainableCount:
+    """Count trainable and total parameters."""
+    params = list(model.parameters())
+    return TrainableCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def head_modules(model: torch.nn.Module, new_modules: list[str]) -> list[str]:
+    """Names of the modules that must always train: the task head and anything freshly initialised."""
+    present = {name for name, _ in model.named_modules()}
+    return sorted({name for name in HEAD_NAMES if name in present} | {m for m in new_modules if m in present})
+
+
+def apply_method(model: torch.nn.Module, method, new_modules: list[str],
+                 task_type: TaskType = TaskType.SEQ_CLS) -> torch.nn.Module:
+    """Return the model prepared for training with `method`; the head always trains."""
+    heads = head_modules(model, new_modules)
+    if isinstance(method, FullMethod):
+        for param in model.parameters():
+            param.requires_grad = True
+        return model
+    if isinstance(method, FreezeMethod):
+        return freeze_all_but(model, heads, method.train_top_layers)
+    try:
+        return get_peft_model(model, peft_config(method, heads, task_type))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise TunelabError(f"method '{method.name}' cannot be applied to {type(model).__name__}: "
+                           f"{one_line(exc, 200)}; set method.target_modules or pick another method") from None
+
+
+def peft_config(method, heads: list[str], task_type: TaskType) -> PeftConfig:
+    """The peft config for a recipe method; the head modules are saved and trained in full."""
+    if isinstance(method, LoraMethod):
+        return LoraConfig(task_type=task_type, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
+                          target_modules=method.target_modules, use_dora=method.name == "dora",
+                          modules_to_save=heads)
+    if isinstance(method, IA3Method):
+        return IA3Config(task_type=task_type, target_modules=method.target_modules,
+                         feedforward_modules=method.feedforward_modules, modules_to_save=heads)
+    if isinstance(method, VirtualTokenMethod):
+        config_class = PrefixTuningConfig if method.name == "prefix" else PromptTuningConfig
+        return config_class(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens, modules_to_save=heads)
+    raise TunelabError(f"method '{method.name}' is not a peft method")
+
+
+def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of repeated transformer blocks: the ModuleList holding the most parameters."""
+    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList) and len(module) > 1]
+    if not stacks:
+        raise TunelabError(f"{type(model).__name__} has no stack of layers to unfreeze; use method.train_top_layers: 0")
+    return max(stacks, key=lambda stack: sum(p.numel() for p in stack.parameters()))
+
+
+def freeze_all_but(model: torch.nn.Module, heads: list[str], top_layers: int) -> torch.nn.Module:
+    """Freeze every weight except the head modules and the top `top_layers` transformer blocks."""
+    for param in model.parameters():
+        param.requires_grad = False
+    modules = dict(model.named_modules())
+    trainable = [modules[name] for name in heads]
+    if top_layers:
+        layers = transformer_layers(model)
+        if top_layers > len(layers):
+            raise TunelabError(f"method.train_top_layers is {top_layers} but the model has {len(layers)} layers; "
+                               f"use at most {len(layers)}")
+        trainable += list(layers[-top_layers:])
+    for module in trainable:
+        for param in module.parameters():
+            param.requires_grad = True
+    return model

@@ -1,0 +1,1 @@
+"""Models: offline aliases, resolving a model name to weights, loading with the head a task needs."""

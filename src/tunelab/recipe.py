@@ -1,0 +1,243 @@
+"""The recipe: every option a run takes, its default and its one-line help; YAML loading and overrides.
+
+The schema is the single source of truth: the CLI's `validate`, the docs and the saved `recipe.yaml` all come
+from these classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import TunelabError
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are refused, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Hub id, local model folder, .gguf file, earlier run folder, or offline alias "
+                                  "(`tunelab models` lists them)")
+    max_length: int = Field(256, ge=8, le=32768,
+                            description="Inputs are truncated to this many tokens; batches pad only to their longest row")
+
+
+class DataConfig(Section):
+    source: str = Field(description="Hub dataset id (resolved offline through TUNELAB_DATA_PATH), a csv/json/jsonl/"
+                                    "parquet file, or a folder holding train.*/test.*/validation.*")
+    text: str = Field("text", description="Column holding the input text")
+    text_pair: str | None = Field(None, description="Optional second text column (sentence pairs)")
+    label: str = Field("label", description="Column holding the label (string or integer)")
+    labels: list[str] | None = Field(None, description="Label names in order; integer labels index into this list. "
+                                                       "Default: the sorted labels found in the training split")
+    train_split: str = Field("train", description="Split to train on")
+    eval_split: str | None = Field("test", description="Split scored before and after training; null holds out "
+                                                       "`holdout_fraction` of the training split instead")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified hold-out used when the eval split is "
+                                                                 "null or the source has none")
+    train_size: int | None = Field(None, ge=1, description="Stratified subsample of the training split")
+    eval_size: int | None = Field(None, ge=1, description="Stratified subsample of the eval split")
+    drop_empty: bool = Field(False, description="Drop rows whose text is empty or missing instead of refusing them")
+    seed: int = Field(42, description="Seed for subsampling and hold-out splits")
+
+
+class FullMethod(Section):
+    name: Literal["full"] = Field("full", description="Train every weight")
+
+
+class FreezeMethod(Section):
+    name: Literal["freeze"] = Field(description="Transfer learning: train the head (and the top N layers) only")
+    train_top_layers: int = Field(0, ge=0, description="How many of the top transformer layers train with the head")
+
+
+class LoraMethod(Section):
+    name: Literal["lora", "dora"] = Field(description="Low-rank adapters (DoRA: weight-decomposed LoRA)")
+    r: int = Field(16, ge=1, description="Adapter rank")
+    alpha: int | None = Field(None, ge=1, description="Scaling numerator; default 2 × r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input")
+    target_modules: list[str] | str = Field("all-linear", description="Modules that get adapters: a list of names, "
+                                                                      "or 'all-linear' for every linear layer but the head")
+
+
+class IA3Method(Section):
+    name: Literal["ia3"] = Field(description="(IA)³: learned rescaling of keys, values and feed-forward activations")
+    target_modules: list[str] | None = Field(None, description="Default: peft's choice for the architecture")
+    feedforward_modules: list[str] | None = Field(None, description="Default: peft's choice for the architecture")
+
+
+class VirtualTokenMethod(Section):
+    name: Literal["prefix", "prompt"] = Field(description="Prefix tuning or prompt tuning: trainable virtual tokens")
+    num_virtual_tokens: int = Field(20, ge=1, description="How many virtual tokens are learned")
+
+
+Method = Annotated[FullMethod | FreezeMethod | LoraMethod | IA3Method | VirtualTokenMethod,
+                   Field(discriminator="name")]
+
+# Learning rates that learn on small data with each method (measured on the examples; see README).
+DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e-3, "ia3": 5e-3,
+                          "prefix": 1e-2, "prompt": 1e-2}
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps instead of epochs")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default depends on the method")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up")
+    batch_size: int = Field(16, ge=1, description="Rows per device batch")
+    grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimizer step")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU/GPU supports it, else fp32")
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout")
+    checkpoint_every: int | None = Field(None, ge=1, description="Evaluate and checkpoint every N steps "
+                                                                 "(default: every epoch)")
+    group_by_length: bool = Field(True, description="Batch rows of similar length together to cut padding")
+    logging_steps: int = Field(10, ge=1, description="Log loss every N steps")
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(64, ge=1, description="Rows per batch when scoring")
+    best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
+        "accuracy", description="Metric that picks the best checkpoint")
+
+
+class OutputConfig(Section):
+    root: str = Field("runs", description="Folder that holds run folders when --output is not given")
+    keep_checkpoints: bool = Field(False, description="Keep intermediate checkpoints after a successful run")
+
+
+class Recipe(Section):
+    name: str = Field(description="Run name; default: the recipe file's name")
+    task: Literal["classify"] = Field(description="What to train: classify (more tasks come as stages)")
+    model: ModelConfig
+    data: DataConfig
+    method: Method = Field(default_factory=FullMethod, description="How weights are trained")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_shorthand(cls, raw: Any) -> Any:
+        """Accept `method: lora` as shorthand for `method: {name: lora}`."""
+        if isinstance(raw, dict) and isinstance(raw.get("method"), str):
+            raw = {**raw, "method": {"name": raw["method"]}}
+        return raw
+
+    @model_validator(mode="after")
+    def _fill_method_defaults(self) -> Recipe:
+        """Make defaults that depend on the method explicit, so the saved recipe re-runs exactly."""
+        if self.train.learning_rate is None:
+            self.train.learning_rate = DEFAULT_LEARNING_RATES[self.method.name]
+        if isinstance(self.method, LoraMethod) and self.method.alpha is None:
+            self.method.alpha = 2 * self.method.r
+        return self
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML: every default written out."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `dotted.key=value` overrides and validate it, or raise TunelabError."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"recipe file '{path}' does not exist; give the path to a .yaml recipe "
+                           f"(see examples/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise TunelabError(f"recipe '{path}' is not valid YAML{where}: "
+                           f"{getattr(exc, 'problem', exc)}; fix the syntax") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TunelabError(f"recipe '{path}' must be a mapping of sections (model, data, task, …), "
+                           f"not a {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_recipe(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a raw recipe dict; the value is parsed as YAML (`3`, `1e-4`, `[q, v]`, `null`)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise TunelabError(f"override '{override}' is not of the form dotted.key=value (e.g. train.epochs=3)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "method":
+            child = {"name": child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise TunelabError(f"override '{override}': '{part}' is a value, not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a raw recipe dict into a Recipe, turning the first schema problem into a one-line error."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise TunelabError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the field, what is wrong with it and how to fix it."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        # A discriminated union puts the chosen variant's tag in the path (method.lora.r): drop it.
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in DEFAULT_LEARNING_RATES:
+            loc.pop(1)
+        field = ".".join(loc) or "recipe"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            problems.append(f"unknown key '{field}'" + (f"; valid keys here: {', '.join(allowed)}" if allowed else ""))
+        elif kind == "missing":
+            problems.append(f"'{field}' is required; add it to the recipe")
+        elif kind == "union_tag_invalid":
+            problems.append(f"'{field}.name' must be one of {', '.join(DEFAULT_LEARNING_RATES)}"
+                            f" (got {err['input'].get('name')!r})" if isinstance(err["input"], dict)
+                            else f"'{field}' is invalid: {err['msg']}")
+        elif kind == "union_tag_not_found":
+            problems.append(f"'{field}' needs a 'name' (one of {', '.join(DEFAULT_LEARNING_RATES)})")
+        else:
+            problems.append(f"'{field}' = {err.get('input')!r} is invalid: {err['msg']}")
+    return "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    """The keys a recipe section accepts, following a validation error's path."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields.get(part)
+        if annotation is None:
+            return []
+        target = annotation.annotation
+        if isinstance(target, type) and issubclass(target, BaseModel):
+            model = target
+        else:
+            return []
+    return list(model.model_fields)
