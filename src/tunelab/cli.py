@@ -10,9 +10,16 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one `error:` line like every other tunelab error."""
+
+    def error(self, message: str):
+        raise TunelabError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune pretrained transformers on your data.")
+    parser = ArgumentParser(prog="tunelab", description="Fine-tune pretrained transformers on your data.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="validate, score the baseline, train, score again, write a run folder")
@@ -31,31 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="split to score (a single file is split 'train')")
     evaluate.add_argument("--text", help="text column (default: the run's recipe, else 'text')")
     evaluate.add_argument("--label", help="label column (default: the run's recipe, else 'label')")
-    evaluate.add_argument("--size", type=int, help="score a stratified sample of this many rows")
+    evaluate.add_argument("--size", type=positive_int, help="score a stratified sample of this many rows")
 
     predict = commands.add_parser("predict", help="label texts with a trained run")
     predict.add_argument("model", help="run folder or model folder")
     predict.add_argument("texts", nargs="*", help="texts to label")
     predict.add_argument("--file", help="JSONL file of rows to label (field given by --field)")
     predict.add_argument("--field", default="text", help="field of each --file row holding the text")
-    predict.add_argument("--top-k", type=int, default=1, help="also list the k most likely labels")
+    predict.add_argument("--top-k", type=positive_int, default=1, help="also list the k most likely labels")
 
     commands.add_parser("models", help="list offline model aliases and whether they are installed")
     return parser
 
 
+TRAILING_LISTS = {"train": "overrides", "validate": "overrides", "predict": "texts"}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one `error:` line and exit with code 2."""
-    parser = build_parser()
-    # Overrides may come after options (`train r.yaml --output D train.epochs=2`): collect them from leftovers.
-    args, leftovers = parser.parse_known_args(argv)
-    unknown = [item for item in leftovers if item.startswith("-") or "=" not in item]
-    if unknown or (leftovers and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or leftovers)}")
-    if leftovers:
-        args.overrides = [*args.overrides, *leftovers]
-    quiet_libraries()
     try:
+        args = parse_arguments(argv)
+        quiet_libraries()
         return COMMANDS[args.command](args)
     except TunelabError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -65,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line, accepting list arguments (overrides, texts) after options too."""
+    parser = build_parser()
+    # argparse stops filling a positional list at the first option, so `train r.yaml --output D train.epochs=2`
+    # leaves the override over: put such leftovers back into the command's list (overrides or texts).
+    args, leftovers = parser.parse_known_args(argv)
+    trailing = TRAILING_LISTS.get(args.command)
+    if leftovers and (trailing is None or any(item.startswith("-") for item in leftovers)):
+        parser.error(f"unrecognized arguments: {' '.join(leftovers)}")
+    if leftovers:
+        setattr(args, trailing, [*getattr(args, trailing), *leftovers])
+    return args
+
+
 def quiet_libraries() -> None:
     """Hide library chatter (load reports, map progress) so tunelab's own lines and the training bar stand out."""
     import datasets
@@ -72,7 +97,8 @@ def quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # datasets logs a parse failure as an error before raising it; tunelab reports the raised error itself.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def cmd_train(args) -> int:
@@ -117,7 +143,9 @@ def run_recipe_data(model: str) -> dict:
     import yaml
 
     recipe = Path(model) / "recipe.yaml"
-    return yaml.safe_load(recipe.read_text())["data"] if recipe.is_file() else {}
+    saved = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+    data = saved.get("data") if isinstance(saved, dict) else None
+    return data if isinstance(data, dict) else {}
 
 
 def cmd_predict(args) -> int:

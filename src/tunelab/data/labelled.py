@@ -101,6 +101,9 @@ def encode_labels(split: datasets.Dataset, cfg: DataConfig, labels: list[str], n
             unknown.add(value)
     if unknown:
         shown = ", ".join(repr(v) for v in sorted(unknown, key=str)[:5])
+        if not given_names:
+            raise TunelabError(f"split '{name}' has labels never seen in the training split ({shown}); add training "
+                               f"rows for them or drop them from the eval data")
         raise TunelabError(f"split '{name}' has labels not in data.labels ({shown}); add them to data.labels "
                            f"or remove data.labels to take the labels from the data")
     renamed = {cfg.text: "text", cfg.label: "label_raw"}

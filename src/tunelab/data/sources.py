@@ -53,6 +53,8 @@ def read_file(path: Path) -> datasets.Dataset:
     if builder is None:
         raise TunelabError(f"data file '{path}' has an unsupported format; use one of "
                            f"{', '.join(sorted(FORMATS))} (optionally .gz)")
+    if path.stat().st_size == 0:
+        raise TunelabError(f"data file '{path}' is empty; give a file with rows in it")
     options = {"delimiter": "\t"} if suffixes[-1].lower() == ".tsv" else {}
     try:
         loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **options)

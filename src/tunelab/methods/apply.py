@@ -51,6 +51,11 @@ def apply_method(model: torch.nn.Module, method, new_modules: list[str],
         return model
     if isinstance(method, FreezeMethod):
         return freeze_all_but(model, heads, method.train_top_layers)
+    if method.name == "prefix" and task_type == TaskType.SEQ_CLS:
+        # peft 0.21 hands prefixes to the backbone as past_key_values, which transformers 5.x classifiers refuse
+        # at the first forward pass; say so now rather than after the baseline has been scored.
+        raise TunelabError("method 'prefix' does not work for classification with the installed transformers/peft "
+                           "(the classifier cannot take prefix key/values); use method 'prompt' or 'lora'")
     try:
         return get_peft_model(model, peft_config(method, heads, task_type))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:

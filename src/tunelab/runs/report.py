@@ -1,0 +1,129 @@
+"""report.html: a self-contained page (plots inlined as PNG) a person reads to judge a run."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+from tunelab.runs.folder import write_text_atomic  # noqa: E402
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}.gain{color:#070}.loss{color:#a00}pre{background:#f6f6f6;padding:1em;
+overflow:auto}img{max-width:100%}"""
+
+
+def figure_to_img(fig) -> str:
+    """An <img> tag holding the figure as an inline PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def loss_plot(history: list[dict]) -> str | None:
+    """Training loss per step, with eval loss per evaluation when present."""
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return figure_to_img(fig)
+
+
+def metric_plot(history: list[dict], names: list[str]) -> str | None:
+    """Eval metrics per epoch."""
+    points = [h for h in history if any(f"eval_{n}" in h for n in names)]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for name in names:
+        series = [(h["epoch"], h[f"eval_{name}"]) for h in points if f"eval_{name}" in h]
+        if series:
+            ax.plot(*zip(*series, strict=True), "o-", label=name)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return figure_to_img(fig)
+
+
+def confusion_plot(matrix: list[list[int]], labels: list[str]) -> str:
+    """Confusion matrix heat map, gold labels as rows."""
+    size = max(4.0, 0.38 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    peak = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if value:
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if value > peak / 2 else "black")
+    return figure_to_img(fig)
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    """Rows of scalar metrics with their change."""
+    rows = []
+    for key, old in before.items():
+        new = after.get(key)
+        if not isinstance(old, int | float) or not isinstance(new, int | float):
+            continue
+        change = new - old
+        better = change >= 0 if key not in ("loss", "perplexity") else change <= 0
+        rows.append(f"<tr><td>{html.escape(key)}</td><td>{old:.4f}</td><td>{new:.4f}</td>"
+                    f"<td class={'gain' if better else 'loss'}>{change:+.4f}</td></tr>")
+    return "<table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows) + "</table>"
+
+
+def per_class_table(per_class: dict) -> str:
+    """Precision, recall, F1 and support for each label."""
+    rows = "".join(f"<tr><td>{html.escape(label)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+                   f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for label, m in per_class.items())
+    return ("<table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+            + rows + "</table>")
+
+
+def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, labels: list[str] | None = None,
+                 extra_sections: list[tuple[str, str]] | None = None) -> Path:
+    """Write `report.html` for a finished run and return its path."""
+    before, after = metrics["before"], metrics["after"]
+    history = metrics.get("history", [])
+    sections = [("Before and after training", before_after_table(before, after)),
+                ("Run", f"<p>{metrics['trainable_params']:,} trainable parameters "
+                        f"({metrics.get('trainable_percent', 0):.2f}%), trained for {metrics['train_seconds']:.1f} s "
+                        f"at {metrics['train_samples_per_second']:.2f} samples/s.</p>")]
+    for heading, image in [("Loss", loss_plot(history)), ("Eval metrics per epoch",
+                                                         metric_plot(history, ["accuracy", "macro_f1"]))]:
+        if image:
+            sections.append((heading, image))
+    if labels and "confusion_matrix" in after:
+        sections.append(("Confusion matrix after training", confusion_plot(after["confusion_matrix"], labels)))
+    if "per_class" in after:
+        sections.append(("Per class after training", per_class_table(after["per_class"])))
+    sections += extra_sections or []
+    sections.append(("Recipe", f"<pre>{html.escape(recipe_yaml)}</pre>"))
+    body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    path = run_dir / "report.html"
+    write_text_atomic(path, page)
+    return path

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random models built from a config (no network) and a small learnable dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = {"pos": ["good", "great", "lovely", "happy", "fine"], "neg": ["bad", "awful", "sad", "poor", "ugly"],
+         "neu": ["table", "chair", "paper", "window", "door"]}
+FILLER = ["the", "a", "is", "was", "this", "day", "it", "very"]
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_isolated(tmp_path_factory, monkeypatch):
+    """Every test runs offline, with the shared data on the search path and a private tunelab cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TUNELAB_DATA_PATH", os.environ.get("TUNELAB_DATA_PATH", str(SHARED_DATA)))
+    monkeypatch.setenv("TUNELAB_CACHE", os.environ.get("TUNELAB_CACHE_FOR_TESTS",
+                                                       str(tmp_path_factory.getbasetemp() / "cache")))
+
+
+def make_tokenizer(decoder: bool) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the toy vocabulary; the decoder one has no pad token, like many real ones."""
+    specials = ["[UNK]", "</s>"] if decoder else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {token: i for i, token in enumerate(specials + FILLER + sorted(w for ws in WORDS.values() for w in ws))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if decoder:
+        return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT encoder with random weights and no classification head, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = make_tokenizer(decoder=False)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama decoder with random weights (causal-LM checkpoint, tokenizer without pad token)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_tokenizer(decoder=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def toy_rows(count: int, seed: int) -> list[dict]:
+    """Sentences whose label is given away by one keyword: a tiny model can learn them in a few epochs."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = list(WORDS)[i % len(WORDS)]
+        words = rng.sample(FILLER, 4) + [rng.choice(WORDS[label])]
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "sentiment": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write rows as JSONL and return the path."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """A folder with train.jsonl (90 rows) and test.jsonl (45 rows), columns sentence/sentiment."""
+    folder = tmp_path_factory.mktemp("toy-data")
+    write_jsonl(folder / "train.jsonl", toy_rows(90, seed=1))
+    write_jsonl(folder / "test.jsonl", toy_rows(45, seed=2))
+    return folder
+
+
+def toy_recipe(model: Path, data: Path, **sections) -> dict:
+    """A raw recipe dict for the toy task; keyword arguments replace whole sections."""
+    recipe = {"name": "toy", "task": "classify", "model": {"name": str(model), "max_length": 32},
+              "data": {"source": str(data), "text": "sentence", "label": "sentiment"},
+              "method": "full", "train": {"epochs": 20, "batch_size": 8, "learning_rate": 5e-3, "warmup_ratio": 0.0,
+                                          "precision": "fp32", "logging_steps": 5}}
+    recipe.update(sections)
+    return recipe
