@@ -1,0 +1,46 @@
+"""A run killed mid-training resumes from its last checkpoint and ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+from conftest import toy_recipe
+
+from tunelab.cli import main
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(tiny_bert, toy_data, tmp_path):
+    recipe = toy_recipe(tiny_bert, toy_data)
+    recipe["train"].update(checkpoint_every=20, epochs=12)
+    recipe_path = tmp_path / "toy.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    killed = tmp_path / "killed"
+
+    process = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(recipe_path), "--output", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "checkpoint-60").is_dir():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metrics.json").exists()
+
+    assert main(["train", str(recipe_path), "--output", str(killed), "--resume"]) == 0
+    assert main(["train", str(recipe_path), "--output", str(tmp_path / "straight")]) == 0
+
+    resumed = json.loads((killed / "metrics.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert resumed["before"] == straight["before"]
+    assert abs(resumed["after"]["accuracy"] - straight["after"]["accuracy"]) <= 0.01
+    assert resumed["after"]["accuracy"] > resumed["before"]["accuracy"] + 0.3
+    logged_steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert logged_steps.count(1) == 1, "the resumed attempt must continue from the checkpoint, not restart at step 1"
+    assert max(logged_steps) == 12 * 12  # 90 rows / batch 8 = 12 steps per epoch
