@@ -150,7 +150,8 @@ TRAIN_CASES = [
                  id="empty-recipe-names-the-required-sections"),
     # --- the recipe schema
     pytest.param({"epochs": 3}, {}, [],
-                 ["unknown key 'epochs'", "valid keys here: name, task, model, data, method, train, eval, output"],
+                 ["unknown key 'epochs'",
+                  "valid keys here: name, task, model, data, method, train, eval, fewshot, output"],
                  id="unknown-top-level-key-lists-valid-keys"),
     pytest.param({"train": {"epoch": 3}}, {}, [],
                  ["unknown key 'train.epoch'", "valid keys here: epochs, max_steps, learning_rate"],

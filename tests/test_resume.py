@@ -44,3 +44,15 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tiny_bert, toy_data
     logged_steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert logged_steps.count(1) == 1, "the resumed attempt must continue from the checkpoint, not restart at step 1"
     assert max(logged_steps) == 12 * 12  # 90 rows / batch 8 = 12 steps per epoch
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
+    from tunelab.trainer import last_checkpoint
+
+    for step, complete in [(20, True), (40, True), (60, False)]:
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "checkpoint-40")
+    assert last_checkpoint(tmp_path / "nothing") is None

@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.data.labelled import load_eval_split, load_labelled_data
-from tunelab.evaluation.classification import classification_metrics, predict_probabilities
-from tunelab.models.loading import check_model_exists, resolve_model
-from tunelab.models.trained import load_trained_classifier
+from tunelab.errors import TunelabError
+from tunelab.evaluation.classification import classification_metrics
+from tunelab.models.loading import ModelSource, check_model_exists, is_decoder, resolve_model
+from tunelab.models.trained import earlier_run_labels, load_trained
 from tunelab.recipe import DataConfig, Recipe
 from tunelab.runs.folder import open_run_folder
 from tunelab.stages.classify import run_classification
+from tunelab.stages.fewshot import run_fewshot
+
+STAGES = {"classify": run_classification, "fewshot": run_fewshot}
 
 
 def check_recipe(recipe: Recipe):
@@ -18,7 +22,24 @@ def check_recipe(recipe: Recipe):
     data = load_labelled_data(recipe.data)
     source = resolve_model(recipe.model.name)
     check_model_exists(source)
+    check_model_fits_task(recipe, source, data.labels)
     return data, source
+
+
+def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]) -> None:
+    """Refuse model/task combinations that would fail (or silently mislead) only after the baseline was scored."""
+    decoder = source.origin != "hub" and is_decoder(source.location)
+    if recipe.task == "fewshot" and decoder:
+        raise TunelabError(f"task fewshot tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
+                           f"encoder (minilm, mpnet-base) or task: classify")
+    if recipe.eval.in_context_shots and source.origin != "hub" and not decoder:
+        raise TunelabError(f"eval.in_context_shots prompts a decoder, but '{recipe.model.name}' is an encoder; "
+                           f"use a decoder (e.g. smollm2-135m) or drop eval.in_context_shots")
+    earlier = earlier_run_labels(recipe.model.name) if source.origin == "run" else None
+    if earlier and earlier[0] == "classify" and recipe.task == "classify" and not recipe.model.new_head \
+            and earlier[1] != labels:
+        raise TunelabError(f"model.name '{recipe.model.name}' was trained on the labels {earlier[1][:5]}, not this "
+                           f"recipe's {labels[:5]}; set model.new_head: true to train a fresh head for the new labels")
 
 
 def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tuple[Path, dict]:
@@ -26,25 +47,32 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
     data, source = check_recipe(recipe)
     run_dir = open_run_folder(recipe, output, resume)
     print(f"tunelab: run folder {run_dir}")
-    return run_dir, run_classification(recipe, data, source, run_dir, resume)
+    return run_dir, STAGES[recipe.task](recipe, data, source, run_dir, resume)
 
 
 def evaluate(model_path: str, data: DataConfig, split: str) -> dict:
-    """Score a trained classifier (run folder or model folder) on one split of any labelled source."""
-    trained = load_trained_classifier(model_path)
+    """Score a trained classifier (run folder or model folder, classify or fewshot) on one split of any source."""
+    trained = load_trained(model_path)
     rows = load_eval_split(data, split, trained.labels)
-    max_length = (trained.recipe or {}).get("model", {}).get("max_length", 256)
-    probabilities = predict_probabilities(trained.model, trained.tokenizer, rows["text"],
-                                          rows["text_pair"] if "text_pair" in rows.column_names else None,
-                                          max_length=max_length)
+    probabilities = trained.probabilities(rows["text"], rows["text_pair"] if "text_pair" in rows.column_names
+                                          else None)
     return classification_metrics(rows["label"], probabilities.argmax(-1), trained.labels)
+
+
+def evaluate_in_context(model_name: str, data: DataConfig, shots: int) -> dict:
+    """Score a decoder prompted with `shots` examples per class (from data's train split) on its eval split."""
+    from tunelab.evaluation.in_context import score_in_context
+
+    source = resolve_model(model_name)
+    check_model_exists(source)
+    rows = load_labelled_data(data)
+    return score_in_context(source.location, rows.train, rows.eval, rows.labels, shots, data.seed)
 
 
 def predict(model_path: str, texts: list[str], top_k: int = 1) -> list[dict]:
     """Labels with probabilities for each text, best first."""
-    trained = load_trained_classifier(model_path)
-    max_length = (trained.recipe or {}).get("model", {}).get("max_length", 256)
-    probabilities = predict_probabilities(trained.model, trained.tokenizer, texts, max_length=max_length)
+    trained = load_trained(model_path)
+    probabilities = trained.probabilities(texts)
     results = []
     for text, row in zip(texts, probabilities, strict=True):
         best = row.argsort()[::-1][:top_k]

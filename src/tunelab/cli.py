@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tunelab.bench import add_arguments as add_bench_arguments  # stdlib-only at import time
 from tunelab.errors import TunelabError
 
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text", help="text column (default: the run's recipe, else 'text')")
     evaluate.add_argument("--label", help="label column (default: the run's recipe, else 'label')")
     evaluate.add_argument("--size", type=positive_int, help="score a stratified sample of this many rows")
+    evaluate.add_argument("--in-context", type=positive_int, metavar="K",
+                          help="instead: prompt MODEL (a decoder alias or folder, untrained) with K labelled examples "
+                               "per class from --data's train split and score it on --split")
 
     predict = commands.add_parser("predict", help="label texts with a trained run")
     predict.add_argument("model", help="run folder or model folder")
@@ -48,10 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=positive_int, default=1, help="also list the k most likely labels")
 
     commands.add_parser("models", help="list offline model aliases and whether they are installed")
+
+    curve = commands.add_parser("curve", help="learning curve: run a recipe at k examples per class × seeds × "
+                                              "methods; table, plot and report in one folder")
+    curve.add_argument("recipe", help="recipe YAML file")
+    curve.add_argument("overrides", nargs="*", help="dotted.key=value overrides applied to every run")
+    curve.add_argument("--shots", default="4,8,16,32,all", help="examples per class, comma-separated; 'all' = "
+                                                                "the recipe's training data (default: %(default)s)")
+    curve.add_argument("--seeds", type=positive_int, default=3, help="runs per point (default: %(default)s)")
+    curve.add_argument("--methods", help="comma-separated: fewshot, full, lora, dora, ia3, prompt, freeze:head, "
+                                         "freeze:topN, freeze:gradual (default: the recipe's own)")
+    curve.add_argument("--metric", choices=["accuracy", "macro_f1"], default="accuracy", help="metric plotted")
+    curve.add_argument("--output", help="curve folder (default: runs/<name>-curve-<timestamp>); the same command "
+                                        "into the same folder continues an interrupted curve")
+
+    add_bench_arguments(commands.add_parser("bench", help="speed/memory suite: each example job three ways "
+                                                          "(tutorial, hand-written, tunelab), side by side"))
     return parser
 
 
-TRAILING_LISTS = {"train": "overrides", "validate": "overrides", "predict": "texts"}
+TRAILING_LISTS = {"train": "overrides", "validate": "overrides", "predict": "texts", "curve": "overrides"}
 
 
 def positive_int(text: str) -> int:
@@ -134,6 +154,10 @@ def cmd_eval(args) -> int:
     data = DataConfig(source=args.data, text=args.text or saved.get("text", "text"),
                       label=args.label or saved.get("label", "label"), text_pair=saved.get("text_pair"),
                       eval_size=args.size)
+    if args.in_context:
+        data = data.model_copy(update={"eval_split": args.split})
+        print(json.dumps(api.evaluate_in_context(args.model, data, args.in_context), indent=2))
+        return 0
     print(json.dumps(api.evaluate(args.model, data, args.split), indent=2))
     return 0
 
@@ -188,5 +212,20 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from tunelab import bench
+
+    return bench.run(args)
+
+
+def cmd_curve(args) -> int:
+    from tunelab import curve
+
+    shots = curve.parse_shots(args.shots)
+    methods = curve.parse_methods(args.methods) if args.methods else None
+    curve.run_curve(args.recipe, shots, args.seeds, methods, args.output, args.overrides, args.metric)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
-            "models": cmd_models}
+            "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve}

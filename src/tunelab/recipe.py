@@ -26,6 +26,8 @@ class ModelConfig(Section):
                                   "(`tunelab models` lists them)")
     max_length: int = Field(256, ge=8, le=32768,
                             description="Inputs are truncated to this many tokens; batches pad to their longest row")
+    new_head: bool = Field(False, description="Transfer to a new label set: keep the weights of model.name (e.g. an "
+                                              "earlier run folder) but start a freshly initialised task head")
 
 
 class DataConfig(Section):
@@ -43,17 +45,49 @@ class DataConfig(Section):
                                                                  "null or the source has none")
     train_size: int | None = Field(None, ge=1, description="Stratified subsample of the training split")
     eval_size: int | None = Field(None, ge=1, description="Stratified subsample of the eval split")
+    shots: int | None = Field(None, ge=1, description="Few-shot: train on exactly this many rows per class (seeded, "
+                                                      "stratified); every class needs at least that many")
     drop_empty: bool = Field(False, description="Drop rows whose text is empty or missing instead of refusing them")
-    seed: int = Field(42, description="Seed for subsampling and hold-out splits")
+    seed: int = Field(42, description="Seed for subsampling, hold-out splits and few-shot sampling")
+
+    @model_validator(mode="after")
+    def _one_training_size(self) -> DataConfig:
+        """shots and train_size both size the training split: one of them, so it is clear which wins."""
+        if self.shots is not None and self.train_size is not None:
+            raise ValueError("data.shots and data.train_size both size the training split; set only one of them")
+        return self
 
 
 class FullMethod(Section):
     name: Literal["full"] = Field("full", description="Train every weight")
+    freeze_embeddings: bool = Field(False, description="Keep everything below the first transformer block (token and "
+                                                       "position embeddings) frozen")
+    layer_lr_decay: float | None = Field(None, gt=0, le=1, description="Discriminative learning rates: each block "
+                                         "learns at this factor times the rate of the block above (head: full rate)")
 
 
 class FreezeMethod(Section):
     name: Literal["freeze"] = Field(description="Transfer learning: train the head (and the top N layers) only")
     train_top_layers: int = Field(0, ge=0, description="How many of the top transformer layers train with the head")
+    unfreeze_schedule: int | list[int] | None = Field(
+        None, description="Gradual unfreezing: N → N more top layers each epoch (from train_top_layers); a list → "
+                          "how many top layers train in epoch 1, 2, … (the last entry holds after)")
+    layer_lr_decay: float | None = Field(None, gt=0, le=1, description="Discriminative learning rates: each block "
+                                         "learns at this factor times the rate of the block above (head: full rate)")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> FreezeMethod:
+        """A list schedule only ever unfreezes: non-negative, non-decreasing, starting at train_top_layers."""
+        schedule = self.unfreeze_schedule
+        if isinstance(schedule, int) and schedule < 1:
+            raise ValueError("method.unfreeze_schedule as a number is how many layers unfreeze per epoch: use ≥ 1")
+        if isinstance(schedule, list):
+            if not schedule or min(schedule) < 0 or any(b < a for a, b in zip(schedule, schedule[1:], strict=False)):
+                raise ValueError("method.unfreeze_schedule must be a non-empty, non-decreasing list of layer counts "
+                                 "(e.g. [0, 1, 2]); layers are never frozen again")
+            if self.train_top_layers not in (0, schedule[0]):
+                raise ValueError("method.unfreeze_schedule gives the layers per epoch itself; drop train_top_layers")
+        return self
 
 
 class LoraMethod(Section):
@@ -118,6 +152,30 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Rows per batch when scoring")
     best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
         "accuracy", description="Metric that picks the best checkpoint")
+    in_context_shots: int | None = Field(None, ge=1, description="Decoders: also score the untrained model prompted "
+                                                                 "with this many labelled examples per class (a "
+                                                                 "baseline for what fine-tuning buys)")
+
+
+class FewshotConfig(Section):
+    """SetFit-style few-shot classification (task: fewshot): contrastive pairs tune the encoder, then a head is fit.
+
+    The batch size, warm-up, weight decay, seed and logging come from `train`; train.epochs, train.learning_rate
+    and train.max_steps are for classify and unused here. Training runs in fp32: with bf16 autocast the cosine
+    similarities lose so much precision that the contrastive loss stalled (measured on the symptom example).
+    """
+
+    pairs_per_example: int = Field(20, ge=1, description="Per training row and epoch: this many same-label "
+                                                         "(positive) and as many different-label (negative) pairs")
+    epochs: float = Field(1, gt=0, description="Passes over the generated pairs")
+    max_pairs: int | None = Field(None, ge=1, description="Train on at most this many pairs in all (caps the cost "
+                                                          "when there are many training rows, e.g. in a curve)")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of the encoder's contrastive training")
+    loss: Literal["cosine", "contrastive"] = Field(
+        "cosine", description="cosine: pull pair similarity to 1 / 0 (SetFit's default); contrastive: pull positives "
+                              "together, push negatives only until they are a margin apart")
+    head_c: float = Field(10.0, gt=0, description="Inverse L2 strength of the logistic-regression head (sklearn's "
+                                                  "default 1 is too strong for unit-length embeddings)")
 
 
 class OutputConfig(Section):
@@ -127,12 +185,15 @@ class OutputConfig(Section):
 
 class Recipe(Section):
     name: str = Field(description="Run name; default: the recipe file's name")
-    task: Literal["classify"] = Field(description="What to train: classify (more tasks come as stages)")
+    task: Literal["classify", "fewshot"] = Field(
+        description="What to train: classify (fine-tune a classifier) or fewshot (SetFit-style: contrastive "
+                    "encoder tuning + logistic-regression head)")
     model: ModelConfig
     data: DataConfig
     method: Method = Field(default_factory=FullMethod, description="How weights are trained")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task: fewshot")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -142,6 +203,21 @@ class Recipe(Section):
         if isinstance(raw, dict) and isinstance(raw.get("method"), str):
             raw = {**raw, "method": {"name": raw["method"]}}
         return raw
+
+    @model_validator(mode="after")
+    def _check_fewshot(self) -> Recipe:
+        """task: fewshot trains the whole sentence encoder on single texts; refuse what it cannot honour."""
+        if self.task != "fewshot":
+            return self
+        if not isinstance(self.method, FullMethod) or self.method != FullMethod():
+            raise ValueError("task fewshot tunes the whole sentence encoder contrastively; use method: full "
+                             "(without options), or task: classify for other methods")
+        if self.data.text_pair is not None:
+            raise ValueError("task fewshot classifies single texts; drop data.text_pair or use task: classify")
+        if self.train.precision == "bf16":
+            raise ValueError("task fewshot trains in fp32 (bf16 stalls its contrastive loss); set train.precision "
+                             "to auto or fp32")
+        return self
 
     @model_validator(mode="after")
     def _fill_method_defaults(self) -> Recipe:
@@ -229,6 +305,8 @@ def describe_validation_error(exc: ValidationError) -> str:
             problems.append(f"'{field}.name' must be one of {', '.join(DEFAULT_LEARNING_RATES)}"
                             f" (got {err['input'].get('name')!r})" if isinstance(err["input"], dict)
                             else f"'{field}' is invalid: {err['msg']}")
+        elif kind == "value_error":  # a validator's own message already names the field and the fix
+            problems.append(err["msg"].removeprefix("Value error, "))
         elif kind == "union_tag_not_found":
             problems.append(f"'{field}' needs a 'name' (one of {', '.join(DEFAULT_LEARNING_RATES)})")
         else:

@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tunelab.errors import TunelabError
 from tunelab.recipe import EvalConfig, TrainConfig
@@ -70,9 +69,14 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint of an interrupted run, if any."""
-    folder = run_dir / CHECKPOINTS
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    """The newest *complete* checkpoint of an interrupted run, if any.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without it was cut off while saving (a kill
+    mid-save); transformers' get_last_checkpoint would pick it and then fail to resume.
+    """
+    complete = [path for path in (run_dir / CHECKPOINTS).glob("checkpoint-*")
+                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda path: int(path.name.split("-")[-1]))) if complete else None
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -91,3 +95,79 @@ class JsonlLogCallback(TrainerCallback):
 def history_from(log_history: list[dict]) -> list[dict]:
     """The Trainer's log history without its final summary line."""
     return [entry for entry in log_history if "train_runtime" not in entry]
+
+
+def batch_token_counts(inputs: dict) -> tuple[int, int, int]:
+    """(rows, real tokens, padded tokens) of one batch: real tokens are those the attention mask keeps."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        return 0, 0, 0
+    mask = inputs.get("attention_mask")
+    real = int(mask.sum()) if mask is not None else input_ids.numel()
+    return int(input_ids.shape[0]), real, input_ids.numel()
+
+
+class TrainingMeter(TrainerCallback):
+    """What the training loop itself costs: its seconds without evaluation and checkpointing, rows and tokens.
+
+    The Trainer's own `train_runtime` includes the per-epoch evaluation and checkpoint saving, so it understates
+    training speed. Time is summed from training start (or the end of an evaluation / checkpoint save) to the
+    end of each optimizer step. Counts cover this `train()` call only (a resumed run counts its second part).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.samples = 0
+        self.tokens = 0
+        self.padded_tokens = 0
+        self._mark: float | None = None
+
+    def count_batch(self, inputs: dict) -> None:
+        """Add one training micro-batch to the row and token counts."""
+        rows, real, padded = batch_token_counts(inputs)
+        self.samples += rows
+        self.tokens += real
+        self.padded_tokens += padded
+
+    def _now(self) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # queued GPU work belongs to the step that queued it
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock."""
+        self._mark = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Add the time since the last mark: one optimizer step, with its data loading."""
+        now = self._now()
+        if self._mark is not None:
+            self.seconds += now - self._mark
+        self._mark = now
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        """Restart the clock: the time since the last step went to evaluation, not training."""
+        self._mark = self._now()
+
+    def on_save(self, args, state, control, **kwargs):
+        """Restart the clock: the time since the last step or evaluation went to saving a checkpoint."""
+        self._mark = self._now()
+
+    def summary(self) -> dict:
+        """The meter's figures as metrics.json keys."""
+        return {"train_loop_seconds": round(self.seconds, 3), "train_loop_samples": self.samples,
+                "train_tokens": self.tokens, "train_padded_tokens": self.padded_tokens}
+
+
+class MeteredTrainer(Trainer):
+    """The HF Trainer with a TrainingMeter (`.meter`) that sees every training batch."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.meter = TrainingMeter()
+        self.add_callback(self.meter)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Count the batch's rows and tokens, then run the usual forward and backward pass."""
+        self.meter.count_batch(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from tunelab.data.sampling import stratified_holdout, stratified_subsample
+from tunelab.data.sampling import sample_shots, stratified_holdout, stratified_subsample
 from tunelab.data.sources import load_splits
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
@@ -47,6 +47,8 @@ def load_labelled_data(cfg: DataConfig) -> LabelledData:
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
 
     train = stratified_subsample(train, cfg.train_size, cfg.seed)
+    if cfg.shots is not None:
+        train = sample_shots(train, cfg.shots, cfg.seed, labels)
     evaluation = stratified_subsample(evaluation, cfg.eval_size, cfg.seed)
     check_label_coverage(train, evaluation, labels, eval_name)
     return LabelledData(train=train, eval=evaluation, labels=labels, eval_split=eval_name, dropped_empty=dropped)

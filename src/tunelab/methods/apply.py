@@ -1,4 +1,4 @@
-"""Apply a recipe's method to a loaded model: one entry point for full, freeze and every peft method."""
+"""Apply a recipe's method to a loaded model: one entry point for full, freeze (see freeze.py) and every peft method."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from tunelab.errors import TunelabError, one_line
+from tunelab.methods.freeze import apply_freeze, apply_full
+from tunelab.models.loading import HEAD_NAMES
 from tunelab.recipe import FreezeMethod, FullMethod, IA3Method, LoraMethod, VirtualTokenMethod
-
-HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like and decoder models
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,9 @@ def apply_method(model: torch.nn.Module, method, new_modules: list[str],
     """Return the model prepared for training with `method`; the head always trains."""
     heads = head_modules(model, new_modules)
     if isinstance(method, FullMethod):
-        for param in model.parameters():
-            param.requires_grad = True
-        return model
+        return apply_full(model, method)
     if isinstance(method, FreezeMethod):
-        return freeze_all_but(model, heads, method.train_top_layers)
+        return apply_freeze(model, method, heads)
     if method.name == "prefix" and task_type == TaskType.SEQ_CLS:
         # peft 0.21 hands prefixes to the backbone as past_key_values, which transformers 5.x classifiers refuse
         # at the first forward pass; say so now rather than after the baseline has been scored.
@@ -76,29 +74,3 @@ def peft_config(method, heads: list[str], task_type: TaskType) -> PeftConfig:
         config_class = PrefixTuningConfig if method.name == "prefix" else PromptTuningConfig
         return config_class(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens, modules_to_save=heads)
     raise TunelabError(f"method '{method.name}' is not a peft method")
-
-
-def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The stack of repeated transformer blocks: the ModuleList holding the most parameters."""
-    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList) and len(module) > 1]
-    if not stacks:
-        raise TunelabError(f"{type(model).__name__} has no stack of layers to unfreeze; use method.train_top_layers: 0")
-    return max(stacks, key=lambda stack: sum(p.numel() for p in stack.parameters()))
-
-
-def freeze_all_but(model: torch.nn.Module, heads: list[str], top_layers: int) -> torch.nn.Module:
-    """Freeze every weight except the head modules and the top `top_layers` transformer blocks."""
-    for param in model.parameters():
-        param.requires_grad = False
-    modules = dict(model.named_modules())
-    trainable = [modules[name] for name in heads]
-    if top_layers:
-        layers = transformer_layers(model)
-        if top_layers > len(layers):
-            raise TunelabError(f"method.train_top_layers is {top_layers} but the model has {len(layers)} layers; "
-                               f"use at most {len(layers)}")
-        trainable += list(layers[-top_layers:])
-    for module in trainable:
-        for param in module.parameters():
-            param.requires_grad = True
-    return model

@@ -95,15 +95,76 @@ def load_tokenizer(location: str):
     return tokenizer
 
 
-def load_classifier(location: str, labels: list[str], tokenizer) -> tuple[torch.nn.Module, list[str]]:
-    """Load a sequence classifier with a head for `labels`; return it and the names of its new modules."""
+HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like and decoder models
+
+
+def load_classifier(location: str, labels: list[str], tokenizer,
+                    new_head: bool = False) -> tuple[torch.nn.Module, list[str]]:
+    """Load a sequence classifier with a head for `labels`; return it and the names of its new modules.
+
+    A peft adapter folder (an earlier LoRA run) is merged into its base model first, so it starts like any other
+    earlier run. `new_head` re-initialises the head even when its size already fits (transfer to a new label set).
+    """
+    adapter = (Path(location) / "adapter_config.json").is_file()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            location, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, output_loading_info=True,
-            ignore_mismatched_sizes=True, dtype=torch.float32)
+            merged_adapter_base(location) if adapter else location, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+            output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32)
     except ValueError as exc:
         raise TunelabError(f"model '{location}' cannot classify: {one_line(exc, 200)}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     fresh = set(info["missing_keys"]) | {key for key, *_ in info.get("mismatched_keys", [])}
-    return model, sorted({key.rsplit(".", 1)[0] for key in fresh})
+    fresh_modules = {key.rsplit(".", 1)[0] for key in fresh}
+    if adapter:
+        fresh_modules -= load_merged_adapter(model, location, keep_head=not new_head)
+    if new_head:
+        fresh_modules |= reinitialise_head(model)
+    return model, sorted(fresh_modules)
+
+
+def reinitialise_head(model: torch.nn.Module) -> set[str]:
+    """Give the model a freshly initialised task head (the architecture's own init); return the head's name."""
+    modules = dict(model.named_modules())
+    heads = [name for name in HEAD_NAMES if name in modules]
+    with torch.no_grad():
+        for name in heads:
+            for tensor in modules[name].parameters():
+                tensor._is_hf_initialized = False  # loaded weights carry this flag, and HF's init skips them
+            modules[name].apply(model._init_weights)
+    return set(heads)
+
+
+def merged_adapter_base(location: str) -> str:
+    """The base model a peft adapter folder was trained on."""
+    from peft import PeftConfig
+
+    base = PeftConfig.from_pretrained(location).base_model_name_or_path or ""
+    if base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
+        raise TunelabError(f"the adapter in '{location}' was trained on '{base}', which is not here any more; "
+                           f"start from a run with full weights or restore that model")
+    return base
+
+
+def load_merged_adapter(model: torch.nn.Module, location: str, keep_head: bool) -> set[str]:
+    """Copy an earlier run's weights (its adapter merged into its base) into `model`; return the modules filled.
+
+    The earlier head comes along only with `keep_head` and when its size fits the new label set.
+    """
+    from peft import PeftModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        merged_adapter_base(location), config=AutoConfig.from_pretrained(location), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, location).merge_and_unload().state_dict()
+    target = model.state_dict()
+    weights = {key: value for key, value in merged.items() if key in target and value.shape == target[key].shape
+               and (keep_head or key.split(".")[0] not in HEAD_NAMES)}
+    model.load_state_dict(weights, strict=False)
+    return {key.rsplit(".", 1)[0] for key in weights}
+
+
+def is_decoder(location: str) -> bool:
+    """Whether a model folder holds a causal decoder (GPT/Llama-like) rather than an encoder."""
+    config = AutoConfig.from_pretrained(location)
+    architectures = config.architectures or []
+    return bool(getattr(config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in architectures)

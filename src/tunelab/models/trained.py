@@ -1,17 +1,25 @@
-"""Load a trained classifier back from a run folder or model folder, for `predict` and `eval`."""
+"""Load a trained classifier back from a run folder or model folder, for `predict` and `eval`.
+
+`load_trained` routes by the run's task: classify runs hold a transformers classifier (or a peft adapter),
+fewshot runs a SetFit model (sentence encoder + logistic-regression head).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from tunelab.errors import TunelabError
+from tunelab.evaluation.classification import predict_probabilities
 from tunelab.models.loading import load_tokenizer
+from tunelab.models.sentence_encoder import HEAD_FILE, load_trained_setfit, setfit_probabilities
 
 
 @dataclass
@@ -22,6 +30,52 @@ class TrainedClassifier:
     tokenizer: object
     labels: list[str]
     recipe: dict | None
+
+    def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+        """Class probabilities for each text (and its pair)."""
+        max_length = (self.recipe or {}).get("model", {}).get("max_length", 256)
+        return predict_probabilities(self.model, self.tokenizer, texts, pairs, max_length=max_length)
+
+
+@dataclass
+class TrainedFewshot:
+    """A SetFit model (encoder + fitted head) with its label names and the recipe that made it (if known)."""
+
+    model: object
+    labels: list[str]
+    recipe: dict | None
+
+    def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+        """Class probabilities for each text (few-shot models take single texts)."""
+        if pairs is not None:
+            raise TunelabError("a few-shot model classifies single texts; score it on data without text pairs")
+        return setfit_probabilities(self.model, texts, len(self.labels))
+
+
+def load_trained(path: str | Path) -> TrainedClassifier | TrainedFewshot:
+    """Load a run folder or model folder, whichever task made it."""
+    path = Path(path)
+    recipe = read_run_recipe(path)
+    model_dir = path / "model" if recipe is not None else path
+    if (recipe or {}).get("task") == "fewshot" or (model_dir / HEAD_FILE).is_file():
+        model = load_trained_setfit(model_dir)
+        return TrainedFewshot(model=model, labels=list(model.labels or []), recipe=recipe)
+    return load_trained_classifier(path)
+
+
+def read_run_recipe(path: Path) -> dict | None:
+    """The saved recipe of a run folder, or None for a plain model folder."""
+    recipe = path / "recipe.yaml"
+    return yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
+
+
+def earlier_run_labels(path: str | Path) -> tuple[str, list[str]] | None:
+    """(task, label names) of a finished run folder, or None when `path` is not one."""
+    path = Path(path)
+    recipe, metrics = read_run_recipe(path), path / "metrics.json"
+    if recipe is None or not metrics.is_file():
+        return None
+    return str(recipe.get("task")), list(json.loads(metrics.read_text(encoding="utf-8")).get("labels", []))
 
 
 def load_trained_classifier(path: str | Path) -> TrainedClassifier:

@@ -110,7 +110,10 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
     sections = [("Before and after training", before_after_table(before, after)),
                 ("Run", f"<p>{metrics['trainable_params']:,} trainable parameters "
                         f"({metrics.get('trainable_percent', 0):.2f}%), trained for {metrics['train_seconds']:.1f} s "
-                        f"at {metrics['train_samples_per_second']:.2f} samples/s.</p>")]
+                        f"at {metrics['train_samples_per_second']:.2f} samples/s"
+                        + (f", on {metrics['shots']} examples per class" if metrics.get("shots") else "") + ".</p>")]
+    if "in_context" in metrics:
+        sections.append(("In-context baseline (no training)", in_context_paragraph(metrics["in_context"])))
     for heading, image in [("Loss", loss_plot(history)), ("Eval metrics per epoch",
                                                          metric_plot(history, ["accuracy", "macro_f1"]))]:
         if image:
@@ -121,9 +124,20 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
         sections.append(("Per class after training", per_class_table(after["per_class"])))
     sections += extra_sections or []
     sections.append(("Recipe", f"<pre>{html.escape(recipe_yaml)}</pre>"))
+    return write_page(run_dir / "report.html", title, sections)
+
+
+def in_context_paragraph(scores: dict) -> str:
+    """The untrained decoder prompted with k examples per class, beside the fine-tuned numbers above."""
+    return (f"<p>The model before training, prompted with {scores['shots']} labelled examples per class "
+            f"({scores['prompt_tokens']:,} prompt tokens) and picking the most likely label name: accuracy "
+            f"{scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f}.</p>")
+
+
+def write_page(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """Write a self-contained HTML page of (heading, HTML content) sections and return its path."""
     body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
-    path = run_dir / "report.html"
     write_text_atomic(path, page)
     return path

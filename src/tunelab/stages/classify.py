@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,21 +10,25 @@ from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from tunelab.data.labelled import LabelledData
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
+from tunelab.evaluation.in_context import score_in_context
 from tunelab.methods.apply import apply_method, count_parameters
+from tunelab.methods.freeze import method_callbacks, method_optimizer
 from tunelab.models.loading import ModelSource, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.artifacts import load_or_score_baseline, write_predictions
+from tunelab.runs.folder import METRICS_FILE, write_json_atomic
 from tunelab.runs.report import write_report
 from tunelab.trainer import (
     CHECKPOINTS,
     JsonlLogCallback,
+    MeteredTrainer,
     history_from,
     last_checkpoint,
     resolve_bf16,
     training_arguments,
 )
 
-BASELINE_FILE = "baseline.json"
+IN_CONTEXT_FILE = "in_context.json"
 
 
 def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path,
@@ -34,7 +37,7 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model, fresh_modules = load_classifier(source.location, data.labels, tokenizer)
+    model, fresh_modules = load_classifier(source.location, data.labels, tokenizer, recipe.model.new_head)
     model = apply_method(model, recipe.method, fresh_modules)
     params = count_parameters(model)
     print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
@@ -47,8 +50,14 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
 
     before = load_or_score_baseline(run_dir, lambda: score(data.eval)[0])
     print(f"tunelab: before training: accuracy {before['accuracy']:.4f}, macro-F1 {before['macro_f1']:.4f}")
+    in_context = None
+    if recipe.eval.in_context_shots:  # the decoder prompted with examples, no training: what prompting alone gets
+        in_context = load_or_score_baseline(run_dir, lambda: score_in_context(
+            source.location, data.train, data.eval, data.labels, recipe.eval.in_context_shots, recipe.data.seed),
+            IN_CONTEXT_FILE)
+        print(f"tunelab: in-context, {in_context['shots']} examples per class: accuracy {in_context['accuracy']:.4f}")
 
-    trainer = Trainer(
+    trainer = MeteredTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16),
         train_dataset=tokenize(data.train, tokenizer, recipe.model.max_length),
@@ -56,7 +65,8 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=lambda pred: scalar_metrics(pred, data.labels),
-        callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+        callbacks=[JsonlLogCallback(run_dir / "log.jsonl"), *method_callbacks(model, recipe.method)],
+        optimizers=(method_optimizer(model, recipe.method, recipe.train), None),  # None: the Trainer's default
     )
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
 
@@ -73,11 +83,14 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
         "trainable_percent": params.percent,
         "train_seconds": result.metrics["train_runtime"],
         "train_samples_per_second": result.metrics["train_samples_per_second"],
+        **trainer.meter.summary(),  # training-loop time without evaluation and checkpointing, rows, tokens
         "train_rows": len(data.train),
+        "shots": recipe.data.shots,
         "eval_rows": len(data.eval),
         "eval_split": data.eval_split,
         "labels": data.labels,
         "precision": "bf16" if bf16 else "fp32",
+        **({"in_context": in_context} if in_context else {}),
     }
     write_report(run_dir, f"tunelab run: {recipe.name}", metrics, recipe.to_yaml(), data.labels)
     write_json_atomic(run_dir / METRICS_FILE, metrics)  # written last: its presence marks a finished run
@@ -104,16 +117,6 @@ def scalar_metrics(prediction, labels: list[str]) -> dict:
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
 
-def load_or_score_baseline(run_dir: Path, score) -> dict:
-    """Score the untrained model once; a resumed run reuses the score its first attempt saved."""
-    path = run_dir / BASELINE_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    before = score()
-    write_json_atomic(path, before)
-    return before
-
-
 def save_model(trainer: Trainer, target: Path) -> None:
     """Save weights (or the adapter) and tokenizer into `target` via a temporary folder, then rename."""
     staging = target.with_name(f".{target.name}.partial")
@@ -123,14 +126,3 @@ def save_model(trainer: Trainer, target: Path) -> None:
         trainer.model.config.save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-
-
-def write_predictions(run_dir: Path, data: LabelledData, probabilities: np.ndarray) -> None:
-    """predictions.jsonl: text, gold, predicted label and its probability, for every eval row."""
-    rows = []
-    for i, row in enumerate(data.eval):
-        best = int(probabilities[i].argmax())
-        rows.append({"text": row["text"], **({"text_pair": row["text_pair"]} if "text_pair" in row else {}),
-                     "gold": data.labels[row["label"]], "predicted": data.labels[best],
-                     "probability": round(float(probabilities[i, best]), 6)})
-    write_jsonl_atomic(run_dir / "predictions.jsonl", rows)
