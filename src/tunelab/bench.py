@@ -223,11 +223,9 @@ def machine_peaks() -> dict:
 
 def bf16_native() -> bool:
     """Whether this machine runs bf16 natively (what the hand-written baseline checks before setting bf16=True)."""
-    import torch
+    from tunelab.trainer import bf16_supported
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bf16_supported()
 
 
 # ---------------------------------------------------------------- one way, inside its own subprocess
