@@ -4,26 +4,56 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoConfig
+
+from tunelab.data.generative import load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
+from tunelab.data.sft_encoding import prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
-from tunelab.models.loading import ModelSource, check_model_exists, is_decoder, resolve_model
+from tunelab.models.loading import ModelSource, check_model_exists, is_decoder, load_tokenizer, resolve_model
 from tunelab.models.trained import earlier_run_labels, load_trained
-from tunelab.recipe import DataConfig, Recipe
+from tunelab.recipe import GENERATIVE_TASKS, DataConfig, GenerateConfig, Recipe
 from tunelab.runs.folder import open_run_folder
 from tunelab.stages.classify import run_classification
 from tunelab.stages.fewshot import run_fewshot
+from tunelab.stages.seq2seq import run_seq2seq
+from tunelab.stages.sft import check_context_length, run_sft
 
-STAGES = {"classify": run_classification, "fewshot": run_fewshot}
+STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft, "pretrain": run_sft,
+          "seq2seq": run_seq2seq}
 
 
 def check_recipe(recipe: Recipe):
     """Everything that can be checked before a run folder exists: data, labels, model. Returns (data, model)."""
+    if recipe.task in GENERATIVE_TASKS:
+        data = load_generative_data(recipe.data, recipe.task)
+        source = resolve_model(recipe.model.name)
+        check_model_exists(source)
+        check_generative_model(recipe, source, data.format)
+        return data, source
     data = load_labelled_data(recipe.data)
     source = resolve_model(recipe.model.name)
     check_model_exists(source)
     check_model_fits_task(recipe, source, data.labels)
     return data, source
+
+
+def check_generative_model(recipe: Recipe, source: ModelSource, data_format: str) -> None:
+    """sft and pretrain need a decoder; seq2seq an encoder-decoder, or an encoder to warm-start one from."""
+    if source.origin == "hub":
+        return
+    decoder = is_decoder(source.location)
+    if recipe.task in ("sft", "pretrain") and not decoder:
+        raise TunelabError(f"task {recipe.task} trains a decoder (causal LM), but '{recipe.model.name}' is not one; "
+                           f"use e.g. smollm2-135m, or task seq2seq for encoder models")
+    if recipe.task == "seq2seq" and decoder:
+        raise TunelabError(f"task seq2seq needs an encoder-decoder (T5, BART) or an encoder to warm-start one from "
+                           f"(e.g. minilm), but '{recipe.model.name}' is a decoder; use task sft for decoders")
+    if recipe.task in ("sft", "pretrain"):
+        check_context_length(AutoConfig.from_pretrained(source.location), recipe)
+    if recipe.task == "sft":
+        prompt_format(load_tokenizer(source.location), recipe.data.chat_template, data_format, recipe.model.name)
 
 
 def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]) -> None:
@@ -80,3 +110,20 @@ def predict(model_path: str, texts: list[str], top_k: int = 1) -> list[dict]:
                         **({"top": [{"label": trained.labels[i], "probability": round(float(row[i]), 6)}
                                     for i in best]} if top_k > 1 else {})})
     return results
+
+
+def generation_settings(max_new_tokens: int = 64, temperature: float = 0.0) -> GenerateConfig:
+    """Generation options for `generate` and `chat`."""
+    return GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def load_generator(run_dir: str):
+    """A trained sft/pretrain/seq2seq run, ready to answer prompts."""
+    from tunelab.models.generator import load_generator as load
+
+    return load(run_dir)
+
+
+def generate(run_dir: str, texts: list[str], max_new_tokens: int = 64, temperature: float = 0.0) -> list[str]:
+    """Answers of a trained generative run to `texts` (each put into the run's prompt format)."""
+    return load_generator(run_dir).generate(texts, generation_settings(max_new_tokens, temperature))

@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--field", default="text", help="field of each --file row holding the text")
     predict.add_argument("--top-k", type=positive_int, default=1, help="also list the k most likely labels")
 
+    generate = commands.add_parser("generate", help="answer prompts with a trained sft/pretrain/seq2seq run")
+    generate.add_argument("model", help="run folder")
+    generate.add_argument("texts", nargs="*", help="prompts (put into the run's prompt template / chat template)")
+    generate.add_argument("--file", help="JSONL file of prompts (field given by --field)")
+    generate.add_argument("--field", default="text", help="field of each --file row holding the prompt")
+    add_generation_options(generate)
+
+    chat = commands.add_parser("chat", help="talk to a trained sft run in the terminal (its chat template, streamed)")
+    chat.add_argument("model", help="run folder")
+    chat.add_argument("--system", help="a system message that opens the conversation")
+    add_generation_options(chat, default_tokens=256)
+
     commands.add_parser("models", help="list offline model aliases and whether they are installed")
 
     curve = commands.add_parser("curve", help="learning curve: run a recipe at k examples per class × seeds × "
@@ -71,7 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAILING_LISTS = {"train": "overrides", "validate": "overrides", "predict": "texts", "curve": "overrides"}
+TRAILING_LISTS = {"train": "overrides", "validate": "overrides", "predict": "texts", "curve": "overrides",
+                  "generate": "texts"}
+
+
+def add_generation_options(parser: argparse.ArgumentParser, default_tokens: int = 64) -> None:
+    """--max-new-tokens and --temperature."""
+    parser.add_argument("--max-new-tokens", type=positive_int, default=default_tokens,
+                        help="longest answer in tokens (default: %(default)s)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0,
+                        help="0 = greedy, reproducible (default); above 0 samples")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number ≥ 0."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -128,10 +157,14 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir, metrics = api.train(recipe, args.output, args.resume)
     before, after = metrics["before"], metrics["after"]
-    print(f"tunelab: accuracy {before['accuracy']:.4f} → {after['accuracy']:.4f} "
-          f"(macro-F1 {before['macro_f1']:.4f} → {after['macro_f1']:.4f}); "
-          f"{metrics['train_samples_per_second']:.2f} train samples/s; report: {run_dir / 'report.html'}")
+    changes = [f"{key} {before[key]:.4f} → {after[key]:.4f}" for key in HEADLINE_METRICS
+               if isinstance(before.get(key), float | int) and isinstance(after.get(key), float | int)]
+    print(f"tunelab: {'; '.join(changes)}; {metrics['train_samples_per_second']:.2f} train samples/s; "
+          f"report: {run_dir / 'report.html'}")
     return 0
+
+
+HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l")
 
 
 def cmd_validate(args) -> int:
@@ -141,8 +174,9 @@ def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     data, source = api.check_recipe(recipe)
     print(recipe.to_yaml(), end="")
-    print(f"# ok: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split}), "
-          f"{len(data.labels)} labels; model {source.location}")
+    what = f"{len(data.labels)} labels" if hasattr(data, "labels") else f"format {data.format}"
+    print(f"# ok: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split}), {what}; "
+          f"model {source.location}")
     return 0
 
 
@@ -201,6 +235,45 @@ def read_texts(path: Path, field: str) -> list[str]:
     return texts
 
 
+def cmd_generate(args) -> int:
+    from tunelab import api
+
+    texts = list(args.texts)
+    if args.file:
+        texts += read_texts(Path(args.file), args.field)
+    if not texts:
+        raise TunelabError("generate needs prompts: give them as arguments or with --file rows.jsonl")
+    for text, answer in zip(texts, api.generate(args.model, texts, args.max_new_tokens, args.temperature),
+                            strict=True):
+        print(json.dumps({"prompt": text, "answer": answer}, ensure_ascii=False))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tunelab import api
+
+    generator, settings = api.load_generator(args.model), api.generation_settings(args.max_new_tokens,
+                                                                                  args.temperature)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("tunelab chat: type a message; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        reply = ""
+        for piece in generator.stream_chat(messages, settings):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
 def cmd_models(args) -> int:
     from tunelab.models.aliases import OFFLINE_MODELS
 
@@ -228,4 +301,4 @@ def cmd_curve(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
-            "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve}
+            "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat}

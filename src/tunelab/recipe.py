@@ -48,6 +48,20 @@ class DataConfig(Section):
     shots: int | None = Field(None, ge=1, description="Few-shot: train on exactly this many rows per class (seeded, "
                                                       "stratified); every class needs at least that many")
     drop_empty: bool = Field(False, description="Drop rows whose text is empty or missing instead of refusing them")
+    format: Literal["auto", "instruction", "prompt_completion", "messages", "template"] = Field(
+        "auto", description="sft/seq2seq: how rows become prompt → response. instruction: instruction/input/output "
+                            "columns; prompt_completion: prompt/completion columns; messages: a chat column of "
+                            "role/content turns (the last assistant turn is the response); template: "
+                            "data.prompt_template / data.response_template. auto: template when prompt_template is "
+                            "set, else the first whose columns are present")
+    messages: str = Field("messages", description="sft: the column holding chat turns (format messages)")
+    prompt_template: str | None = Field(None, description="sft/seq2seq: the prompt as a Python format string over the "
+                                                          "row's columns, e.g. 'Symptoms: {text}'")
+    response_template: str | None = Field(None, description="sft/seq2seq: the response as a format string, e.g. "
+                                                            "'Diagnosis: {label_text}'")
+    chat_template: str = Field("auto", description="sft: auto = the model's own chat template when it has one, else "
+                                                   "plain text (Alpaca-style '### Instruction:' prompts); none = plain "
+                                                   "text always; anything else = a Jinja chat template to use")
     seed: int = Field(42, description="Seed for subsampling, hold-out splits and few-shot sampling")
 
     @model_validator(mode="after")
@@ -129,6 +143,9 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
                           "prefix": 1e-2, "prompt": 1e-2}
 
 
+GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
+
+
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps instead of epochs")
@@ -146,15 +163,35 @@ class TrainConfig(Section):
                                                                  "(default: every epoch)")
     group_by_length: bool = Field(True, description="Batch rows of similar length together to cut padding")
     logging_steps: int = Field(10, ge=1, description="Log loss every N steps")
+    completion_only_loss: bool = Field(True, description="sft: train on the response tokens only (prompt tokens get "
+                                                         "label -100); false trains on the whole sequence")
+    packing: bool = Field(False, description="sft/pretrain: pack several short rows into one sequence without padding "
+                                             "(position ids restart per row, so rows never attend to each other); "
+                                             "pretrain always chunks its text to model.max_length blocks")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                            "memory, about a third more compute")
+
+
+class GenerateConfig(Section):
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated answer")
+    num_samples: int = Field(50, ge=0, description="Score generations on this many eval rows (0: skip); the first "
+                                                   "rows of the eval split, the same before and after")
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding (reproducible); above 0: sampling")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together")
 
 
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Rows per batch when scoring")
     best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
         "accuracy", description="Metric that picks the best checkpoint")
+    select_best: bool = Field(True, description="Keep the checkpoint that scored best on the eval split (when that "
+                                                "split is the test set this flatters the score; false keeps the last "
+                                                "checkpoint, as a fixed training budget does)")
     in_context_shots: int | None = Field(None, ge=1, description="Decoders: also score the untrained model prompted "
                                                                  "with this many labelled examples per class (a "
                                                                  "baseline for what fine-tuning buys)")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="sft/seq2seq: generation-based "
+                                     "scores (exact match, ROUGE-L) on a sample of the eval split")
 
 
 class FewshotConfig(Section):
@@ -185,9 +222,10 @@ class OutputConfig(Section):
 
 class Recipe(Section):
     name: str = Field(description="Run name; default: the recipe file's name")
-    task: Literal["classify", "fewshot"] = Field(
-        description="What to train: classify (fine-tune a classifier) or fewshot (SetFit-style: contrastive "
-                    "encoder tuning + logistic-regression head)")
+    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq"] = Field(
+        description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
+                    "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
+                    "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target)")
     model: ModelConfig
     data: DataConfig
     method: Method = Field(default_factory=FullMethod, description="How weights are trained")
@@ -217,6 +255,24 @@ class Recipe(Section):
         if self.train.precision == "bf16":
             raise ValueError("task fewshot trains in fp32 (bf16 stalls its contrastive loss); set train.precision "
                              "to auto or fp32")
+        return self
+
+    @model_validator(mode="after")
+    def _check_generative(self) -> Recipe:
+        """Generative tasks pick checkpoints by eval loss (they have no accuracy during training)."""
+        if self.task not in GENERATIVE_TASKS:
+            return self
+        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
+            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss "
+                             f"(exact match and ROUGE-L are scored after training)")
+        if self.data.shots is not None:
+            raise ValueError(f"data.shots samples k rows per label, and task {self.task} has no labels; use "
+                             f"data.train_size")
+        if self.eval.in_context_shots is not None:
+            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
+        if self.task == "seq2seq" and self.train.packing:
+            raise ValueError("train.packing is for decoders (sft, pretrain); drop it for task seq2seq")
+        self.eval.best_metric = "loss"
         return self
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -32,11 +33,13 @@ def resolve_bf16(precision: str) -> bool:
     return supported
 
 
-def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path, bf16: bool) -> TrainingArguments:
-    """HF TrainingArguments for a recipe: evaluate and checkpoint each epoch (or N steps), keep the best."""
+def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path, bf16: bool,
+                       args_class: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
+    """HF TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` options) for a recipe:
+    evaluate and checkpoint each epoch (or N steps), keep the best or the last checkpoint."""
     every_steps = train.checkpoint_every is not None
     strategy = "steps" if every_steps else "epoch"
-    return TrainingArguments(
+    return args_class(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
@@ -55,7 +58,7 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         eval_steps=train.checkpoint_every,
         save_steps=train.checkpoint_every,
         save_total_limit=2,
-        load_best_model_at_end=True,
+        load_best_model_at_end=evaluation.select_best,
         metric_for_best_model=evaluation.best_metric,
         greater_is_better=evaluation.best_metric != "loss",
         logging_steps=train.logging_steps,
@@ -65,6 +68,8 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         disable_tqdm=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=train.gradient_checkpointing,
+        **extra,
     )
 
 
@@ -159,8 +164,8 @@ class TrainingMeter(TrainerCallback):
                 "train_tokens": self.tokens, "train_padded_tokens": self.padded_tokens}
 
 
-class MeteredTrainer(Trainer):
-    """The HF Trainer with a TrainingMeter (`.meter`) that sees every training batch."""
+class MeteredMixin:
+    """Gives a Trainer (HF's or a TRL subclass) a TrainingMeter (`.meter`) that sees every training batch."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -171,3 +176,18 @@ class MeteredTrainer(Trainer):
         """Count the batch's rows and tokens, then run the usual forward and backward pass."""
         self.meter.count_batch(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
+
+
+class MeteredTrainer(MeteredMixin, Trainer):
+    """The HF Trainer with a TrainingMeter."""
+
+
+def save_model(trainer: Trainer, target: Path) -> None:
+    """Save weights (or the adapter) and tokenizer into `target` via a temporary folder, then rename."""
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    if not (staging / "config.json").is_file():  # an adapter: keep the model config (labels, base) beside it
+        trainer.model.config.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)

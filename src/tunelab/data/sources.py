@@ -10,7 +10,7 @@ import datasets
 from tunelab.errors import TunelabError, one_line
 
 # File suffix → the `datasets` builder that reads it.
-FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 SPLIT_NAMES = ("train", "validation", "test")
 DEFAULT_SEARCH_PATH = ("data", "../shared/data")
 

@@ -168,3 +168,26 @@ def is_decoder(location: str) -> bool:
     config = AutoConfig.from_pretrained(location)
     architectures = config.architectures or []
     return bool(getattr(config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in architectures)
+
+
+def load_causal_lm(location: str) -> torch.nn.Module:
+    """Load a decoder with its language-modelling head; an earlier run's peft adapter is merged into its base."""
+    from peft import PeftModel
+
+    try:
+        if (Path(location) / "adapter_config.json").is_file():
+            base = AutoModelForCausalLM.from_pretrained(merged_adapter_base(location), dtype=torch.float32)
+            return PeftModel.from_pretrained(base, location).merge_and_unload()
+        return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+    except ValueError as exc:
+        raise TunelabError(f"model '{location}' is not a decoder that can generate text: {one_line(exc, 200)}; "
+                           f"use a causal LM (e.g. smollm2-135m)") from None
+
+
+def context_length(config) -> int | None:
+    """The longest sequence a model's position embeddings allow, if its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 
 import matplotlib
@@ -125,6 +126,15 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
     sections += extra_sections or []
     sections.append(("Recipe", f"<pre>{html.escape(recipe_yaml)}</pre>"))
     return write_page(run_dir / "report.html", title, sections)
+
+
+def samples_table(path: Path, limit: int = 12) -> str:
+    """The first sample generations (prompt, reference, before, after) of samples.jsonl as a table."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:limit]]
+    cells = "".join("<tr>" + "".join(f"<td><pre>{html.escape(row[key])}</pre></td>"
+                                     for key in ("prompt", "reference", "before", "after")) + "</tr>" for row in rows)
+    return (f"<p>The first {len(rows)} of the scored eval prompts; all are in samples.jsonl.</p><table><tr>"
+            "<th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>" + cells + "</table>")
 
 
 def in_context_paragraph(scores: dict) -> str:

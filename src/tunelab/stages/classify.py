@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from transformers import DataCollatorWithPadding, Trainer, set_seed
+from transformers import DataCollatorWithPadding, set_seed
 
 from tunelab.data.labelled import LabelledData
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
@@ -25,6 +25,7 @@ from tunelab.trainer import (
     history_from,
     last_checkpoint,
     resolve_bf16,
+    save_model,
     training_arguments,
 )
 
@@ -70,7 +71,7 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     )
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
 
-    after, probabilities = score(data.eval)  # the best checkpoint is loaded at the end of training
+    after, probabilities = score(data.eval)  # the best (or, with eval.select_best false, the last) checkpoint
     print(f"tunelab: after training: accuracy {after['accuracy']:.4f}, macro-F1 {after['macro_f1']:.4f}")
     save_model(trainer, run_dir / "model")
     write_predictions(run_dir, data, probabilities)
@@ -115,14 +116,3 @@ def scalar_metrics(prediction, labels: list[str]) -> dict:
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     metrics = classification_metrics(prediction.label_ids, np.asarray(logits).argmax(-1), labels)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
-
-
-def save_model(trainer: Trainer, target: Path) -> None:
-    """Save weights (or the adapter) and tokenizer into `target` via a temporary folder, then rename."""
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
-    if not (staging / "config.json").is_file():  # an adapter: keep the label names beside it
-        trainer.model.config.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)

@@ -1,0 +1,190 @@
+"""Text for generative tasks: rows become (prompt, response) conversations for sft/seq2seq, or raw text to pretrain.
+
+Every sft/seq2seq row is normalised to three columns, whatever the input format:
+  messages  the conversation as role/content turns; the last turn is the assistant's response
+  prompt    the prompt as plain text, for models without a chat template ("" for chat data: it needs a template)
+  response  the response text (the reference that generation is scored against)
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+import datasets
+
+from tunelab.data.sources import load_splits
+from tunelab.errors import TunelabError
+from tunelab.recipe import DataConfig
+
+ROLES = ("system", "user", "assistant")
+# The Alpaca prompt: the documented default for instruction data on a model without a chat template.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+FORMAT_COLUMNS = {"instruction": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}
+
+
+@dataclass
+class GenerativeData:
+    """Train and eval rows (messages/prompt/response, or text for pretrain) and where the eval rows came from."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    eval_split: str
+    format: str
+    dropped_empty: int = 0
+
+
+def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
+    """Read, check, normalise and subsample the data of an sft, seq2seq or pretrain recipe."""
+    splits = load_splits(cfg.source)
+    if cfg.train_split not in splits:
+        raise TunelabError(f"data.train_split '{cfg.train_split}' is not in '{cfg.source}' "
+                           f"(splits: {', '.join(splits)}); set data.train_split to one of them")
+    explicit_eval = "eval_split" in cfg.model_fields_set and cfg.eval_split is not None
+    if explicit_eval and cfg.eval_split not in splits:
+        raise TunelabError(f"data.eval_split '{cfg.eval_split}' is not in '{cfg.source}' "
+                           f"(splits: {', '.join(splits)}); name one of them, or null to hold out part of train")
+    fmt = "text" if task == "pretrain" else detect_format(cfg, splits[cfg.train_split].column_names)
+    train, dropped = normalise_split(splits[cfg.train_split], cfg, fmt, cfg.train_split)
+    eval_name = cfg.eval_split if cfg.eval_split in splits and cfg.eval_split != cfg.train_split else None
+    if eval_name is not None:
+        evaluation, dropped_eval = normalise_split(splits[eval_name], cfg, fmt, eval_name)
+        dropped += dropped_eval
+    else:
+        if len(train) < 2:
+            raise TunelabError(f"split '{cfg.train_split}' has {len(train)} row; holding out eval rows needs 2 or more")
+        parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
+        train, evaluation = parts["train"], parts["test"]
+        eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
+    train = random_subsample(train, cfg.train_size, cfg.seed)
+    evaluation = random_subsample(evaluation, cfg.eval_size, cfg.seed)
+    return GenerativeData(train=train, eval=evaluation, eval_split=eval_name, format=fmt, dropped_empty=dropped)
+
+
+def detect_format(cfg: DataConfig, columns: list[str]) -> str:
+    """The recipe's data.format, or (auto) the first format whose columns the data has."""
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.prompt_template is not None or cfg.response_template is not None:
+        return "template"
+    if cfg.messages in columns:
+        return "messages"
+    for fmt, needed in FORMAT_COLUMNS.items():
+        if all(column in columns for column in needed):
+            return fmt
+    raise TunelabError(f"cannot tell how to build prompts from the columns {', '.join(columns)}; set data.format "
+                       f"(instruction: instruction/input/output; prompt_completion: prompt/completion; messages: "
+                       f"a chat column) or data.prompt_template and data.response_template")
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a format string uses ('Symptoms: {text}' → ['text'])."""
+    try:
+        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise TunelabError(f"template {template!r} is not a valid format string ({exc}); write columns as "
+                           f"{{column}} and literal braces as {{{{ }}}}") from None
+
+
+def required_columns(cfg: DataConfig, fmt: str) -> list[tuple[str, str]]:
+    """(what names it, column) for every column the format reads."""
+    if fmt == "text":
+        return [("data.text", cfg.text)]
+    if fmt == "messages":
+        return [("data.messages", cfg.messages)]
+    if fmt == "template":
+        if cfg.prompt_template is None or cfg.response_template is None:
+            raise TunelabError("data.format template needs both data.prompt_template and data.response_template "
+                               "(e.g. 'Symptoms: {text}' and 'Diagnosis: {label}')")
+        return [(f"a {{{name}}} in data.{which}_template", name)
+                for which in ("prompt", "response")
+                for name in template_fields(getattr(cfg, f"{which}_template"))]
+    return [(f"the {fmt} format", column) for column in FORMAT_COLUMNS[fmt]]
+
+
+def normalise_split(split: datasets.Dataset, cfg: DataConfig, fmt: str, name: str) -> tuple[datasets.Dataset, int]:
+    """Check a split's columns and rows, then map it to messages/prompt/response (or text); drop or refuse empties."""
+    if len(split) == 0:
+        raise TunelabError(f"split '{name}' of '{cfg.source}' is empty; give a source with rows in it")
+    for field, column in required_columns(cfg, fmt):
+        if column not in split.column_names:
+            raise TunelabError(f"column '{column}' ({field}) is not in split '{name}' (columns: "
+                               f"{', '.join(split.column_names)}); map it to one of them")
+    rows = [normalise_row(row, cfg, fmt, name, number) for number, row in enumerate(split, 1)]
+    kept = [row for row in rows if row is not None]
+    empty = len(rows) - len(kept)
+    what = "text" if fmt == "text" else "response"
+    if empty and not cfg.drop_empty:
+        raise TunelabError(f"{empty} of {len(rows)} rows in split '{name}' have an empty {what}; clean the data or "
+                           f"set data.drop_empty: true to drop them")
+    if not kept:
+        raise TunelabError(f"split '{name}' has no rows left after dropping {empty} with an empty {what}")
+    columns = ["text"] if fmt == "text" else ["messages", "prompt", "response"]
+    return datasets.Dataset.from_dict({c: [row[c] for row in kept] for c in columns}), empty
+
+
+def normalise_row(row: dict, cfg: DataConfig, fmt: str, split: str, number: int) -> dict | None:
+    """One row as {messages, prompt, response} (or {text}); None when its response/text is empty."""
+    if fmt == "text":
+        text = row[cfg.text]
+        return {"text": str(text)} if text is not None and str(text).strip() else None
+    if fmt == "messages":
+        return normalise_messages(row[cfg.messages], split, number)
+    if fmt == "instruction":
+        instruction, extra, response = row["instruction"], row.get("input") or "", row["output"]
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        plain = (ALPACA_PROMPT_WITH_INPUT if extra.strip() else ALPACA_PROMPT).format(instruction=instruction,
+                                                                                     input=extra)
+    elif fmt == "prompt_completion":
+        user, response = row["prompt"], row["completion"]
+        plain = user
+    else:
+        values = {key: "" if value is None else value for key, value in row.items()}
+        user, response = cfg.prompt_template.format(**values), cfg.response_template.format(**values)
+        plain = user
+    if response is None or not str(response).strip() or user is None:
+        return None
+    return {"messages": [{"role": "user", "content": str(user)}, {"role": "assistant", "content": str(response)}],
+            "prompt": str(plain), "response": str(response)}
+
+
+def prompt_row(cfg: DataConfig, fmt: str, text: str) -> dict:
+    """A new prompt in the shape training used: put into the recipe's prompt template (when it names one column),
+    as the instruction (instruction data), or as the user's turn; the response is left empty."""
+    if fmt == "template" and cfg.prompt_template and len(set(template_fields(cfg.prompt_template))) == 1:
+        row = {"messages": [{"role": "user", "content": cfg.prompt_template.format(
+            **{template_fields(cfg.prompt_template)[0]: text})}]}
+        plain = row["messages"][0]["content"]
+    elif fmt == "instruction":
+        row, plain = {"messages": [{"role": "user", "content": text}]}, ALPACA_PROMPT.format(instruction=text)
+    else:
+        row, plain = {"messages": [{"role": "user", "content": text}]}, text
+    row["messages"].append({"role": "assistant", "content": ""})
+    return {**row, "prompt": plain, "response": ""}
+
+
+def normalise_messages(turns, split: str, number: int) -> dict | None:
+    """Check a chat row (known roles, ends with the assistant's turn) and return it normalised."""
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise TunelabError(f"row {number} of split '{split}': the messages column must hold a list of "
+                           f"{{role, content}} turns")
+    for turn in turns:
+        if turn.get("role") not in ROLES:
+            raise TunelabError(f"row {number} of split '{split}' has a message with role {turn.get('role')!r}; "
+                               f"roles must be one of {', '.join(ROLES)} (rename it in the data)")
+    if turns[-1]["role"] != "assistant":
+        raise TunelabError(f"row {number} of split '{split}' ends with a '{turns[-1]['role']}' turn; the last turn "
+                           f"must be the assistant's response that the model learns")
+    response = turns[-1].get("content")
+    if response is None or not str(response).strip():
+        return None
+    messages = [{"role": t["role"], "content": str(t.get("content") or "")} for t in turns]
+    return {"messages": messages, "prompt": "", "response": str(response)}
+
+
+def random_subsample(split: datasets.Dataset, size: int | None, seed: int) -> datasets.Dataset:
+    """A seeded random subset of `size` rows (all rows when size is None or not smaller)."""
+    if size is None or size >= len(split):
+        return split
+    return split.shuffle(seed=seed).select(range(size))

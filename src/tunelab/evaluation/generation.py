@@ -1,0 +1,69 @@
+"""Generation-based scores: generate answers for eval prompts, then exact match and ROUGE-L against references."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import torch
+from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
+
+from tunelab.recipe import GenerateConfig
+
+
+def normalise_answer(text: str) -> str:
+    """Lower-case, single-spaced, without surrounding whitespace or a final full stop: how answers are compared."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".").strip().lower()
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict:
+    """exact_match (normalised strings equal) and rouge_l (mean ROUGE-L F1) over paired answers."""
+    if not predictions:
+        return {}
+    exact = sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references, strict=True))
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    return {"exact_match": exact / len(predictions), "rouge_l": sum(rouge) / len(rouge)}
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy), capped so a diverged model still gives a finite number."""
+    return math.exp(min(loss, 50.0))
+
+
+def autocast(bf16: bool):
+    """bf16 autocast on the model's device type when asked, else nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerateConfig, bf16: bool,
+                   add_special_tokens: bool = True, encoder_decoder: bool = False,
+                   desc: str = "generating") -> list[str]:
+    """Answer each prompt (batched) and return only the new text, special tokens removed.
+
+    Decoders continue the prompt (left-padded, and the prompt is cut from the output); encoder-decoders read the
+    prompt in the encoder and generate from scratch.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoders continue from the last real token
+    outputs: list[str] = []
+    try:
+        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False):
+            batch = tokenizer(prompts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=add_special_tokens).to(device)
+            sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {
+                "do_sample": False}
+            with autocast(bf16):
+                generated = model.generate(**batch, max_new_tokens=cfg.max_new_tokens,
+                                           pad_token_id=tokenizer.pad_token_id, **sampling)
+            new_tokens = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1]:]
+            outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return outputs

@@ -1,0 +1,99 @@
+"""Load a generative run (sft, pretrain, seq2seq) back to answer prompts: `tunelab generate` and `tunelab chat`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TextIteratorStreamer
+
+from tunelab.data.generative import prompt_row
+from tunelab.data.sft_encoding import PromptFormat, prompt_format
+from tunelab.errors import TunelabError
+from tunelab.evaluation.generation import autocast, generate_texts
+from tunelab.models.loading import load_causal_lm, load_tokenizer
+from tunelab.models.trained import read_run_recipe
+from tunelab.recipe import GENERATIVE_TASKS, DataConfig, GenerateConfig
+from tunelab.trainer import bf16_supported
+
+
+@dataclass
+class Generator:
+    """A trained generative model with the prompt format its run trained on."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    task: str
+    data: DataConfig
+    data_format: str
+    prompt: PromptFormat | None  # None for seq2seq: the encoder reads the text as it is
+
+    def render(self, text: str) -> str:
+        """A user's text as the model saw prompts in training (template, instruction wrapper, chat template)."""
+        if self.prompt is None or self.task == "pretrain":
+            return text
+        return self.prompt.prompt_text(prompt_row(self.data, self.data_format, text))
+
+    def generate(self, texts: list[str], settings: GenerateConfig) -> list[str]:
+        """One answer per text."""
+        prompts = [self.render(text) for text in texts]
+        chat = self.prompt is not None and self.prompt.uses_chat_template and self.task != "pretrain"
+        return generate_texts(self.model, self.tokenizer, prompts, settings, bf16_supported(),
+                              add_special_tokens=not chat, encoder_decoder=self.task == "seq2seq")
+
+    def stream_chat(self, messages: list[dict], settings: GenerateConfig) -> Iterator[str]:
+        """Stream the assistant's next turn, piece by piece, for a conversation rendered by the chat template."""
+        if self.prompt is None or not self.prompt.uses_chat_template:
+            raise TunelabError("this run's model has no chat template, so `tunelab chat` cannot format turns; use "
+                               "`tunelab generate`, or train with data.chat_template set")
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.prompt.chat_template,
+                                                  add_generation_prompt=True, tokenize=False)
+        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {
+            "do_sample": False}
+
+        def work() -> None:
+            with torch.no_grad(), autocast(bf16_supported()):
+                self.model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
+                                    pad_token_id=self.tokenizer.pad_token_id, **sampling)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+
+def load_generator(run_dir: str | Path) -> Generator:
+    """Load a finished sft/pretrain/seq2seq run folder."""
+    import json
+
+    from tunelab.stages.seq2seq import load_seq2seq
+
+    path = Path(run_dir)
+    recipe = read_run_recipe(path)
+    if recipe is None or not (path / "model").is_dir():
+        raise TunelabError(f"'{path}' is not a finished run folder (no recipe.yaml and model/); train one with "
+                           f"`tunelab train`")
+    task = recipe.get("task")
+    if task not in GENERATIVE_TASKS:
+        raise TunelabError(f"'{path}' is a {task} run; it labels texts — use `tunelab predict` instead")
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+    data = DataConfig.model_validate(recipe["data"])
+    model_dir = str(path / "model")
+    tokenizer = load_tokenizer(model_dir)
+    if task == "seq2seq":
+        model = load_seq2seq(model_dir, tokenizer)
+        fmt = None
+    else:
+        model = load_causal_lm(model_dir)
+        fmt = prompt_format(tokenizer, data.chat_template, metrics.get("data_format", "prompt_completion"),
+                            model_dir) if task == "sft" else PromptFormat(tokenizer, None)
+    return Generator(model=model.eval(), tokenizer=tokenizer, task=task, data=data,
+                     data_format=metrics.get("data_format", "prompt_completion"), prompt=fmt)
+
+

@@ -1,0 +1,143 @@
+"""Encoder-decoder fine-tuning: input text → target text (T5/BART, or a BERT2BERT model warm-started from an encoder).
+
+load data → load or build the encoder-decoder → apply method → score before (loss, perplexity, generations) →
+train → score after → write the run folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from peft import TaskType
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    DataCollatorForSeq2Seq,
+    EncoderDecoderModel,
+    set_seed,
+)
+
+from tunelab.data.generative import GenerativeData
+from tunelab.errors import TunelabError, one_line
+from tunelab.evaluation.generation import generate_texts, generation_metrics, perplexity
+from tunelab.methods.apply import apply_method, count_parameters
+from tunelab.models.loading import ModelSource, load_tokenizer
+from tunelab.recipe import Recipe
+from tunelab.runs.artifacts import load_or_score_baseline
+from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.lineage import run_chain
+from tunelab.runs.report import samples_table, write_report
+from tunelab.trainer import (
+    CHECKPOINTS,
+    JsonlLogCallback,
+    MeteredTrainer,
+    history_from,
+    last_checkpoint,
+    resolve_bf16,
+    save_model,
+    training_arguments,
+)
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def load_seq2seq(location: str, tokenizer):
+    """An encoder-decoder as saved, or one warm-started from an encoder (both halves from its weights).
+
+    Warm-starting (Rothe et al., 2020) gives the decoder the encoder's weights plus fresh cross-attention; the
+    decoder starts generating after [CLS] and stops at [SEP], the encoder's own markers.
+    """
+    config = AutoConfig.from_pretrained(location)
+    try:
+        if config.is_encoder_decoder:
+            return AutoModelForSeq2SeqLM.from_pretrained(location)
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(location, location)
+    except (ValueError, OSError) as exc:
+        raise TunelabError(f"cannot build an encoder-decoder from '{location}': {one_line(exc, 200)}") from None
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    return model
+
+
+def encode_pairs(split, tokenizer, decoder_start: int | None, max_length: int):
+    """input_ids from the prompt, labels from the response (without a leading decoder-start token)."""
+
+    def encode(batch: dict) -> dict:
+        inputs = tokenizer(batch["prompt"], truncation=True, max_length=max_length)
+        targets = tokenizer(text_target=batch["response"], truncation=True, max_length=max_length)["input_ids"]
+        labels = [ids[1:] if ids and ids[0] == decoder_start else ids for ids in targets]
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
+
+    return split.map(encode, batched=True, remove_columns=split.column_names)
+
+
+def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path,
+                resume: bool = False) -> dict:
+    """Fine-tune an encoder-decoder on prompt → response rows; write the run folder and return metrics."""
+    if data.format == "messages":
+        raise TunelabError("task seq2seq maps one input text to one target; chat messages need task sft")
+    set_seed(recipe.train.seed)
+    bf16 = resolve_bf16(recipe.train.precision)
+    tokenizer = load_tokenizer(source.location)
+    model = load_seq2seq(source.location, tokenizer)
+    model = apply_method(model, recipe.method, [], TaskType.SEQ_2_SEQ_LM)
+    params = count_parameters(model)
+    start = model.config.decoder_start_token_id
+    print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+    trainer = MeteredTrainer(
+        model=model,
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16),
+        train_dataset=encode_pairs(data.train, tokenizer, start, recipe.model.max_length),
+        eval_dataset=encode_pairs(data.eval, tokenizer, start, recipe.model.max_length),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+    )
+    samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
+
+    def score() -> dict:
+        loss = trainer.evaluate()["eval_loss"]
+        scores = {"loss": loss, "perplexity": perplexity(loss)}
+        if len(samples):
+            answers = generate_texts(trainer.model, tokenizer, samples["prompt"], recipe.eval.generate, bf16,
+                                     encoder_decoder=True)
+            scores.update(generation_metrics(answers, samples["response"]), generations=answers)
+        return scores
+
+    before = load_or_score_baseline(run_dir, score)
+    print(f"tunelab: before training: loss {before['loss']:.4f}, exact match {before.get('exact_match', 0):.4f}")
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
+    after = score()
+    print(f"tunelab: after training: loss {after['loss']:.4f}, exact match {after.get('exact_match', 0):.4f}")
+    save_model(trainer, run_dir / "model")
+    extra = []
+    if len(samples):
+        write_jsonl_atomic(run_dir / SAMPLES_FILE, [
+            {"prompt": row["prompt"], "reference": row["response"], "before": old, "after": new}
+            for row, old, new in zip(samples, before.pop("generations"), after.pop("generations"), strict=True)])
+        extra.append(("Sample generations", samples_table(run_dir / SAMPLES_FILE)))
+    metrics = {
+        "before": before,
+        "after": after,
+        "history": history_from(trainer.state.log_history),
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_percent": params.percent,
+        "train_seconds": result.metrics["train_runtime"],
+        "train_samples_per_second": result.metrics["train_samples_per_second"],
+        **trainer.meter.summary(),
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "eval_split": data.eval_split,
+        "precision": "bf16" if bf16 else "fp32",
+        "chain": run_chain(recipe.model.name),
+    }
+    write_report(run_dir, f"tunelab run: {recipe.name}", metrics, recipe.to_yaml(), extra_sections=extra)
+    write_json_atomic(run_dir / METRICS_FILE, metrics)
+    if not recipe.output.keep_checkpoints:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    return metrics

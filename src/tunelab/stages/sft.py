@@ -1,0 +1,166 @@
+"""Decoder training on text: sft (prompt → response) and pretrain (continued pre-training on raw domain text).
+
+load data → load decoder → apply method → score before (loss, perplexity; sft also generations) → train with
+TRL's SFTTrainer (truncation, packing, padding-free batches) → score after → write the run folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from peft import TaskType
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from tunelab.data.generative import GenerativeData
+from tunelab.data.sft_encoding import PromptFormat, encode_split, encode_text_split, prompt_format
+from tunelab.errors import TunelabError
+from tunelab.evaluation.generation import generate_texts, generation_metrics, perplexity
+from tunelab.methods.apply import apply_method, count_parameters
+from tunelab.models.loading import ModelSource, context_length, load_causal_lm, load_tokenizer
+from tunelab.recipe import Recipe
+from tunelab.runs.artifacts import load_or_score_baseline
+from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.lineage import run_chain
+from tunelab.runs.report import samples_table, write_report
+from tunelab.trainer import (
+    CHECKPOINTS,
+    JsonlLogCallback,
+    MeteredMixin,
+    history_from,
+    last_checkpoint,
+    resolve_bf16,
+    save_model,
+    training_arguments,
+)
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
+    """TRL's SFTTrainer with tunelab's training-loop meter."""
+
+
+def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
+    """Fine-tune a decoder on prompt → response rows (task sft) or raw text (task pretrain); return metrics."""
+    set_seed(recipe.train.seed)
+    bf16 = resolve_bf16(recipe.train.precision)
+    tokenizer = load_tokenizer(source.location)
+    model = load_causal_lm(source.location)
+    check_context_length(model.config, recipe)
+    fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
+        if recipe.task == "sft" else None
+    model = apply_method(model, recipe.method, [], TaskType.CAUSAL_LM)
+    params = count_parameters(model)
+    train_rows, eval_rows = encode(recipe, data, tokenizer, fmt)
+    print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+
+    trainer = MeteredSFTTrainer(
+        model=model,
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=SFTConfig,
+                                **sft_options(recipe)),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+    )
+    samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval)))) if fmt else None
+
+    def score() -> dict:
+        loss = trainer.evaluate()["eval_loss"]
+        scores = {"loss": loss, "perplexity": perplexity(loss)}
+        if samples is not None and len(samples):
+            answers = generate_answers(trainer.model, tokenizer, fmt, samples, recipe, bf16)
+            scores.update(generation_metrics(answers, samples["response"]), generations=answers)
+        return scores
+
+    # Before: the model with the method applied but untrained (LoRA/IA3 start as the identity, so this is the
+    # base model; prompt/prefix tuning start from random virtual tokens).
+    before = load_or_score_baseline(run_dir, score)
+    print(f"tunelab: before training: {summary(before)}")
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
+    after = score()
+    print(f"tunelab: after training: {summary(after)}")
+    save_model(trainer, run_dir / "model")
+    if samples is not None and len(samples):
+        write_samples(run_dir, samples, fmt, before.pop("generations"), after.pop("generations"))
+    seconds = trainer.meter.seconds
+    metrics = {
+        "before": before,
+        "after": after,
+        "history": history_from(trainer.state.log_history),
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_percent": params.percent,
+        "train_seconds": result.metrics["train_runtime"],
+        "train_samples_per_second": result.metrics["train_samples_per_second"],
+        **trainer.meter.summary(),
+        "train_tokens_per_second": round(trainer.meter.tokens / seconds, 2) if seconds else None,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "eval_split": data.eval_split,
+        "data_format": data.format,
+        "chat_template": fmt.uses_chat_template if fmt else None,
+        "packing": recipe.train.packing or recipe.task == "pretrain",
+        "precision": "bf16" if bf16 else "fp32",
+        "chain": run_chain(recipe.model.name),
+    }
+    extra = [("Sample generations (greedy)" if recipe.eval.generate.temperature == 0 else "Sample generations",
+              samples_table(run_dir / SAMPLES_FILE))] if samples is not None and len(samples) else []
+    write_report(run_dir, f"tunelab run: {recipe.name}", metrics, recipe.to_yaml(), extra_sections=extra)
+    write_json_atomic(run_dir / METRICS_FILE, metrics)  # written last: its presence marks a finished run
+    if not recipe.output.keep_checkpoints:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    return metrics
+
+
+def check_context_length(config, recipe: Recipe) -> None:
+    """Refuse a block/sequence length beyond what the model's position embeddings cover."""
+    limit = context_length(config)
+    if limit is not None and recipe.model.max_length > limit:
+        raise TunelabError(f"model.max_length {recipe.model.max_length} is longer than the model's context of "
+                           f"{limit} tokens; set model.max_length to {limit} or less")
+
+
+def encode(recipe: Recipe, data: GenerativeData, tokenizer, fmt: PromptFormat | None):
+    """Token ids and labels of the train and eval rows."""
+    if fmt is None:
+        return encode_text_split(tokenizer, data.train), encode_text_split(tokenizer, data.eval)
+    only = recipe.train.completion_only_loss
+    return (encode_split(fmt, data.train, only, recipe.model.max_length, "train"),
+            encode_split(fmt, data.eval, only, recipe.model.max_length, "eval"))
+
+
+def sft_options(recipe: Recipe) -> dict:
+    """SFTConfig options: sequence length and packing.
+
+    pretrain chunks the concatenated texts into max_length blocks (TRL's "wrapped" packing), train and eval alike,
+    so perplexity is measured on the same kind of blocks the model trains on. sft with packing uses best-fit
+    decreasing packing without padding: rows stay whole and position ids restart at each row.
+    """
+    if recipe.task == "pretrain":
+        return {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "wrapped",
+                "eval_packing": True, "padding_free": False}
+    return {"max_length": recipe.model.max_length, "packing": recipe.train.packing, "packing_strategy": "bfd",
+            "eval_packing": False}
+
+
+def generate_answers(model, tokenizer, fmt: PromptFormat, rows, recipe: Recipe, bf16: bool) -> list[str]:
+    """The model's answers to the prompts of `rows`."""
+    prompts = [fmt.prompt_text(row) for row in rows]
+    return generate_texts(model, tokenizer, prompts, recipe.eval.generate, bf16,
+                          add_special_tokens=not fmt.uses_chat_template)
+
+
+def write_samples(run_dir: Path, rows, fmt: PromptFormat, before: list[str], after: list[str]) -> None:
+    """samples.jsonl: prompt, reference, and the answers before and after training."""
+    write_jsonl_atomic(run_dir / SAMPLES_FILE, [
+        {"prompt": row["messages"][-2]["content"] if fmt.uses_chat_template else row["prompt"],
+         "reference": row["response"], "before": old, "after": new}
+        for row, old, new in zip(rows, before, after, strict=True)])
+
+
+def summary(scores: dict) -> str:
+    """'loss 2.31, perplexity 10.1, exact_match 0.12, …' for the console."""
+    return ", ".join(f"{key} {value:.4g}" for key, value in scores.items() if isinstance(value, float))

@@ -1,0 +1,57 @@
+"""End to end on SmolLM2 / MiniLM and the shared data: the generative examples as written must really learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelab import api
+from tunelab.cli import main
+from tunelab.recipe import load_recipe
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DIAGNOSES = {json.loads(line)["output_text"] for line in
+             (Path(__file__).resolve().parents[2] / "shared/data/symptom_to_diagnosis/train.jsonl").read_text()
+             .splitlines()}
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def symptom_sft_run(tmp_path_factory):
+    return api.train(load_recipe(EXAMPLES / "symptom_sft.yaml"), str(tmp_path_factory.mktemp("e2e") / "sft"))
+
+
+def test_symptom_sft_answers_with_the_right_diagnosis(symptom_sft_run):
+    _, metrics = symptom_sft_run
+    assert metrics["eval_rows"] == 212
+    assert metrics["before"]["exact_match"] <= 0.10
+    assert metrics["after"]["exact_match"] >= 0.55
+
+
+def test_generate_answers_a_symptom_prompt_with_a_known_diagnosis(symptom_sft_run, capsys):
+    run_dir, _ = symptom_sft_run
+    capsys.readouterr()
+    prompt = "I have a red, itchy rash with silvery scales on my elbows and my joints hurt."
+    assert main(["generate", str(run_dir), prompt, "--max-new-tokens", "16"]) == 0
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    assert answer.startswith("Diagnosis: ") and answer.removeprefix("Diagnosis: ") in DIAGNOSES
+
+
+def test_tweets_pretrain_lowers_held_out_perplexity(tmp_path):
+    _, metrics = api.train(load_recipe(EXAMPLES / "tweets_pretrain.yaml"), str(tmp_path / "pretrain"))
+    assert metrics["after"]["perplexity"] <= 0.85 * metrics["before"]["perplexity"]
+
+
+def test_instruction_sft_lowers_response_loss_and_raises_rouge(tmp_path):
+    run_dir, metrics = api.train(load_recipe(EXAMPLES / "instructions_sft.yaml"), str(tmp_path / "instructions"))
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert metrics["after"]["rouge_l"] > metrics["before"]["rouge_l"]
+    assert "Sample generations" in (run_dir / "report.html").read_text()
+
+
+def test_seq2seq_from_minilm_learns_the_diagnoses(tmp_path):
+    _, metrics = api.train(load_recipe(EXAMPLES / "seq2seq.yaml"), str(tmp_path / "seq2seq"))
+    assert metrics["after"]["loss"] < metrics["before"]["loss"] / 2
+    assert metrics["after"]["exact_match"] >= metrics["before"]["exact_match"] + 0.3

@@ -1,0 +1,158 @@
+"""sft, pretrain and seq2seq end to end on tiny random models: learning, run folder, generation, chaining, packing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import WORDS, toy_rows, write_jsonl
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from tunelab import api
+from tunelab.cli import main
+from tunelab.recipe import validate_recipe
+
+ANSWERS = {label: words[0] for label, words in WORDS.items()}  # one in-vocabulary answer word per label
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+    """Toy sentences whose answer (good / bad / table) follows from one keyword."""
+    folder = tmp_path_factory.mktemp("qa-data")
+    for split, count, seed in [("train", 90, 1), ("test", 30, 2)]:
+        write_jsonl(folder / f"{split}.jsonl", [{"sentence": row["sentence"], "answer": ANSWERS[row["sentiment"]]}
+                                                for row in toy_rows(count, seed)])
+    return folder
+
+
+def generative_recipe(model, source, task="sft", **sections) -> dict:
+    recipe = {"name": f"toy-{task}", "task": task, "model": {"name": str(model), "max_length": 32},
+              "data": {"source": str(source), "prompt_template": "{sentence} is", "response_template": " {answer}"},
+              "method": "full",
+              "train": {"epochs": 8, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32", "seed": 1},
+              "eval": {"generate": {"max_new_tokens": 3, "num_samples": 30}}}
+    if task == "pretrain":
+        recipe["data"] = {"source": str(source), "text": "sentence"}
+    recipe.update(sections)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama, qa_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "sft"
+    return api.train(validate_recipe(generative_recipe(tiny_llama, qa_data)), str(run_dir))
+
+
+def test_sft_learns_the_answers(sft_run):
+    run_dir, metrics = sft_run
+    before, after = metrics["before"], metrics["after"]
+    assert before["exact_match"] <= 0.1 and after["exact_match"] >= 0.9
+    assert after["loss"] < before["loss"] / 4 and after["perplexity"] < before["perplexity"]
+    assert metrics["data_format"] == "template" and metrics["chat_template"] is False
+    for name in ["recipe.yaml", "metrics.json", "samples.jsonl", "report.html", "model/config.json", "log.jsonl"]:
+        assert (run_dir / name).is_file(), name
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 30 and set(samples[0]) == {"prompt", "reference", "before", "after"}
+    assert "Sample generations" in (run_dir / "report.html").read_text()
+
+
+def test_generate_answers_through_the_runs_prompt_template(sft_run, capsys):
+    run_dir, _ = sft_run
+    assert main(["generate", str(run_dir), "the day was sad", "a very lovely day", "--max-new-tokens", "1"]) == 0
+    answers = [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
+    assert answers == ["bad", "good"]
+
+
+def test_response_only_loss_trains_less_of_the_sequence(tiny_llama, qa_data, tmp_path):
+    recipe = generative_recipe(tiny_llama, qa_data, train={"epochs": 1, "batch_size": 8, "precision": "fp32"})
+    recipe["train"]["completion_only_loss"] = False
+    _, whole = api.train(validate_recipe(recipe), str(tmp_path / "whole"))
+    # Loss over whole sequences includes the random filler words: far higher than over the answers alone.
+    assert whole["after"]["loss"] > 1.0
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tiny_llama, toy_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "pretrain"
+    recipe = generative_recipe(tiny_llama, toy_data, task="pretrain",
+                               train={"epochs": 6, "batch_size": 4, "learning_rate": 3e-3, "precision": "fp32"})
+    return api.train(validate_recipe(recipe), str(run_dir))
+
+
+def test_pretrain_lowers_held_out_perplexity(pretrain_run):
+    _, metrics = pretrain_run
+    # random weights: ~ the vocabulary size (24); the shuffled filler words keep the floor near 8
+    assert metrics["after"]["perplexity"] <= 0.7 * metrics["before"]["perplexity"]
+    assert metrics["packing"] is True and "exact_match" not in metrics["after"]
+
+
+def test_sft_chains_from_a_pretrain_run_folder(pretrain_run, qa_data, tmp_path, tiny_llama):
+    pretrain_dir, _ = pretrain_run
+    recipe = generative_recipe(pretrain_dir, qa_data, train={"epochs": 2, "batch_size": 8, "learning_rate": 3e-3,
+                                                             "precision": "fp32"})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / "sft-after-pretrain"))
+    assert metrics["chain"] == [str(tiny_llama), str(pretrain_dir)]
+    assert metrics["before"]["loss"] == pytest.approx(score_loss_of(pretrain_dir, recipe, tmp_path), rel=1e-4)
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+
+
+def score_loss_of(pretrain_dir, recipe, tmp_path) -> float:
+    """The eval loss of the pretrain run's saved weights, with no training: the sft run must start from them."""
+    recipe = {**recipe, "train": {**recipe["train"], "max_steps": 1, "learning_rate": 1e-12}}
+    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "no-training"))
+    return metrics["before"]["loss"]
+
+
+def test_lora_sft_saves_an_adapter_that_generate_loads(tiny_llama, qa_data, tmp_path, capsys):
+    recipe = generative_recipe(tiny_llama, qa_data, method={"name": "lora", "r": 8},
+                               train={"epochs": 8, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / "lora"))
+    assert (run_dir / "model" / "adapter_config.json").is_file()
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    capsys.readouterr()  # drop the training output
+    assert main(["generate", str(run_dir), "a the good day", "--max-new-tokens", "1"]) == 0
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    assert answer in ANSWERS.values()
+
+
+def test_seq2seq_warm_started_from_an_encoder_learns(tiny_bert, qa_data, tmp_path):
+    recipe = generative_recipe(tiny_bert, qa_data, task="seq2seq",
+                               data={"source": str(qa_data), "prompt_template": "{sentence}",
+                                     "response_template": "{answer}"},
+                               train={"epochs": 15, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 1, "num_samples": 30}})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / "seq2seq"))
+    assert metrics["after"]["loss"] < metrics["before"]["loss"] / 2
+    assert metrics["after"]["exact_match"] >= 0.8 > metrics["before"]["exact_match"] + 0.3
+    assert api.generate(str(run_dir), ["this day was very awful"], max_new_tokens=1) == ["bad"]
+
+
+def test_packed_and_padded_batches_give_the_same_loss(tiny_llama):
+    """Padding-free packing (position ids restart per row) must not let rows attend to each other."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    rows = [[3, 5, 7, 9, 11, 4], [6, 8, 10], [12, 13, 14, 15, 16, 17, 18, 19, 5]]
+    examples = [{"input_ids": ids, "labels": [-100, *ids[1:]]} for ids in rows]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert packed["input_ids"].shape == (1, sum(map(len, rows))) and "attention_mask" not in packed
+    with torch.no_grad():
+        loss_padded = model(**padded).loss
+        # use_cache=False as TRL's SFTTrainer.compute_loss passes it: with a cache, transformers does not look for
+        # packed rows in the position ids (and the rows would attend to each other).
+        loss_packed = model(**packed, use_cache=False).loss
+        # Positions that do not restart make one long sequence: a different loss proves the check can fail.
+        contaminated = model(input_ids=packed["input_ids"], labels=packed["labels"], use_cache=False).loss
+    assert loss_packed == pytest.approx(loss_padded.item(), abs=1e-5)
+    assert abs(contaminated.item() - loss_padded.item()) > 1e-3
+
+
+def test_sft_with_packing_learns(tiny_llama, qa_data, tmp_path):
+    recipe = generative_recipe(tiny_llama, qa_data)
+    recipe["train"]["packing"] = True
+    recipe["train"]["epochs"] = 16  # packing puts ~5 rows in each sequence: fewer, fuller steps
+    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "packed"))
+    assert metrics["packing"] is True
+    assert metrics["after"]["exact_match"] >= 0.9
+    assert metrics["train_padded_tokens"] == metrics["train_tokens"]  # no padding at all

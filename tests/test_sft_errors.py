@@ -1,0 +1,80 @@
+"""Bad generative recipes and data are refused before training: exit code 2, one `error:` line, no run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tunelab.cli import main
+
+QA = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Say bye", "input": "", "output": "bye"}]
+CHAT = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 2
+
+
+def write(path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+CASES = [
+    pytest.param({"data": {"prompt_template": "Q: {question}", "response_template": "{output}"}}, QA,
+                 ["column 'question'", "data.prompt_template", "columns: instruction, input, output"],
+                 id="template-names-a-missing-column"),
+    pytest.param({"data": {"format": "prompt_completion"}}, QA,
+                 ["column 'prompt'", "prompt_completion format", "columns: instruction, input, output"],
+                 id="format-columns-missing"),
+    pytest.param({}, [{"question": "a", "answer": "b"}] * 2,
+                 ["cannot tell how to build prompts from the columns question, answer", "data.format"],
+                 id="unknown-columns-ask-for-a-format"),
+    pytest.param({}, [*QA, {"instruction": "Say what?", "input": "", "output": "  "}],
+                 ["1 of 3 rows in split 'train' have an empty response", "data.drop_empty"], id="empty-response"),
+    pytest.param({"data": {"chat_template": "{{ messages[0]['content'] }}{% generation %}"}}, CHAT,
+                 ["data.chat_template cannot render a conversation"], id="broken-chat-template"),
+    pytest.param({}, [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}],
+                 ["row 1 of split 'train' has a message with role 'bot'", "system, user, assistant"],
+                 id="unknown-role"),
+    pytest.param({}, [{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "yo"}]}],
+                 ["row 1 of split 'train' ends with a 'user' turn", "assistant's response"],
+                 id="chat-not-ending-with-the-assistant"),
+    pytest.param({}, CHAT, ["the data is chat messages but model", "has no chat template", "data.chat_template"],
+                 id="chat-data-on-a-model-without-template"),
+    pytest.param({"data": {"chat_template": "none"}}, CHAT, ["data.chat_template is none"],
+                 id="chat-data-with-templates-switched-off"),
+    pytest.param({"task": "pretrain", "data": {"text": "output"}, "model": {"max_length": 128}}, QA,
+                 ["model.max_length 128 is longer than the model's context of 64 tokens"],
+                 id="block-size-beyond-context"),
+    pytest.param({"task": "pretrain", "data": {"text": "body"}}, QA,
+                 ["column 'body' (data.text)", "columns: instruction, input, output"], id="pretrain-text-missing"),
+    pytest.param({"data": {"shots": 4}}, QA, ["data.shots", "has no labels"], id="shots-need-labels"),
+    pytest.param({"eval": {"best_metric": "accuracy"}}, QA, ["eval.best_metric: loss"], id="best-metric-accuracy"),
+    pytest.param({"train": {"packing": True}, "task": "seq2seq"}, QA, ["train.packing is for decoders"],
+                 id="packing-for-seq2seq"),
+    pytest.param({"model": {"name": "ENCODER"}}, QA, ["task sft trains a decoder", "task seq2seq"],
+                 id="sft-on-an-encoder"),
+    pytest.param({"task": "seq2seq"}, QA, ["task seq2seq needs an encoder-decoder", "is a decoder"],
+                 id="seq2seq-on-a-decoder"),
+]
+
+
+@pytest.mark.parametrize(("patch", "rows", "expected"), CASES)
+def test_bad_generative_input_is_refused_before_training(tmp_path, capsys, tiny_llama, tiny_bert, patch, rows,
+                                                         expected):
+    write(tmp_path / "data" / "train.jsonl", rows)
+    write(tmp_path / "data" / "test.jsonl", rows)
+    recipe = {"task": "sft", "model": {"name": str(tiny_llama), "max_length": 32},
+              "data": {"source": str(tmp_path / "data")}}
+    for section, value in patch.items():
+        recipe[section] = {**recipe.get(section, {}), **value} if isinstance(value, dict) else value
+    if recipe["model"]["name"] == "ENCODER":
+        recipe["model"]["name"] = str(tiny_bert)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for fragment in expected:
+        assert fragment in err[0]
+    assert not (tmp_path / "run").exists()
