@@ -156,3 +156,21 @@ def test_sft_with_packing_learns(tiny_llama, qa_data, tmp_path):
     assert metrics["packing"] is True
     assert metrics["after"]["exact_match"] >= 0.9
     assert metrics["train_padded_tokens"] == metrics["train_tokens"]  # no padding at all
+
+
+SIMPLE_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %} is{% else %}</s>"
+                   "{% endif %}{% endfor %}")
+
+
+def test_chat_streams_replies_through_the_chat_template(tiny_llama, qa_data, tmp_path, monkeypatch, capsys):
+    recipe = generative_recipe(tiny_llama, qa_data)
+    recipe["data"]["chat_template"] = SIMPLE_TEMPLATE
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / "chat"))
+    assert metrics["chat_template"] is True and metrics["after"]["exact_match"] >= 0.9
+    typed = iter(["the day was sad", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    capsys.readouterr()
+    assert main(["chat", str(run_dir), "--max-new-tokens", "1"]) == 0
+    replies = [line.removeprefix("model> ").strip() for line in capsys.readouterr().out.splitlines()
+               if line.startswith("model> ")]
+    assert replies == ["bad"]

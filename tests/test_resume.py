@@ -56,3 +56,16 @@ def test_resume_skips_a_checkpoint_cut_off_while_saving(tmp_path):
             (folder / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "checkpoint-40")
     assert last_checkpoint(tmp_path / "nothing") is None
+
+
+def test_resume_accepts_a_recipe_saved_before_an_option_existed(tiny_bert, toy_data):
+    from tunelab.recipe import validate_recipe
+    from tunelab.runs.folder import same_recipe
+
+    recipe = validate_recipe(toy_recipe(tiny_bert, toy_data))
+    older = yaml.safe_load(recipe.to_yaml())
+    del older["eval"]["select_best"], older["data"]["format"]  # options added later, saved runs lack them
+    assert same_recipe(yaml.safe_dump(older, sort_keys=False), recipe)
+    older["train"]["epochs"] = 99
+    assert not same_recipe(yaml.safe_dump(older, sort_keys=False), recipe)
+    assert not same_recipe("task: [", recipe)

@@ -55,6 +55,10 @@ CASES = [
                  id="sft-on-an-encoder"),
     pytest.param({"task": "seq2seq"}, QA, ["task seq2seq needs an encoder-decoder", "is a decoder"],
                  id="seq2seq-on-a-decoder"),
+    pytest.param({"method": "qlora"}, QA, ["method qlora needs a CUDA GPU", "Use method lora"],
+                 id="qlora-on-cpu", marks=pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                                                             reason="a CUDA machine can run QLoRA")),
+    pytest.param({"method": "qlora", "task": "seq2seq"}, QA, ["use lora for task seq2seq"], id="qlora-seq2seq"),
 ]
 
 

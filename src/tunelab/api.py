@@ -11,7 +11,14 @@ from tunelab.data.labelled import load_eval_split, load_labelled_data
 from tunelab.data.sft_encoding import prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
-from tunelab.models.loading import ModelSource, check_model_exists, is_decoder, load_tokenizer, resolve_model
+from tunelab.models.loading import (
+    ModelSource,
+    check_model_exists,
+    check_qlora_available,
+    is_decoder,
+    load_tokenizer,
+    resolve_model,
+)
 from tunelab.models.trained import earlier_run_labels, load_trained
 from tunelab.recipe import GENERATIVE_TASKS, DataConfig, GenerateConfig, Recipe
 from tunelab.runs.folder import open_run_folder
@@ -41,6 +48,8 @@ def check_recipe(recipe: Recipe):
 
 def check_generative_model(recipe: Recipe, source: ModelSource, data_format: str) -> None:
     """sft and pretrain need a decoder; seq2seq an encoder-decoder, or an encoder to warm-start one from."""
+    if recipe.method.name == "qlora":
+        check_qlora_available()
     if source.origin == "hub":
         return
     decoder = is_decoder(source.location)

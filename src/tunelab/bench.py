@@ -34,7 +34,7 @@ WAYS = ("tutorial", "hand-written", "tunelab")
 CONVENTION = ("model FLOPs per real (non-padding) token: 6·N for full fine-tuning, 4·N for adapter methods (frozen "
               "base: forward + input-gradient backward), N = non-embedding parameters; attention-score FLOPs and "
               "padding are not counted. MFU = achieved model FLOP/s ÷ the matmul peak measured at start-up.")
-FLOPS_PER_PARAM = {"full": 6, "lora": 4, "dora": 4, "ia3": 4, "prompt": 4}
+FLOPS_PER_PARAM = {"full": 6, "lora": 4, "dora": 4, "qlora": 4, "ia3": 4, "prompt": 4}
 
 
 @dataclass(frozen=True)

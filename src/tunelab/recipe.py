@@ -105,7 +105,8 @@ class FreezeMethod(Section):
 
 
 class LoraMethod(Section):
-    name: Literal["lora", "dora"] = Field(description="Low-rank adapters (DoRA: weight-decomposed LoRA)")
+    name: Literal["lora", "dora", "qlora"] = Field(description="Low-rank adapters (DoRA: weight-decomposed LoRA; "
+                                                              "QLoRA: LoRA on a 4-bit base, CUDA only)")
     r: int = Field(16, ge=1, description="Adapter rank")
     alpha: int | None = Field(None, ge=1, description="Scaling numerator; default 2 × r")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input")
@@ -135,11 +136,11 @@ Method = Annotated[FullMethod | FreezeMethod | LoraMethod | IA3Method | VirtualT
                    Field(discriminator="name")]
 
 METHOD_CLASSES: dict[str, type[Section]] = {"full": FullMethod, "freeze": FreezeMethod, "lora": LoraMethod,
-                                             "dora": LoraMethod, "ia3": IA3Method, "prefix": VirtualTokenMethod,
-                                             "prompt": VirtualTokenMethod}
+                                             "dora": LoraMethod, "qlora": LoraMethod, "ia3": IA3Method,
+                                             "prefix": VirtualTokenMethod, "prompt": VirtualTokenMethod}
 
 # Learning rates that learn on small data with each method (measured on the examples; see README).
-DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e-3, "ia3": 5e-3,
+DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "ia3": 5e-3,
                           "prefix": 1e-2, "prompt": 1e-2}
 
 
@@ -258,6 +259,14 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_qlora(self) -> Recipe:
+        """QLoRA quantizes a decoder's base for generative training; classifiers use lora."""
+        if self.method.name == "qlora" and self.task not in ("sft", "pretrain"):
+            raise ValueError(f"method qlora is for decoder training (task sft or pretrain); use lora for task "
+                             f"{self.task}")
+        return self
+
+    @model_validator(mode="after")
     def _check_generative(self) -> Recipe:
         """Generative tasks pick checkpoints by eval loss (they have no accuracy during training)."""
         if self.task not in GENERATIVE_TASKS:
@@ -270,6 +279,8 @@ class Recipe(Section):
                              f"data.train_size")
         if self.eval.in_context_shots is not None:
             raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
+        if self.task == "seq2seq" and self.method.name == "qlora":
+            raise ValueError("method qlora quantizes a decoder's base; use lora for task seq2seq")
         if self.task == "seq2seq" and self.train.packing:
             raise ValueError("train.packing is for decoders (sft, pretrain); drop it for task seq2seq")
         self.eval.best_metric = "loss"

@@ -170,10 +170,34 @@ def is_decoder(location: str) -> bool:
     return bool(getattr(config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in architectures)
 
 
-def load_causal_lm(location: str) -> torch.nn.Module:
-    """Load a decoder with its language-modelling head; an earlier run's peft adapter is merged into its base."""
+def check_qlora_available() -> None:
+    """QLoRA's 4-bit base needs CUDA and bitsandbytes; say why not, before anything runs."""
+    if not torch.cuda.is_available():
+        raise TunelabError("method qlora needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on CPU. Use method "
+                           "lora here (the bundled GGUF models already come quantized; a LoRA run keeps optimizer "
+                           "state only for the adapter)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise TunelabError("method qlora needs the bitsandbytes package; pip install bitsandbytes") from None
+
+
+def load_causal_lm(location: str, quantize_4bit: bool = False) -> torch.nn.Module:
+    """Load a decoder with its language-modelling head; an earlier run's peft adapter is merged into its base.
+
+    `quantize_4bit` (QLoRA, CUDA only) loads the base in 4-bit NF4 with bf16 compute and prepares it for training.
+    """
     from peft import PeftModel
 
+    if quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        check_qlora_available()
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(location, quantization_config=quantization, device_map={"": 0})
+        return prepare_model_for_kbit_training(model)
     try:
         if (Path(location) / "adapter_config.json").is_file():
             base = AutoModelForCausalLM.from_pretrained(merged_adapter_base(location), dtype=torch.float32)

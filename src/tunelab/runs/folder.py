@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tunelab.errors import TunelabError
 from tunelab.recipe import Recipe
 
@@ -67,6 +69,20 @@ def open_run_folder(recipe: Recipe, output: str | None, resume: bool) -> Path:
     return path
 
 
+def same_recipe(saved_yaml: str, recipe: Recipe) -> bool:
+    """Whether a saved resolved recipe asks for the same run as `recipe`.
+
+    The saved one is validated again with the current schema first, so an option added to tunelab since the run
+    started (written out with its default) does not block resuming it.
+    """
+    if saved_yaml == recipe.to_yaml():
+        return True
+    try:
+        return Recipe.model_validate(yaml.safe_load(saved_yaml)).to_yaml() == recipe.to_yaml()
+    except (ValueError, yaml.YAMLError):  # not a valid recipe (any more)
+        return False
+
+
 def reopen_for_resume(path: Path, recipe: Recipe) -> Path:
     """Check that `path` is an unfinished run of this same recipe."""
     saved = path / RECIPE_FILE
@@ -75,7 +91,7 @@ def reopen_for_resume(path: Path, recipe: Recipe) -> Path:
                            f"drop --resume to start a new run")
     if (path / METRICS_FILE).is_file():
         raise TunelabError(f"cannot resume '{path}': that run already finished; start a new run with another --output")
-    if saved.read_text(encoding="utf-8") != recipe.to_yaml():
+    if not same_recipe(saved.read_text(encoding="utf-8"), recipe):
         raise TunelabError(f"cannot resume '{path}': the recipe differs from the one it started with "
                            f"({saved}); resume with that recipe")
     return path

@@ -90,7 +90,7 @@ def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_d
     print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
     trainer = MeteredTrainer(
         model=model,
-        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16),
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, prediction_loss_only=True),
         train_dataset=encode_pairs(data.train, tokenizer, start, recipe.model.max_length),
         eval_dataset=encode_pairs(data.eval, tokenizer, start, recipe.model.max_length),
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),

@@ -47,7 +47,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = load_causal_lm(source.location)
+    model = load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora")
     check_context_length(model.config, recipe)
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
@@ -133,17 +133,18 @@ def encode(recipe: Recipe, data: GenerativeData, tokenizer, fmt: PromptFormat | 
 
 
 def sft_options(recipe: Recipe) -> dict:
-    """SFTConfig options: sequence length and packing.
+    """SFTConfig options: sequence length, packing, loss-only evaluation.
 
     pretrain chunks the concatenated texts into max_length blocks (TRL's "wrapped" packing), train and eval alike,
     so perplexity is measured on the same kind of blocks the model trains on. sft with packing uses best-fit
     decreasing packing without padding: rows stay whole and position ids restart at each row.
     """
+    # prediction_loss_only: evaluation needs the loss, not every token's logits over the vocabulary (GiBs).
     if recipe.task == "pretrain":
         return {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "wrapped",
-                "eval_packing": True, "padding_free": False}
+                "eval_packing": True, "padding_free": False, "prediction_loss_only": True}
     return {"max_length": recipe.model.max_length, "packing": recipe.train.packing, "packing_strategy": "bfd",
-            "eval_packing": False}
+            "eval_packing": False, "prediction_loss_only": True}
 
 
 def generate_answers(model, tokenizer, fmt: PromptFormat, rows, recipe: Recipe, bf16: bool) -> list[str]:
