@@ -174,3 +174,17 @@ def test_chat_streams_replies_through_the_chat_template(tiny_llama, qa_data, tmp
     replies = [line.removeprefix("model> ").strip() for line in capsys.readouterr().out.splitlines()
                if line.startswith("model> ")]
     assert replies == ["bad"]
+
+
+def test_gradient_checkpointing_trains_the_same_lora_model(tiny_llama, qa_data, tmp_path):
+    """Recomputing activations in the backward pass saves memory and must not change what is learned."""
+    results = []
+    for checkpointing in (False, True):
+        recipe = generative_recipe(tiny_llama, qa_data, method={"name": "lora", "r": 8},
+                                   train={"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32",
+                                          "gradient_checkpointing": checkpointing})
+        _, metrics = api.train(validate_recipe(recipe), str(tmp_path / f"gc-{checkpointing}"))
+        results.append(metrics)
+    plain, checkpointed = results
+    assert checkpointed["after"]["loss"] == pytest.approx(plain["after"]["loss"], rel=1e-5)
+    assert checkpointed["after"]["loss"] < checkpointed["before"]["loss"]
