@@ -188,3 +188,14 @@ def test_gradient_checkpointing_trains_the_same_lora_model(tiny_llama, qa_data, 
     plain, checkpointed = results
     assert checkpointed["after"]["loss"] == pytest.approx(plain["after"]["loss"], rel=1e-5)
     assert checkpointed["after"]["loss"] < checkpointed["before"]["loss"]
+
+
+@pytest.mark.parametrize("method", [{"name": "prefix"}, {"name": "prompt"}, {"name": "ia3"}, {"name": "dora"},
+                                    {"name": "freeze", "train_top_layers": 1}])
+def test_every_method_trains_a_decoder_on_sft(tiny_llama, qa_data, tmp_path, method):
+    recipe = generative_recipe(tiny_llama, qa_data, method=method,
+                               train={"epochs": 8, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 1, "num_samples": 4}})
+    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / method["name"]))
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
