@@ -199,3 +199,13 @@ def test_every_method_trains_a_decoder_on_sft(tiny_llama, qa_data, tmp_path, met
     _, metrics = api.train(validate_recipe(recipe), str(tmp_path / method["name"]))
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
+
+
+def test_shots_take_k_rows_per_answer_for_classification_as_generation(qa_data):
+    from tunelab.data.generative import load_generative_data
+
+    recipe = validate_recipe(generative_recipe("unused", qa_data))
+    data = load_generative_data(recipe.data.model_copy(update={"shots": 4}), "sft")
+    assert sorted(data.train["response"]) == sorted([" bad"] * 4 + [" good"] * 4 + [" table"] * 4)
+    other = load_generative_data(recipe.data.model_copy(update={"shots": 4, "seed": 5}), "sft")
+    assert data.train["prompt"] != other.train["prompt"]  # the seed draws other examples

@@ -274,9 +274,9 @@ class Recipe(Section):
         if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
             raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss "
                              f"(exact match and ROUGE-L are scored after training)")
-        if self.data.shots is not None:
-            raise ValueError(f"data.shots samples k rows per label, and task {self.task} has no labels; use "
-                             f"data.train_size")
+        if self.data.shots is not None and self.task == "pretrain":
+            raise ValueError("data.shots samples k rows per label, and task pretrain has no labels; use "
+                             "data.train_size")
         if self.eval.in_context_shots is not None:
             raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
         if self.task == "seq2seq" and self.method.name == "qlora":

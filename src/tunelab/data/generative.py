@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import datasets
 
+from tunelab.data.sampling import sample_shots
 from tunelab.data.sources import load_splits
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
@@ -58,6 +59,8 @@ def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
         train, evaluation = parts["train"], parts["test"]
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
     train = random_subsample(train, cfg.train_size, cfg.seed)
+    if cfg.shots is not None:
+        train = shots_per_response(train, cfg.shots, cfg.seed)
     evaluation = random_subsample(evaluation, cfg.eval_size, cfg.seed)
     return GenerativeData(train=train, eval=evaluation, eval_split=eval_name, format=fmt, dropped_empty=dropped)
 
@@ -181,6 +184,17 @@ def normalise_messages(turns, split: str, number: int) -> dict | None:
         return None
     messages = [{"role": t["role"], "content": str(t.get("content") or "")} for t in turns]
     return {"messages": messages, "prompt": "", "response": str(response)}
+
+
+def shots_per_response(split: datasets.Dataset, shots: int, seed: int) -> datasets.Dataset:
+    """Classification as generation, few-shot: exactly `shots` rows for every distinct response (the label)."""
+    responses = sorted(set(split["response"]))
+    if len(responses) > len(split) / 2:
+        raise TunelabError(f"data.shots takes k rows per distinct response, but {len(responses)} of {len(split)} "
+                           f"responses differ: these are not labels; use data.train_size")
+    index = {response: i for i, response in enumerate(responses)}
+    labelled = split.add_column("label", [index[response] for response in split["response"]])
+    return sample_shots(labelled, shots, seed, responses).remove_columns("label")
 
 
 def random_subsample(split: datasets.Dataset, size: int | None, seed: int) -> datasets.Dataset:

@@ -98,6 +98,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         **trainer.meter.summary(),
         "train_tokens_per_second": round(trainer.meter.tokens / seconds, 2) if seconds else None,
         "train_rows": len(data.train),
+        "shots": recipe.data.shots,
         "eval_rows": len(data.eval),
         "eval_split": data.eval_split,
         "data_format": data.format,
