@@ -51,7 +51,7 @@ def test_meter_sums_batches_and_leaves_evaluation_time_out(monkeypatch):
     meter.on_evaluate(None, None, None)
     meter.on_step_end(None, None, None)
     assert meter.summary() == {"train_loop_seconds": 5.0, "train_loop_samples": 2, "train_tokens": 5,
-                               "train_padded_tokens": 8}
+                               "train_padded_tokens": 8, "train_tokens_per_second": 1.0}
 
 
 def test_sample_caps_give_every_way_whole_steps_of_the_same_samples():

@@ -209,14 +209,20 @@ def run_recipe_data(model: str) -> dict:
 def cmd_predict(args) -> int:
     from tunelab import api
 
+    texts = collect_texts(args, "predict", "texts")
+    for row in api.predict(args.model, texts, args.top_k):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def collect_texts(args, command: str, what: str) -> list[str]:
+    """The texts given as arguments plus those of --file; a one-line error when there are none."""
     texts = list(args.texts)
     if args.file:
         texts += read_texts(Path(args.file), args.field)
     if not texts:
-        raise TunelabError("predict needs texts: give them as arguments or with --file rows.jsonl")
-    for row in api.predict(args.model, texts, args.top_k):
-        print(json.dumps(row, ensure_ascii=False))
-    return 0
+        raise TunelabError(f"{command} needs {what}: give them as arguments or with --file rows.jsonl")
+    return texts
 
 
 def read_texts(path: Path, field: str) -> list[str]:
@@ -238,11 +244,7 @@ def read_texts(path: Path, field: str) -> list[str]:
 def cmd_generate(args) -> int:
     from tunelab import api
 
-    texts = list(args.texts)
-    if args.file:
-        texts += read_texts(Path(args.file), args.field)
-    if not texts:
-        raise TunelabError("generate needs prompts: give them as arguments or with --file rows.jsonl")
+    texts = collect_texts(args, "generate", "prompts")
     for text, answer in zip(texts, api.generate(args.model, texts, args.max_new_tokens, args.temperature),
                             strict=True):
         print(json.dumps({"prompt": text, "answer": answer}, ensure_ascii=False))

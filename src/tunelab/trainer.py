@@ -161,7 +161,8 @@ class TrainingMeter(TrainerCallback):
     def summary(self) -> dict:
         """The meter's figures as metrics.json keys."""
         return {"train_loop_seconds": round(self.seconds, 3), "train_loop_samples": self.samples,
-                "train_tokens": self.tokens, "train_padded_tokens": self.padded_tokens}
+                "train_tokens": self.tokens, "train_padded_tokens": self.padded_tokens,
+                "train_tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None}
 
 
 class MeteredMixin:
@@ -180,6 +181,20 @@ class MeteredMixin:
 
 class MeteredTrainer(MeteredMixin, Trainer):
     """The HF Trainer with a TrainingMeter."""
+
+
+def training_summary(trainer: MeteredTrainer, result, params, bf16: bool) -> dict:
+    """The metrics.json keys every Trainer-based stage writes: history, parameter counts, speed, precision."""
+    return {
+        "history": history_from(trainer.state.log_history),
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_percent": params.percent,
+        "train_seconds": result.metrics["train_runtime"],
+        "train_samples_per_second": result.metrics["train_samples_per_second"],
+        **trainer.meter.summary(),  # training-loop time without evaluation and checkpointing, rows, tokens
+        "precision": "bf16" if bf16 else "fp32",
+    }
 
 
 def save_model(trainer: Trainer, target: Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.sampling import sample_shots
-from tunelab.data.sources import load_splits
+from tunelab.data.sources import eval_split_name, load_splits
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -39,16 +39,9 @@ class GenerativeData:
 def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
     """Read, check, normalise and subsample the data of an sft, seq2seq or pretrain recipe."""
     splits = load_splits(cfg.source)
-    if cfg.train_split not in splits:
-        raise TunelabError(f"data.train_split '{cfg.train_split}' is not in '{cfg.source}' "
-                           f"(splits: {', '.join(splits)}); set data.train_split to one of them")
-    explicit_eval = "eval_split" in cfg.model_fields_set and cfg.eval_split is not None
-    if explicit_eval and cfg.eval_split not in splits:
-        raise TunelabError(f"data.eval_split '{cfg.eval_split}' is not in '{cfg.source}' "
-                           f"(splits: {', '.join(splits)}); name one of them, or null to hold out part of train")
+    eval_name = eval_split_name(cfg, splits)
     fmt = "text" if task == "pretrain" else detect_format(cfg, splits[cfg.train_split].column_names)
     train, dropped = normalise_split(splits[cfg.train_split], cfg, fmt, cfg.train_split)
-    eval_name = cfg.eval_split if cfg.eval_split in splits and cfg.eval_split != cfg.train_split else None
     if eval_name is not None:
         evaluation, dropped_eval = normalise_split(splits[eval_name], cfg, fmt, eval_name)
         dropped += dropped_eval

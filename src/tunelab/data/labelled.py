@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.sampling import sample_shots, stratified_holdout, stratified_subsample
-from tunelab.data.sources import load_splits
+from tunelab.data.sources import eval_split_name, load_splits
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -26,14 +26,7 @@ class LabelledData:
 def load_labelled_data(cfg: DataConfig) -> LabelledData:
     """Read, check and sample the data a classification recipe names, or raise a one-line TunelabError."""
     splits = load_splits(cfg.source)
-    if cfg.train_split not in splits:
-        raise TunelabError(f"data.train_split '{cfg.train_split}' is not in '{cfg.source}' "
-                           f"(splits: {', '.join(splits)}); set data.train_split to one of them")
-    explicit_eval = "eval_split" in cfg.model_fields_set and cfg.eval_split is not None
-    if explicit_eval and cfg.eval_split not in splits:
-        raise TunelabError(f"data.eval_split '{cfg.eval_split}' is not in '{cfg.source}' "
-                           f"(splits: {', '.join(splits)}); name one of them, or null to hold out part of train")
-    eval_name = cfg.eval_split if cfg.eval_split in splits and cfg.eval_split != cfg.train_split else None
+    eval_name = eval_split_name(cfg, splits)
 
     train, dropped = clean_split(splits[cfg.train_split], cfg, cfg.train_split)
     labels = cfg.labels or infer_label_names(train[cfg.label])

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 
 from tunelab.errors import TunelabError, one_line
+from tunelab.recipe import DataConfig
 
 # File suffix → the `datasets` builder that reads it.
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -95,3 +96,15 @@ def _load_from_hub(source: str) -> dict[str, datasets.Dataset]:
                            f"from the Hub ({one_line(exc, 160)}); put a copy in <folder>/{source.split('/')[-1]}/ "
                            f"or set TUNELAB_DATA_PATH") from None
     return dict(loaded)
+
+
+def eval_split_name(cfg: DataConfig, splits: dict) -> str | None:
+    """Check data.train_split / data.eval_split against a source's splits; the eval split to use, or None (hold out)."""
+    if cfg.train_split not in splits:
+        raise TunelabError(f"data.train_split '{cfg.train_split}' is not in '{cfg.source}' "
+                           f"(splits: {', '.join(splits)}); set data.train_split to one of them")
+    explicit_eval = "eval_split" in cfg.model_fields_set and cfg.eval_split is not None
+    if explicit_eval and cfg.eval_split not in splits:
+        raise TunelabError(f"data.eval_split '{cfg.eval_split}' is not in '{cfg.source}' "
+                           f"(splits: {', '.join(splits)}); name one of them, or null to hold out part of train")
+    return cfg.eval_split if cfg.eval_split in splits and cfg.eval_split != cfg.train_split else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable
 
 import torch
 from rouge_score import rouge_scorer
@@ -26,6 +27,17 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
     return {"exact_match": exact / len(predictions), "rouge_l": sum(rouge) / len(rouge)}
+
+
+def score_generative(trainer, samples, answer: Callable) -> dict:
+    """Eval loss and perplexity of a Trainer's model; with sample rows, also `answer(samples)` scored against their
+    responses (kept under `generations`, for samples.jsonl)."""
+    loss = trainer.evaluate()["eval_loss"]
+    scores = {"loss": loss, "perplexity": perplexity(loss)}
+    if samples is not None and len(samples):
+        answers = answer(samples)
+        scores.update(generation_metrics(answers, samples["response"]), generations=answers)
+    return scores
 
 
 def perplexity(loss: float) -> float:

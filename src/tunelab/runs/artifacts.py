@@ -10,9 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from tunelab.data.labelled import LabelledData
-from tunelab.runs.folder import write_json_atomic, write_jsonl_atomic
+from tunelab.recipe import Recipe
+from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.report import samples_table, write_report
+from tunelab.trainer import CHECKPOINTS
 
 BASELINE_FILE = "baseline.json"
+SAMPLES_FILE = "samples.jsonl"
 
 
 def load_or_score_baseline(run_dir: Path, score: Callable[[], dict], name: str = BASELINE_FILE) -> dict:
@@ -34,6 +38,28 @@ def write_predictions(run_dir: Path, data: LabelledData, probabilities: np.ndarr
                      "gold": data.labels[row["label"]], "predicted": data.labels[best],
                      "probability": round(float(probabilities[i, best]), 6)})
     write_jsonl_atomic(run_dir / "predictions.jsonl", rows)
+
+
+def write_samples(run_dir: Path, prompts: list[str], references: list[str], before: dict,
+                  after: dict) -> list[tuple[str, str]]:
+    """samples.jsonl (prompt, reference, the answers before and after, taken out of the two score dicts) and the
+    report section that shows them; nothing when no answers were generated."""
+    if "generations" not in after:
+        return []
+    path = run_dir / SAMPLES_FILE
+    write_jsonl_atomic(path, [{"prompt": p, "reference": r, "before": b, "after": a} for p, r, b, a in zip(
+        prompts, references, before.pop("generations"), after.pop("generations"), strict=True)])
+    return [("Sample generations", samples_table(path))]
+
+
+def finish_run(run_dir: Path, recipe: Recipe, metrics: dict, title: str, labels: list[str] | None = None,
+               extra_sections: list[tuple[str, str]] | None = None) -> dict:
+    """Write report.html, then metrics.json (last: its presence marks a finished run); drop checkpoints unless kept."""
+    write_report(run_dir, title, metrics, recipe.to_yaml(), labels, extra_sections)
+    write_json_atomic(run_dir / METRICS_FILE, metrics)
+    if not recipe.output.keep_checkpoints:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    return metrics
 
 
 def save_folder_atomically(target: Path, write: Callable[[Path], None]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,15 @@ from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.methods.freeze import method_callbacks, method_optimizer
 from tunelab.models.loading import ModelSource, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
-from tunelab.runs.artifacts import load_or_score_baseline, write_predictions
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic
-from tunelab.runs.report import write_report
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_predictions
 from tunelab.trainer import (
-    CHECKPOINTS,
     JsonlLogCallback,
     MeteredTrainer,
-    history_from,
     last_checkpoint,
     resolve_bf16,
     save_model,
     training_arguments,
+    training_summary,
 )
 
 IN_CONTEXT_FILE = "in_context.json"
@@ -78,26 +74,15 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     metrics = {
         "before": before,
         "after": after,
-        "history": history_from(trainer.state.log_history),
-        "trainable_params": params.trainable,
-        "total_params": params.total,
-        "trainable_percent": params.percent,
-        "train_seconds": result.metrics["train_runtime"],
-        "train_samples_per_second": result.metrics["train_samples_per_second"],
-        **trainer.meter.summary(),  # training-loop time without evaluation and checkpointing, rows, tokens
+        **training_summary(trainer, result, params, bf16),
         "train_rows": len(data.train),
         "shots": recipe.data.shots,
         "eval_rows": len(data.eval),
         "eval_split": data.eval_split,
         "labels": data.labels,
-        "precision": "bf16" if bf16 else "fp32",
         **({"in_context": in_context} if in_context else {}),
     }
-    write_report(run_dir, f"tunelab run: {recipe.name}", metrics, recipe.to_yaml(), data.labels)
-    write_json_atomic(run_dir / METRICS_FILE, metrics)  # written last: its presence marks a finished run
-    if not recipe.output.keep_checkpoints:
-        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-    return metrics
+    return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", data.labels)
 
 
 def tokenize(split, tokenizer, max_length: int):

@@ -6,7 +6,6 @@ train → score after → write the run folder.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from peft import TaskType
@@ -20,26 +19,21 @@ from transformers import (
 
 from tunelab.data.generative import GenerativeData
 from tunelab.errors import TunelabError, one_line
-from tunelab.evaluation.generation import generate_texts, generation_metrics, perplexity
+from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
-from tunelab.runs.artifacts import load_or_score_baseline
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.runs.lineage import run_chain
-from tunelab.runs.report import samples_table, write_report
 from tunelab.trainer import (
-    CHECKPOINTS,
     JsonlLogCallback,
     MeteredTrainer,
-    history_from,
     last_checkpoint,
     resolve_bf16,
     save_model,
     training_arguments,
+    training_summary,
 )
-
-SAMPLES_FILE = "samples.jsonl"
 
 
 def load_seq2seq(location: str, tokenizer):
@@ -100,13 +94,8 @@ def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_d
     samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
 
     def score() -> dict:
-        loss = trainer.evaluate()["eval_loss"]
-        scores = {"loss": loss, "perplexity": perplexity(loss)}
-        if len(samples):
-            answers = generate_texts(trainer.model, tokenizer, samples["prompt"], recipe.eval.generate, bf16,
-                                     encoder_decoder=True)
-            scores.update(generation_metrics(answers, samples["response"]), generations=answers)
-        return scores
+        return score_generative(trainer, samples, lambda rows: generate_texts(
+            trainer.model, tokenizer, rows["prompt"], recipe.eval.generate, bf16, encoder_decoder=True))
 
     before = load_or_score_baseline(run_dir, score)
     print(f"tunelab: before training: loss {before['loss']:.4f}, exact match {before.get('exact_match', 0):.4f}")
@@ -114,30 +103,14 @@ def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_d
     after = score()
     print(f"tunelab: after training: loss {after['loss']:.4f}, exact match {after.get('exact_match', 0):.4f}")
     save_model(trainer, run_dir / "model")
-    extra = []
-    if len(samples):
-        write_jsonl_atomic(run_dir / SAMPLES_FILE, [
-            {"prompt": row["prompt"], "reference": row["response"], "before": old, "after": new}
-            for row, old, new in zip(samples, before.pop("generations"), after.pop("generations"), strict=True)])
-        extra.append(("Sample generations", samples_table(run_dir / SAMPLES_FILE)))
+    extra = write_samples(run_dir, samples["prompt"], samples["response"], before, after)
     metrics = {
         "before": before,
         "after": after,
-        "history": history_from(trainer.state.log_history),
-        "trainable_params": params.trainable,
-        "total_params": params.total,
-        "trainable_percent": params.percent,
-        "train_seconds": result.metrics["train_runtime"],
-        "train_samples_per_second": result.metrics["train_samples_per_second"],
-        **trainer.meter.summary(),
+        **training_summary(trainer, result, params, bf16),
         "train_rows": len(data.train),
         "eval_rows": len(data.eval),
         "eval_split": data.eval_split,
-        "precision": "bf16" if bf16 else "fp32",
         "chain": run_chain(recipe.model.name),
     }
-    write_report(run_dir, f"tunelab run: {recipe.name}", metrics, recipe.to_yaml(), extra_sections=extra)
-    write_json_atomic(run_dir / METRICS_FILE, metrics)
-    if not recipe.output.keep_checkpoints:
-        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-    return metrics
+    return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

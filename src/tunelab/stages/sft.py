@@ -6,7 +6,6 @@ TRL's SFTTrainer (truncation, packing, padding-free batches) → score after →
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from peft import TaskType
@@ -16,26 +15,21 @@ from trl import SFTConfig, SFTTrainer
 from tunelab.data.generative import GenerativeData
 from tunelab.data.sft_encoding import PromptFormat, encode_split, encode_text_split, prompt_format
 from tunelab.errors import TunelabError
-from tunelab.evaluation.generation import generate_texts, generation_metrics, perplexity
+from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, context_length, load_causal_lm, load_tokenizer
 from tunelab.recipe import Recipe
-from tunelab.runs.artifacts import load_or_score_baseline
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.runs.lineage import run_chain
-from tunelab.runs.report import samples_table, write_report
 from tunelab.trainer import (
-    CHECKPOINTS,
     JsonlLogCallback,
     MeteredMixin,
-    history_from,
     last_checkpoint,
     resolve_bf16,
     save_model,
     training_arguments,
+    training_summary,
 )
-
-SAMPLES_FILE = "samples.jsonl"
 
 
 class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
@@ -68,12 +62,8 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval)))) if fmt else None
 
     def score() -> dict:
-        loss = trainer.evaluate()["eval_loss"]
-        scores = {"loss": loss, "perplexity": perplexity(loss)}
-        if samples is not None and len(samples):
-            answers = generate_answers(trainer.model, tokenizer, fmt, samples, recipe, bf16)
-            scores.update(generation_metrics(answers, samples["response"]), generations=answers)
-        return scores
+        return score_generative(trainer, samples, lambda rows: generate_answers(
+            trainer.model, tokenizer, fmt, rows, recipe, bf16))
 
     # Before: the model with the method applied but untrained (LoRA/IA3 start as the identity, so this is the
     # base model; prompt/prefix tuning start from random virtual tokens).
@@ -83,20 +73,12 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     after = score()
     print(f"tunelab: after training: {summary(after)}")
     save_model(trainer, run_dir / "model")
-    if samples is not None and len(samples):
-        write_samples(run_dir, samples, fmt, before.pop("generations"), after.pop("generations"))
-    seconds = trainer.meter.seconds
+    extra = write_samples(run_dir, [sample_prompt(row, fmt) for row in samples], samples["response"], before,
+                          after) if samples is not None else []
     metrics = {
         "before": before,
         "after": after,
-        "history": history_from(trainer.state.log_history),
-        "trainable_params": params.trainable,
-        "total_params": params.total,
-        "trainable_percent": params.percent,
-        "train_seconds": result.metrics["train_runtime"],
-        "train_samples_per_second": result.metrics["train_samples_per_second"],
-        **trainer.meter.summary(),
-        "train_tokens_per_second": round(trainer.meter.tokens / seconds, 2) if seconds else None,
+        **training_summary(trainer, result, params, bf16),
         "train_rows": len(data.train),
         "shots": recipe.data.shots,
         "eval_rows": len(data.eval),
@@ -104,16 +86,9 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         "data_format": data.format,
         "chat_template": fmt.uses_chat_template if fmt else None,
         "packing": recipe.train.packing or recipe.task == "pretrain",
-        "precision": "bf16" if bf16 else "fp32",
         "chain": run_chain(recipe.model.name),
     }
-    extra = [("Sample generations (greedy)" if recipe.eval.generate.temperature == 0 else "Sample generations",
-              samples_table(run_dir / SAMPLES_FILE))] if samples is not None and len(samples) else []
-    write_report(run_dir, f"tunelab run: {recipe.name}", metrics, recipe.to_yaml(), extra_sections=extra)
-    write_json_atomic(run_dir / METRICS_FILE, metrics)  # written last: its presence marks a finished run
-    if not recipe.output.keep_checkpoints:
-        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-    return metrics
+    return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
 
 
 def check_context_length(config, recipe: Recipe) -> None:
@@ -155,12 +130,9 @@ def generate_answers(model, tokenizer, fmt: PromptFormat, rows, recipe: Recipe, 
                           add_special_tokens=not fmt.uses_chat_template)
 
 
-def write_samples(run_dir: Path, rows, fmt: PromptFormat, before: list[str], after: list[str]) -> None:
-    """samples.jsonl: prompt, reference, and the answers before and after training."""
-    write_jsonl_atomic(run_dir / SAMPLES_FILE, [
-        {"prompt": row["messages"][-2]["content"] if fmt.uses_chat_template else row["prompt"],
-         "reference": row["response"], "before": old, "after": new}
-        for row, old, new in zip(rows, before, after, strict=True)])
+def sample_prompt(row: dict, fmt: PromptFormat) -> str:
+    """The prompt as samples.jsonl shows it: the user's last turn in chat mode, else the plain prompt."""
+    return row["messages"][-2]["content"] if fmt.uses_chat_template else row["prompt"]
 
 
 def summary(scores: dict) -> str:
