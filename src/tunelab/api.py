@@ -6,9 +6,9 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from tunelab.data.generative import load_generative_data
+from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
-from tunelab.data.sft_encoding import prompt_format
+from tunelab.data.sft_encoding import check_prompts_fit, prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
 from tunelab.models.loading import (
@@ -37,7 +37,7 @@ def check_recipe(recipe: Recipe):
         data = load_generative_data(recipe.data, recipe.task)
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
-        check_generative_model(recipe, source, data.format)
+        check_generative_model(recipe, source, data)
         return data, source
     data = load_labelled_data(recipe.data)
     source = resolve_model(recipe.model.name)
@@ -46,7 +46,7 @@ def check_recipe(recipe: Recipe):
     return data, source
 
 
-def check_generative_model(recipe: Recipe, source: ModelSource, data_format: str) -> None:
+def check_generative_model(recipe: Recipe, source: ModelSource, data: GenerativeData) -> None:
     """sft and pretrain need a decoder; seq2seq an encoder-decoder, or an encoder to warm-start one from."""
     if recipe.method.name == "qlora":
         check_qlora_available()
@@ -62,7 +62,10 @@ def check_generative_model(recipe: Recipe, source: ModelSource, data_format: str
     if recipe.task in ("sft", "pretrain"):
         check_context_length(AutoConfig.from_pretrained(source.location), recipe)
     if recipe.task == "sft":
-        prompt_format(load_tokenizer(source.location), recipe.data.chat_template, data_format, recipe.model.name)
+        fmt = prompt_format(load_tokenizer(source.location), recipe.data.chat_template, data.format,
+                            recipe.model.name)
+        for split, name in ((data.train, "train"), (data.eval, "eval")):
+            check_prompts_fit(fmt, split, recipe.model.max_length, name)
 
 
 def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]) -> None:

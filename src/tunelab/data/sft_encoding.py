@@ -84,16 +84,22 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return length
 
 
-def encode_split(fmt: PromptFormat, split: datasets.Dataset, completion_only: bool, max_length: int,
-                 name: str) -> datasets.Dataset:
-    """Tokenize a split for training; rows whose response is cut off entirely by max_length are refused."""
-    encoded = split.map(lambda row: encode_example(fmt, row, completion_only, max_length),
-                        remove_columns=split.column_names)
-    lost = sum(1 for labels in encoded["labels"] if all(label == IGNORE_INDEX for label in labels))
+def check_prompts_fit(fmt: PromptFormat, split: datasets.Dataset, max_length: int, name: str) -> None:
+    """Refuse rows whose prompt alone fills max_length: truncation would leave nothing of the response to learn."""
+    prompts = [fmt.prompt_text(row) for row in split]
+    lengths = [len(ids) for ids in fmt.tokenizer(prompts, add_special_tokens=not fmt.uses_chat_template)["input_ids"]]
+    lost = sum(length >= max_length for length in lengths)
     if lost:
-        raise TunelabError(f"{lost} of {len(split)} {name} rows have a prompt of {max_length}+ tokens, so nothing of "
-                           f"their response is left to learn; raise model.max_length or shorten the prompts")
-    return encoded
+        raise TunelabError(f"{lost} of {len(split)} {name} rows have a prompt of {max_length}+ tokens (longest "
+                           f"{max(lengths)}), so nothing of their response is left to learn; raise model.max_length "
+                           f"or shorten the prompts")
+
+
+def encode_split(fmt: PromptFormat, split: datasets.Dataset, completion_only: bool,
+                 max_length: int) -> datasets.Dataset:
+    """Tokenize a split for training (check_prompts_fit has made sure every row keeps some response)."""
+    return split.map(lambda row: encode_example(fmt, row, completion_only, max_length),
+                     remove_columns=split.column_names)
 
 
 def encode_text_split(tokenizer, split: datasets.Dataset) -> datasets.Dataset:

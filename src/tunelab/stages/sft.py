@@ -104,8 +104,8 @@ def encode(recipe: Recipe, data: GenerativeData, tokenizer, fmt: PromptFormat | 
     if fmt is None:
         return encode_text_split(tokenizer, data.train), encode_text_split(tokenizer, data.eval)
     only = recipe.train.completion_only_loss
-    return (encode_split(fmt, data.train, only, recipe.model.max_length, "train"),
-            encode_split(fmt, data.eval, only, recipe.model.max_length, "eval"))
+    return (encode_split(fmt, data.train, only, recipe.model.max_length),
+            encode_split(fmt, data.eval, only, recipe.model.max_length))
 
 
 def sft_options(recipe: Recipe) -> dict:
