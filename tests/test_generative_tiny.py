@@ -94,6 +94,7 @@ def test_sft_chains_from_a_pretrain_run_folder(pretrain_run, qa_data, tmp_path, 
                                                              "precision": "fp32"})
     run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / "sft-after-pretrain"))
     assert metrics["chain"] == [str(tiny_llama), str(pretrain_dir)]
+    assert f"{tiny_llama} → {pretrain_dir} → this run" in (run_dir / "report.html").read_text()
     assert metrics["before"]["loss"] == pytest.approx(score_loss_of(pretrain_dir, recipe, tmp_path), rel=1e-4)
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
 

@@ -113,6 +113,9 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
                         f"({metrics.get('trainable_percent', 0):.2f}%), trained for {metrics['train_seconds']:.1f} s "
                         f"at {metrics['train_samples_per_second']:.2f} samples/s"
                         + (f", on {metrics['shots']} examples per class" if metrics.get("shots") else "") + ".</p>")]
+    if len(metrics.get("chain", [])) > 1:  # this run started from an earlier one: show how it came about
+        sections.append(("Started from", "<p>" + " → ".join(html.escape(str(link)) for link in metrics["chain"])
+                         + " → this run</p>"))
     if "in_context" in metrics:
         sections.append(("In-context baseline (no training)", in_context_paragraph(metrics["in_context"])))
     for heading, image in [("Loss", loss_plot(history)), ("Eval metrics per epoch",
