@@ -33,14 +33,14 @@ class Generator:
 
     def render(self, text: str) -> str:
         """A user's text as the model saw prompts in training (template, instruction wrapper, chat template)."""
-        if self.prompt is None or self.task == "pretrain":
+        if self.prompt is None:
             return text
         return self.prompt.prompt_text(prompt_row(self.data, self.data_format, text))
 
     def generate(self, texts: list[str], settings: GenerateConfig) -> list[str]:
         """One answer per text."""
         prompts = [self.render(text) for text in texts]
-        chat = self.prompt is not None and self.prompt.uses_chat_template and self.task != "pretrain"
+        chat = self.prompt is not None and self.prompt.uses_chat_template
         return generate_texts(self.model, self.tokenizer, prompts, settings, bf16_supported(),
                               add_special_tokens=not chat, encoder_decoder=self.task == "seq2seq")
 

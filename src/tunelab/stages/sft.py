@@ -42,7 +42,6 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model = load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora")
-    check_context_length(model.config, recipe)
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
     model = apply_method(model, recipe.method, [], TaskType.CAUSAL_LM)
