@@ -41,6 +41,12 @@ def test_real_tokens_are_those_the_attention_mask_keeps_and_padded_tokens_are_al
     assert batch_token_counts({"input_ids": torch.zeros(3, 4, dtype=torch.long)}) == (3, 12, 12)
 
 
+def test_a_padding_free_batch_counts_a_row_per_position_restart_and_no_padding():
+    packed = {"input_ids": torch.zeros(1, 9, dtype=torch.long),
+              "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])}
+    assert batch_token_counts(packed) == (3, 9, 9)
+
+
 def test_meter_sums_batches_and_leaves_evaluation_time_out(monkeypatch):
     meter = TrainingMeter()
     clock = iter([0.0, 2.0, 10.0, 13.0])  # train begins, step ends, evaluation ends, next step ends

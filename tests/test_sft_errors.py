@@ -58,6 +58,8 @@ CASES = [
     pytest.param({"eval": {"best_metric": "accuracy"}}, QA, ["eval.best_metric: loss"], id="best-metric-accuracy"),
     pytest.param({"train": {"packing": True}, "task": "seq2seq"}, QA, ["train.packing is for decoders"],
                  id="packing-for-seq2seq"),
+    pytest.param({"train": {"packing": True}, "method": {"name": "prompt"}}, QA,
+                 ["train.packing needs position ids", "method prompt"], id="packing-with-virtual-tokens"),
     pytest.param({"model": {"name": "ENCODER"}}, QA, ["task sft trains a decoder", "task seq2seq"],
                  id="sft-on-an-encoder"),
     pytest.param({"task": "seq2seq"}, QA, ["task seq2seq needs an encoder-decoder", "is a decoder"],

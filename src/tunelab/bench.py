@@ -3,15 +3,17 @@
 Ways (each in its own fresh subprocess, so peak memory is per way):
   tutorial      the tutorial's recipe as written: plain transformers (+peft) Trainer, padding='max_length' to the
                 recipe's model.max_length, batch 1 x gradient accumulation 4, fp32;
-  hand-written  the best a competent user writes without tunelab: transformers (+peft) Trainer, dynamic padding
-                (DataCollatorWithPadding), batch 16, bf16 where the CPU/GPU runs it natively, no length grouping;
+  hand-written  the best a competent user writes without tunelab: transformers (+peft) Trainer (TRL's SFTTrainer for
+                SFT), dynamic padding, batch 16 (SFT: 4), bf16 where the CPU/GPU runs it natively, no length
+                grouping;
   tunelab       tunelab.api.train on the example recipe (its defaults), capped to the same number of samples.
 
 All three train on the same rows with the example's learning rate, epochs, schedule, warm-up, weight decay, seed
 and LoRA config, then score the same eval split. Training speed counts the training loop only (evaluation and
 checkpoint saving excluded, see tunelab.trainer.TrainingMeter, which every way uses).
 
-Run: python -m tunelab.bench [--jobs minilm-full,minilm-lora,smollm2-lora-tweets] [--samples N] [--json out.json]
+Run: python -m tunelab.bench [--jobs minilm-full,minilm-lora,smollm2-lora-tweets,smollm2-lora-sft] [--samples N]
+     [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,12 +46,17 @@ class Job:
     name: str
     recipe: str  # file name under examples/
     description: str
+    overrides: tuple[str, ...] = ()  # recipe overrides (key=value) the benchmark trains with
 
 
 JOBS = {job.name: job for job in [
     Job("minilm-full", "symptom_to_diagnosis.yaml", "MiniLM full fine-tuning on symptom_to_diagnosis"),
     Job("minilm-lora", "symptom_to_diagnosis_lora.yaml", "MiniLM LoRA on symptom_to_diagnosis"),
     Job("smollm2-lora-tweets", "tweet_sentiment.yaml", "SmolLM2-135M LoRA classification on tweets (1000 rows)"),
+    # The setting the LLaMA-Factory and plain-TRL figures in the README were measured in: rows cut at 512 tokens,
+    # batch 4; no generation scoring (speed is the point; loss on the eval split shows the quality).
+    Job("smollm2-lora-sft", "instructions_sft.yaml", "SmolLM2-135M LoRA SFT on the 175 self_instruct seed tasks",
+        ("model.max_length=512", "train.gradient_checkpointing=false", "eval.generate.num_samples=0")),
 ]}
 
 
@@ -118,7 +125,9 @@ def compare(ours: dict, theirs: dict) -> dict:
     memory_key = "peak_cuda_gib" if ours.get("peak_cuda_gib") else "peak_rss_gib"
     return {"samples_per_second": ratio("samples_per_second"), "tokens_per_second": ratio("tokens_per_second"),
             "train_seconds": ratio("train_seconds"), memory_key: ratio(memory_key),
-            "accuracy_points": 100 * (ours["accuracy"] - theirs["accuracy"])}
+            "accuracy_points": 100 * (ours["accuracy"] - theirs["accuracy"])
+            if ours.get("accuracy") is not None and theirs.get("accuracy") is not None else None,
+            "eval_loss_change": ours["eval_loss"] / theirs["eval_loss"] - 1 if theirs.get("eval_loss") else None}
 
 
 def _cell(value, digits: int = 1, percent: bool = False) -> str:
@@ -136,14 +145,18 @@ TABLE_COLUMNS = [  # header, key, digits, percent
     ("real tok/s", "tokens_per_second", 0, False), ("padded tok/s", "padded_tokens_per_second", 0, False),
     ("train s", "train_seconds", 1, False), ("peak RSS GiB", "peak_rss_gib", 2, False),
     ("acc", "accuracy", 3, False), ("acc best ckpt", "accuracy_best_checkpoint", 3, False),
+    ("eval loss", "eval_loss", 3, False),
     ("MFU bf16", "mfu_bf16", 1, True), ("MFU fp32", "mfu_fp32", 1, True),
 ]
 CUDA_COLUMN = ("peak CUDA GiB", "peak_cuda_gib", 2, False)
 
 
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table, one line per way; a peak-CUDA column appears when any way ran on CUDA."""
-    columns = list(TABLE_COLUMNS)
+    """A plain-text table, one line per way; a peak-CUDA column appears when any way ran on CUDA.
+
+    Columns no way has a figure for (accuracy on a generative job, eval loss on a classification job) are left out.
+    """
+    columns = [column for column in TABLE_COLUMNS if any(row.get(column[1]) is not None for row in rows)]
     if any(row.get("peak_cuda_gib") for row in rows):
         columns.insert(7, CUDA_COLUMN)
     cells = [[header for header, *_ in columns]]
@@ -160,9 +173,11 @@ def format_comparison(name: str, ratios: dict) -> str:
     """One line: tunelab against another way."""
     memory_key = "peak_cuda_gib" if "peak_cuda_gib" in ratios else "peak_rss_gib"
     memory = "peak CUDA" if memory_key == "peak_cuda_gib" else "peak RSS"
+    quality = (f"accuracy {ratios['accuracy_points']:+.1f} points" if ratios.get("accuracy_points") is not None
+               else f"eval loss {100 * ratios['eval_loss_change']:+.1f}%")
     return (f"tunelab vs {name}: {_cell(ratios['samples_per_second'], 2)}x samples/s, "
             f"{_cell(ratios['tokens_per_second'], 2)}x real tokens/s, {_cell(ratios[memory_key], 2)}x {memory}, "
-            f"accuracy {ratios['accuracy_points']:+.1f} points")
+            f"{quality}")
 
 
 # ---------------------------------------------------------------- measurements on this machine
@@ -230,12 +245,13 @@ def bf16_native() -> bool:
 
 # ---------------------------------------------------------------- one way, inside its own subprocess
 
-def way_settings(way: str) -> WaySettings:
-    """Batching, padding and precision of the two plain-transformers ways."""
+def way_settings(way: str, task: str = "classify") -> WaySettings:
+    """Batching, padding and precision of the two plain-transformers ways (SFT's rows are long: batch 4)."""
     if way == "tutorial":
         return WaySettings(batch_size=1, grad_accum=4, pad_to_max_length=True, bf16=False)
     if way == "hand-written":
-        return WaySettings(batch_size=16, grad_accum=1, pad_to_max_length=False, bf16=bf16_native())
+        return WaySettings(batch_size=4 if task == "sft" else 16, grad_accum=1, pad_to_max_length=False,
+                           bf16=bf16_native())
     raise ValueError(f"'{way}' is not a plain-transformers way")
 
 
@@ -243,29 +259,36 @@ def samples_per_step(way: str, recipe) -> int:
     """Rows one optimizer step trains in a way."""
     if way == "tunelab":
         return recipe.train.batch_size * recipe.train.grad_accum
-    settings = way_settings(way)
+    settings = way_settings(way, recipe.task)
     return settings.batch_size * settings.grad_accum
 
 
-def model_size(location: str, num_labels: int) -> tuple[int, int]:
-    """(total, non-embedding) parameter counts of the classifier, counted on the meta device (no weights)."""
+def model_size(location: str, num_labels: int | None) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts of the classifier (num_labels) or causal LM (None), counted on the
+    meta device (no weights)."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(location, num_labels=num_labels)
+    if num_labels is None:
+        config, model_class = AutoConfig.from_pretrained(location), AutoModelForCausalLM
+    else:
+        config = AutoConfig.from_pretrained(location, num_labels=num_labels)
+        model_class = AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = model_class.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for module in model.modules() if isinstance(module, torch.nn.Embedding)
                     for p in module.parameters(recurse=False))
     return total, total - embedding
 
 
-def load_job_recipe(job: Job, examples: Path, eval_size: int | None, workdir: Path):
-    """The example recipe, with runs written under the work folder and the eval split optionally subsampled."""
+def load_job_recipe(job: Job, examples: Path, eval_size: int | None = None, workdir: Path | None = None):
+    """The example recipe with the job's overrides, runs written under the work folder and the eval split
+    optionally subsampled."""
     from tunelab.recipe import load_recipe
 
-    overrides = [f"output.root={workdir}"] + ([f"data.eval_size={eval_size}"] if eval_size else [])
+    overrides = list(job.overrides) + ([f"output.root={workdir}"] if workdir else []) + (
+        [f"data.eval_size={eval_size}"] if eval_size else [])
     return load_recipe(examples / job.recipe, overrides)
 
 
@@ -287,6 +310,8 @@ def train_plain(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     from tunelab.models.loading import resolve_model
     from tunelab.trainer import MeteredTrainer
 
+    if recipe.task == "sft":
+        return train_plain_sft(recipe, way, steps, workdir)
     settings = way_settings(way)
     data = load_labelled_data(recipe.data)  # the same rows tunelab trains and scores
     location = resolve_model(recipe.model.name).location
@@ -338,6 +363,61 @@ def train_plain(recipe, way: str, steps: int | None, workdir: Path) -> dict:
             "eval_rows": len(data.eval)}
 
 
+def train_plain_sft(recipe, way: str, steps: int | None, workdir: Path) -> dict:
+    """SFT the way a plain TRL (+peft) user does: conversational prompt/completion rows, TRL's chat templating,
+    loss on the completion only; return raw counts, time and the final eval loss."""
+    import datasets
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from tunelab.data.generative import load_generative_data
+    from tunelab.models.loading import resolve_model
+    from tunelab.trainer import MeteredMixin
+
+    class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
+        """TRL's SFTTrainer with the meter every way uses."""
+
+    if recipe.method.name not in ("lora", "dora"):
+        raise ValueError(f"the plain SFT ways know LoRA, not '{recipe.method.name}'")
+    settings = way_settings(way, "sft")
+    data = load_generative_data(recipe.data, "sft")  # the same rows tunelab trains and scores
+
+    def conversational(split) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"prompt": [row[:-1] for row in split["messages"]],
+                                           "completion": [row[-1:] for row in split["messages"]]})
+
+    location = resolve_model(recipe.model.name).location
+    set_seed(recipe.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32),
+        LoraConfig(task_type=TaskType.CAUSAL_LM, r=recipe.method.r, lora_alpha=recipe.method.alpha,
+                   lora_dropout=recipe.method.dropout, target_modules=recipe.method.target_modules,
+                   use_dora=recipe.method.name == "dora"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    args = SFTConfig(
+        output_dir=str(workdir / "trainer"), num_train_epochs=recipe.train.epochs, max_steps=steps or -1,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=recipe.train.learning_rate,
+        lr_scheduler_type=recipe.train.lr_scheduler, warmup_steps=recipe.train.warmup_ratio,
+        weight_decay=recipe.train.weight_decay, bf16=settings.bf16, seed=recipe.train.seed,
+        data_seed=recipe.train.seed, max_length=recipe.model.max_length,
+        pad_to_multiple_of=recipe.model.max_length if settings.pad_to_max_length else None,
+        eval_strategy="no", save_strategy="no", logging_steps=recipe.train.logging_steps, report_to="none",
+        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+    trainer = MeteredSFTTrainer(model=model, args=args, train_dataset=conversational(data.train),
+                                eval_dataset=conversational(data.eval), processing_class=tokenizer)
+    trainer.train()
+    meter = trainer.meter
+    return {"samples": meter.samples, "tokens": meter.tokens, "padded_tokens": meter.padded_tokens,
+            "train_seconds": meter.seconds, "accuracy": None, "accuracy_best_checkpoint": None,
+            "eval_loss": trainer.evaluate()["eval_loss"], "precision": "bf16" if settings.bf16 else "fp32",
+            "batch": f"{settings.batch_size}x{settings.grad_accum}", "trainable_params": trainable,
+            "location": location, "labels": None, "train_rows": len(data.train), "eval_rows": len(data.eval)}
+
+
 def train_tunelab(recipe, steps: int | None, workdir: Path) -> dict:
     """Train with tunelab.api.train; return raw counts, time and the final and best-checkpoint accuracies."""
     from tunelab import api
@@ -346,14 +426,19 @@ def train_tunelab(recipe, steps: int | None, workdir: Path) -> dict:
     if steps:
         recipe.train.max_steps = steps
     _, metrics = api.train(recipe, str(workdir / "tunelab-run"))
-    evaluations = [entry["eval_accuracy"] for entry in metrics["history"] if "eval_accuracy" in entry]
+    if recipe.task == "sft":  # the best checkpoint by eval loss (the last, unless the loss rose again)
+        quality = {"accuracy": None, "accuracy_best_checkpoint": None, "eval_loss": metrics["after"]["loss"],
+                   "labels": None}
+    else:
+        evaluations = [entry["eval_accuracy"] for entry in metrics["history"] if "eval_accuracy" in entry]
+        quality = {"accuracy": evaluations[-1] if evaluations else metrics["after"]["accuracy"],
+                   "accuracy_best_checkpoint": metrics["after"]["accuracy"], "eval_loss": None,
+                   "labels": len(metrics["labels"])}
     return {"samples": metrics["train_loop_samples"], "tokens": metrics["train_tokens"],
             "padded_tokens": metrics["train_padded_tokens"], "train_seconds": metrics["train_loop_seconds"],
-            "accuracy": evaluations[-1] if evaluations else metrics["after"]["accuracy"],
-            "accuracy_best_checkpoint": metrics["after"]["accuracy"], "precision": metrics["precision"],
+            **quality, "precision": metrics["precision"],
             "batch": f"{recipe.train.batch_size}x{recipe.train.grad_accum}",
             "trainable_params": metrics["trainable_params"], "location": resolve_model(recipe.model.name).location,
-            "labels": len(metrics["labels"]),
             "train_rows": metrics["train_rows"], "eval_rows": metrics["eval_rows"]}
 
 
@@ -394,9 +479,7 @@ def job_schedule(job: Job, args: argparse.Namespace) -> dict[str, int | None]:
     """Each way's max_steps cap so all ways train the same samples (None: the example's full schedule)."""
     if not args.samples:
         return dict.fromkeys(WAYS)
-    from tunelab.recipe import load_recipe
-
-    recipe = load_recipe(args.examples / job.recipe)
+    recipe = load_job_recipe(job, args.examples)
     per_step = {way: samples_per_step(way, recipe) for way in WAYS}
     target = rounded_samples(args.samples, list(per_step.values()))
     return {way: steps_for_samples(target, per_step[way]) for way in WAYS}
@@ -405,9 +488,8 @@ def job_schedule(job: Job, args: argparse.Namespace) -> dict[str, int | None]:
 def prepare_model(job: Job, args: argparse.Namespace) -> None:
     """Resolve the job's model once here, so no way pays (in time or memory) for a first GGUF dequantization."""
     from tunelab.models.loading import resolve_model
-    from tunelab.recipe import load_recipe
 
-    resolve_model(load_recipe(args.examples / job.recipe).model.name)
+    resolve_model(load_job_recipe(job, args.examples).model.name)
 
 
 def run_job(job: Job, args: argparse.Namespace, peaks: dict, workdir: Path) -> dict:
@@ -427,11 +509,12 @@ def run_job(job: Job, args: argparse.Namespace, peaks: dict, workdir: Path) -> d
     ratios = {other: compare(by_way["tunelab"], by_way[other]) for other in ("tutorial", "hand-written")}
     first = rows[0]
     print(f"\n{job.name}: {job.description}; {first['train_rows']} train rows, {first['eval_rows']} eval rows, "
-          f"{first['labels']} labels; N = {first['non_embedding_params']:,} non-embedding parameters")
+          f"{first['labels'] or 'no'} labels; N = {first['non_embedding_params']:,} non-embedding parameters")
     print(format_table(rows))
     for other, ratio in ratios.items():
         print(format_comparison(other, ratio))
-    print("acc: the final model; acc best ckpt: tunelab's reported 'after' (best epoch's checkpoint)\n", flush=True)
+    print("acc: the final model; acc best ckpt: tunelab's reported 'after' (best epoch's checkpoint); eval loss: "
+          "on the response tokens of the eval split\n", flush=True)
     return {"description": job.description, "recipe": job.recipe, "ways": by_way, "tunelab_vs": ratios}
 
 

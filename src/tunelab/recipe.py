@@ -145,6 +145,7 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
 
 
 GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
 class TrainConfig(Section):
@@ -169,6 +170,10 @@ class TrainConfig(Section):
     packing: bool = Field(False, description="sft/pretrain: pack several short rows into one sequence without padding "
                                              "(position ids restart per row, so rows never attend to each other); "
                                              "pretrain always chunks its text to model.max_length blocks")
+    padding_free: bool = Field(True, description="sft: concatenate a batch's rows into one sequence instead of "
+                                                 "padding them (position ids restart per row, so rows never attend "
+                                                 "to each other): the same loss for less compute. Prompt and prefix "
+                                                 "tuning train padded (peft drops position ids for them)")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                             "memory, about a third more compute")
 
@@ -283,6 +288,9 @@ class Recipe(Section):
             raise ValueError("method qlora quantizes a decoder's base; use lora for task seq2seq")
         if self.task == "seq2seq" and self.train.packing:
             raise ValueError("train.packing is for decoders (sft, pretrain); drop it for task seq2seq")
+        if self.train.packing and self.method.name in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(f"train.packing needs position ids that restart per row, and peft drops them for method "
+                             f"{self.method.name}; drop train.packing or use lora")
         self.eval.best_metric = "loss"
         return self
 

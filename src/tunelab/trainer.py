@@ -103,11 +103,18 @@ def history_from(log_history: list[dict]) -> list[dict]:
 
 
 def batch_token_counts(inputs: dict) -> tuple[int, int, int]:
-    """(rows, real tokens, padded tokens) of one batch: real tokens are those the attention mask keeps."""
+    """(rows, real tokens, padded tokens) of one batch: real tokens are those the attention mask keeps.
+
+    A padding-free batch (one concatenated sequence, no attention mask) holds as many rows as its position ids
+    restart at 0.
+    """
     input_ids = inputs.get("input_ids")
     if input_ids is None:
         return 0, 0, 0
     mask = inputs.get("attention_mask")
+    positions = inputs.get("position_ids")
+    if mask is None and positions is not None:
+        return int((positions == 0).sum()), input_ids.numel(), input_ids.numel()
     real = int(mask.sum()) if mask is not None else input_ids.numel()
     return int(input_ids.shape[0]), real, input_ids.numel()
 

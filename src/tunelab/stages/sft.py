@@ -18,7 +18,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, context_length, load_causal_lm, load_tokenizer
-from tunelab.recipe import Recipe
+from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.runs.lineage import run_chain
 from tunelab.trainer import (
@@ -85,6 +85,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         "data_format": data.format,
         "chat_template": fmt.uses_chat_template if fmt else None,
         "packing": recipe.train.packing or recipe.task == "pretrain",
+        "padding_free": recipe.task == "sft" and uses_padding_free(recipe),
         "chain": run_chain(recipe.model.name),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
@@ -118,8 +119,19 @@ def sft_options(recipe: Recipe) -> dict:
     if recipe.task == "pretrain":
         return {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "wrapped",
                 "eval_packing": True, "padding_free": False, "prediction_loss_only": True}
-    return {"max_length": recipe.model.max_length, "packing": recipe.train.packing, "packing_strategy": "bfd",
-            "eval_packing": False, "prediction_loss_only": True}
+    if recipe.train.packing:
+        return {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "bfd",
+                "eval_packing": False, "prediction_loss_only": True}
+    # Padding-free without packing: each batch's rows concatenated, position ids restarting per row. The rows are
+    # already cut to max_length by encode_example (TRL refuses a max_length it would not enforce here).
+    padding_free = uses_padding_free(recipe)
+    return {"max_length": None if padding_free else recipe.model.max_length, "packing": False,
+            "padding_free": padding_free, "prediction_loss_only": True}
+
+
+def uses_padding_free(recipe: Recipe) -> bool:
+    """Whether an sft run's batches are concatenated rows without padding (packing always is)."""
+    return recipe.train.packing or (recipe.train.padding_free and recipe.method.name not in VIRTUAL_TOKEN_METHODS)
 
 
 def generate_answers(model, tokenizer, fmt: PromptFormat, rows, recipe: Recipe, bf16: bool) -> list[str]:
