@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
+from tunelab.data.preference import load_preference_data
 from tunelab.data.sft_encoding import check_prompts_fit, prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
@@ -20,15 +21,17 @@ from tunelab.models.loading import (
     resolve_model,
 )
 from tunelab.models.trained import earlier_run_labels, load_trained
-from tunelab.recipe import GENERATIVE_TASKS, DataConfig, GenerateConfig, Recipe
+from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe
 from tunelab.runs.folder import open_run_folder
 from tunelab.stages.classify import run_classification
+from tunelab.stages.dpo import run_dpo
 from tunelab.stages.fewshot import run_fewshot
+from tunelab.stages.reward import run_reward
 from tunelab.stages.seq2seq import run_seq2seq
 from tunelab.stages.sft import check_context_length, run_sft
 
 STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft, "pretrain": run_sft,
-          "seq2seq": run_seq2seq}
+          "seq2seq": run_seq2seq, "reward": run_reward, "dpo": run_dpo}
 
 
 def check_recipe(recipe: Recipe):
@@ -38,6 +41,14 @@ def check_recipe(recipe: Recipe):
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
         check_generative_model(recipe, source, data)
+        return data, source
+    if recipe.task in PREFERENCE_TASKS:
+        data = load_preference_data(recipe.data)
+        source = resolve_model(recipe.model.name)
+        check_model_exists(source)
+        if recipe.task == "dpo" and source.origin != "hub" and not is_decoder(source.location):
+            raise TunelabError(f"task dpo trains a decoder (causal LM), but '{recipe.model.name}' is not one; use "
+                               f"e.g. smollm2-135m (task reward trains encoders too)")
         return data, source
     data = load_labelled_data(recipe.data)
     source = resolve_model(recipe.model.name)

@@ -62,6 +62,10 @@ class DataConfig(Section):
     chat_template: str = Field("auto", description="sft: auto = the model's own chat template when it has one, else "
                                                    "plain text (Alpaca-style '### Instruction:' prompts); none = plain "
                                                    "text always; anything else = a Jinja chat template to use")
+    prompt: str = Field("prompt", description="reward/dpo: the column holding the shared prompt (a missing column "
+                                              "means chosen/rejected are whole transcripts)")
+    chosen: str = Field("chosen", description="reward/dpo: the column holding the preferred response")
+    rejected: str = Field("rejected", description="reward/dpo: the column holding the dispreferred response")
     seed: int = Field(42, description="Seed for subsampling, hold-out splits and few-shot sampling")
 
     @model_validator(mode="after")
@@ -145,6 +149,7 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
 
 
 GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
+PREFERENCE_TASKS = ("reward", "dpo")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
@@ -184,6 +189,17 @@ class GenerateConfig(Section):
                                                    "rows of the eval split, the same before and after")
     temperature: float = Field(0.0, ge=0, description="0: greedy decoding (reproducible); above 0: sampling")
     batch_size: int = Field(16, ge=1, description="Prompts generated together")
+
+
+DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}  # recipe name → TRL loss_type
+
+
+class PreferenceConfig(Section):
+    loss: Literal["dpo", "ipo", "hinge", "robust"] = Field(
+        "dpo", description="dpo: the DPO loss (sigmoid); ipo: identity preference optimisation; hinge: SLiC's hinge "
+                           "loss; robust: DPO robust to label noise")
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference model (the KL "
+                                               "penalty's weight; for ipo, its regularisation)")
 
 
 class EvalConfig(Section):
@@ -228,16 +244,19 @@ class OutputConfig(Section):
 
 class Recipe(Section):
     name: str = Field(description="Run name; default: the recipe file's name")
-    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq"] = Field(
+    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo"] = Field(
         description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
                     "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
-                    "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target)")
+                    "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target), "
+                    "reward (a scalar reward model from chosen/rejected pairs), dpo (a decoder learns to prefer the "
+                    "chosen responses: direct preference optimisation and its relatives)")
     model: ModelConfig
     data: DataConfig
     method: Method = Field(default_factory=FullMethod, description="How weights are trained")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task: fewshot")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of task: dpo")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -266,8 +285,8 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_qlora(self) -> Recipe:
         """QLoRA quantizes a decoder's base for generative training; classifiers use lora."""
-        if self.method.name == "qlora" and self.task not in ("sft", "pretrain"):
-            raise ValueError(f"method qlora is for decoder training (task sft or pretrain); use lora for task "
+        if self.method.name == "qlora" and self.task not in ("sft", "pretrain", "dpo"):
+            raise ValueError(f"method qlora is for decoder training (task sft, pretrain or dpo); use lora for task "
                              f"{self.task}")
         return self
 
@@ -291,6 +310,27 @@ class Recipe(Section):
         if self.train.packing and self.method.name in VIRTUAL_TOKEN_METHODS:
             raise ValueError(f"train.packing needs position ids that restart per row, and peft drops them for method "
                              f"{self.method.name}; drop train.packing or use lora")
+        self.eval.best_metric = "loss"
+        return self
+
+    @model_validator(mode="after")
+    def _check_preference(self) -> Recipe:
+        """Preference tasks train on chosen/rejected pairs: no labels to sample shots from, no packing."""
+        if self.task not in PREFERENCE_TASKS:
+            if "preference" in self.model_fields_set:
+                raise ValueError(f"the preference section configures task dpo; drop it for task {self.task}")
+            return self
+        if self.task == "reward" and "preference" in self.model_fields_set:
+            raise ValueError("the preference section configures task dpo; a reward model has no options there")
+        if self.data.shots is not None:
+            raise ValueError(f"data.shots samples k rows per label, and task {self.task} has pairs, not labels; use "
+                             f"data.train_size")
+        if self.eval.in_context_shots is not None:
+            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
+        if self.train.packing:
+            raise ValueError(f"train.packing is for sft and pretrain; drop it for task {self.task}")
+        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
+            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss")
         self.eval.best_metric = "loss"
         return self
 

@@ -1,0 +1,73 @@
+"""Preference tasks on tiny random models: reward models and DPO learn to prefer the chosen responses."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import FILLER, WORDS, write_jsonl
+
+from tunelab import api
+from tunelab.data.preference import load_preference_data, shared_prefix
+from tunelab.recipe import validate_recipe
+
+
+def preference_rows(count: int, seed: int) -> list[dict]:
+    """Prompts of filler words; the chosen response is a positive word, the rejected one a negative word."""
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.sample(FILLER, 3)), "chosen": " " + rng.choice(WORDS["pos"]),
+             "rejected": " " + rng.choice(WORDS["neg"])} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    write_jsonl(folder / "train.jsonl", preference_rows(80, seed=1))
+    write_jsonl(folder / "test.jsonl", preference_rows(40, seed=2))
+    return folder
+
+
+def preference_recipe(model, source, task="reward", **sections) -> dict:
+    recipe = {"name": f"toy-{task}", "task": task, "model": {"name": str(model), "max_length": 32},
+              "data": {"source": str(source)}, "method": "full",
+              "train": {"epochs": 6, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32"}}
+    recipe.update(sections)
+    return recipe
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
+def test_reward_model_learns_to_score_chosen_above_rejected(model, pairs, tmp_path, request):
+    run_dir, metrics = api.train(validate_recipe(preference_recipe(request.getfixturevalue(model), pairs)),
+                                 str(tmp_path / "reward"))
+    assert metrics["after"]["pairwise_accuracy"] >= max(0.9, metrics["before"]["pairwise_accuracy"] + 0.2)
+    assert metrics["after"]["reward_margin"] > 0
+    assert (run_dir / "model" / "config.json").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["chain"] == [str(request.getfixturevalue(model))]
+
+
+def test_transcripts_without_a_prompt_column_split_at_their_shared_prefix(tmp_path):
+    rows = [{"chosen": "Human: hi there\n\nAssistant: hello friend", "rejected": "Human: hi there\n\nAssistant: go"}]
+    write_jsonl(tmp_path / "train.jsonl", rows * 4)
+    recipe = validate_recipe(preference_recipe("unused", tmp_path, data={"source": str(tmp_path),
+                                                                           "eval_split": None}))
+    data = load_preference_data(recipe.data)
+    assert not data.has_prompt_column
+    assert data.train[0] == {"prompt": "Human: hi there\n\nAssistant: ", "chosen": "hello friend", "rejected": "go"}
+    assert shared_prefix("a b c", "a b d") == "a b "
+    assert shared_prefix("abc", "xyz") == ""
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_dpo_with_lora_learns_to_prefer_the_chosen_responses(tiny_llama, pairs, tmp_path, loss):
+    recipe = preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
+                               preference={"loss": loss, "beta": 0.5},
+                               train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 2, "num_samples": 5}})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / loss))
+    before, after = metrics["before"], metrics["after"]
+    assert before["preference_accuracy"] == 0 and before["reward_margin"] == 0  # the policy is its reference
+    assert after["preference_accuracy"] >= 0.9 and after["reward_margin"] > 0
+    assert after["logp_chosen"] - after["logp_rejected"] > before["logp_chosen"] - before["logp_rejected"]
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and all(sample["reference"] in {" " + w for w in WORDS["pos"]} for sample in samples)
