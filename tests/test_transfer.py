@@ -71,7 +71,7 @@ def test_other_labels_without_new_head_are_refused_before_the_run(earlier_run, t
 
 def test_transfer_run_trains_the_new_head_on_the_new_task(earlier_run, two_label_data, tmp_path):
     raw = transfer_recipe(earlier_run, two_label_data, method={"name": "freeze", "train_top_layers": 2},
-                          train={"epochs": 30, "batch_size": 16, "learning_rate": 1e-2, "precision": "fp32"})
+                          train={"epochs": 30, "batch_size": 16, "learning_rate": 3e-3, "precision": "fp32"})
     run_dir, metrics = api.train(validate_recipe(raw), str(tmp_path / "furniture"))
     assert metrics["labels"] == ["no", "yes"]
     # the fresh head's "before" is anywhere from chance to the majority share (0.33-0.67): compare loosely
