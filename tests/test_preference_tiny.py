@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 from conftest import FILLER, WORDS, write_jsonl
 
 from tunelab import api
 from tunelab.data.preference import load_preference_data, shared_prefix
+from tunelab.errors import TunelabError
 from tunelab.recipe import validate_recipe
+from tunelab.rewards import exact_match, known_answer
 
 
 def preference_rows(count: int, seed: int) -> list[dict]:
@@ -71,3 +75,48 @@ def test_dpo_with_lora_learns_to_prefer_the_chosen_responses(tiny_llama, pairs, 
     assert after["logp_chosen"] - after["logp_rejected"] > before["logp_chosen"] - before["logp_rejected"]
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 5 and all(sample["reference"] in {" " + w for w in WORDS["pos"]} for sample in samples)
+
+
+def answer_is_good(completions, **kwargs):
+    """A rule-based reward for the GRPO tests: 1 when the answer contains 'good'."""
+    return [float("good" in completion) for completion in completions]
+
+
+def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in preference_rows(40, seed=3)]
+    write_jsonl(prompts / "train.jsonl", rows)
+    write_jsonl(prompts / "test.jsonl", rows[:16])
+    recipe = preference_recipe(tiny_llama, prompts, task="grpo", method={"name": "lora", "r": 8},
+                               data={"source": str(prompts), "format": "prompt_completion", "chat_template": "none"},
+                               reward={"function": "test_preference_tiny:answer_is_good"},
+                               grpo={"num_generations": 4, "max_new_tokens": 3},
+                               train={"epochs": 6, "batch_size": 8, "learning_rate": 5e-2, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 3, "num_samples": 16, "temperature": 1.0}})
+    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "grpo"))
+    assert metrics["train_reward_last_fifth"] > metrics["train_reward_first_fifth"] + 0.2
+    assert metrics["reward_source"] == "test_preference_tiny:answer_is_good"
+
+
+@pytest.mark.parametrize(("function", "message"), [
+    ("no_such_module:score", "cannot import module 'no_such_module'"),
+    ("test_preference_tiny:missing", "has no function 'missing'"),
+    ("test_preference_tiny:preference_rows", "must accept `completions` and `**kwargs`"),
+    ("score", "neither a built-in"),
+])
+def test_a_bad_reward_function_is_refused_before_training(function, message, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": " b"}] * 4)
+    recipe = preference_recipe(tiny_llama, tmp_path / "train.jsonl", task="grpo", reward={"function": function},
+                               data={"source": str(tmp_path / "train.jsonl"), "eval_split": None})
+    with pytest.raises(TunelabError, match=re.escape(message)):
+        api.train(validate_recipe(recipe), str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_built_in_rewards_score_answers_against_the_reference():
+    assert exact_match(["Good.", "bad"], reference=["good", "good"]) == [1.0, 0.0]
+    assert known_answer(["good", "bad", "blue"], reference=["good", "good", "good"],
+                        answers=[["good", "bad"]] * 3) == [1.0, 0.25, 0.0]

@@ -202,6 +202,23 @@ class PreferenceConfig(Section):
                                                "penalty's weight; for ipo, its regularisation)")
 
 
+class RewardSource(Section):
+    function: str | None = Field(None, description="grpo: a built-in reward (exact_match, known_answer, brevity) or "
+                                                   "your own as 'module:function' (called with prompts, completions "
+                                                   "and the data columns; returns one float per completion)")
+    model: str | None = Field(None, description="grpo: a reward-model run folder (task reward) that scores prompt + "
+                                                "completion")
+
+
+class GrpoConfig(Section):
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt; each is scored against the "
+                                                      "group's mean reward")
+    max_new_tokens: int = Field(32, ge=1, description="Longest completion generated in training")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the training completions")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL penalty towards the starting model (0: none, "
+                                               "TRL's default; no reference model is kept)")
+
+
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Rows per batch when scoring")
     best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
@@ -244,12 +261,13 @@ class OutputConfig(Section):
 
 class Recipe(Section):
     name: str = Field(description="Run name; default: the recipe file's name")
-    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo"] = Field(
+    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo", "grpo"] = Field(
         description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
                     "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
                     "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target), "
                     "reward (a scalar reward model from chosen/rejected pairs), dpo (a decoder learns to prefer the "
-                    "chosen responses: direct preference optimisation and its relatives)")
+                    "chosen responses: direct preference optimisation and its relatives), grpo (online RL: the "
+                    "decoder samples answers to the prompts and learns from a reward function or reward model)")
     model: ModelConfig
     data: DataConfig
     method: Method = Field(default_factory=FullMethod, description="How weights are trained")
@@ -257,6 +275,8 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task: fewshot")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of task: dpo")
+    reward: RewardSource = Field(default_factory=RewardSource, description="task grpo: where rewards come from")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task: grpo")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -285,9 +305,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_qlora(self) -> Recipe:
         """QLoRA quantizes a decoder's base for generative training; classifiers use lora."""
-        if self.method.name == "qlora" and self.task not in ("sft", "pretrain", "dpo"):
-            raise ValueError(f"method qlora is for decoder training (task sft, pretrain or dpo); use lora for task "
-                             f"{self.task}")
+        if self.method.name == "qlora" and self.task not in ("sft", "pretrain", "dpo", "grpo"):
+            raise ValueError(f"method qlora is for decoder training (task sft, pretrain, dpo or grpo); use lora for "
+                             f"task {self.task}")
         return self
 
     @model_validator(mode="after")
@@ -332,6 +352,26 @@ class Recipe(Section):
         if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
             raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss")
         self.eval.best_metric = "loss"
+        return self
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> Recipe:
+        """grpo needs exactly one reward source and whole groups of completions in every step."""
+        if self.task != "grpo":
+            for section in ("reward", "grpo"):
+                if section in self.model_fields_set:
+                    raise ValueError(f"the {section} section configures task grpo; drop it for task {self.task}")
+            return self
+        if (self.reward.function is None) == (self.reward.model is None):
+            raise ValueError("task grpo needs one reward source: set reward.function (e.g. exact_match, or "
+                             "module:function) or reward.model (a reward-model run folder)")
+        rows = self.train.batch_size * self.train.grad_accum
+        if rows % self.grpo.num_generations:
+            raise ValueError(f"train.batch_size × train.grad_accum ({rows}) must be a multiple of "
+                             f"grpo.num_generations ({self.grpo.num_generations}): each step scores whole groups")
+        if self.data.shots is not None or self.eval.in_context_shots is not None or self.train.packing:
+            raise ValueError("task grpo takes none of data.shots, eval.in_context_shots, train.packing; drop them")
+        self.eval.select_best = False  # no eval loss to pick a checkpoint by: the last one is the result
         return self
 
     @model_validator(mode="after")

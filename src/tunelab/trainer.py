@@ -108,6 +108,8 @@ def batch_token_counts(inputs: dict) -> tuple[int, int, int]:
     A padding-free batch (one concatenated sequence, no attention mask) holds as many rows as its position ids
     restart at 0.
     """
+    if isinstance(inputs, list):  # GRPO's trainer step gets raw prompt rows; their tokens are generated inside it
+        return len(inputs), 0, 0
     input_ids = inputs.get("input_ids")
     if input_ids is None:
         return 0, 0, 0
