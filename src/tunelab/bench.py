@@ -295,6 +295,20 @@ def load_job_recipe(job: Job, examples: Path, eval_size: int | None = None, work
     return load_recipe(examples / job.recipe, overrides)
 
 
+def plain_arguments(args_class, recipe, settings: WaySettings, steps: int | None, workdir: Path, **extra):
+    """The plain ways' TrainingArguments (or TRL config): the recipe's schedule, the way's batching and precision."""
+    import torch
+
+    return args_class(
+        output_dir=str(workdir / "trainer"), num_train_epochs=recipe.train.epochs, max_steps=steps or -1,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=recipe.train.learning_rate,
+        lr_scheduler_type=recipe.train.lr_scheduler, warmup_steps=recipe.train.warmup_ratio,
+        weight_decay=recipe.train.weight_decay, bf16=settings.bf16, seed=recipe.train.seed,
+        data_seed=recipe.train.seed, eval_strategy="no", save_strategy="no", logging_steps=recipe.train.logging_steps,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **extra)
+
+
 def train_plain(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     """Train the way a plain transformers (+peft) user does; return raw counts, time and final accuracy."""
     import numpy as np
@@ -342,14 +356,7 @@ def train_plain(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     columns = [c for c in data.train.column_names if c != "label"]
     train_set = data.train.map(encode, batched=True, remove_columns=columns)
     eval_set = data.eval.map(encode, batched=True, remove_columns=columns)
-    args = TrainingArguments(
-        output_dir=str(workdir / "trainer"), num_train_epochs=recipe.train.epochs, max_steps=steps or -1,
-        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
-        per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=recipe.train.learning_rate,
-        lr_scheduler_type=recipe.train.lr_scheduler, warmup_steps=recipe.train.warmup_ratio,
-        weight_decay=recipe.train.weight_decay, bf16=settings.bf16, seed=recipe.train.seed,
-        data_seed=recipe.train.seed, eval_strategy="no", save_strategy="no", logging_steps=recipe.train.logging_steps,
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+    args = plain_arguments(TrainingArguments, recipe, settings, steps, workdir)
     collator = default_data_collator if settings.pad_to_max_length else DataCollatorWithPadding(tokenizer)
     trainer = MeteredTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                              data_collator=collator, processing_class=tokenizer)
@@ -400,16 +407,8 @@ def train_plain_sft(recipe, way: str, steps: int | None, workdir: Path) -> dict:
                    lora_dropout=recipe.method.dropout, target_modules=recipe.method.target_modules,
                    use_dora=recipe.method.name == "dora"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    args = SFTConfig(
-        output_dir=str(workdir / "trainer"), num_train_epochs=recipe.train.epochs, max_steps=steps or -1,
-        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
-        per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=recipe.train.learning_rate,
-        lr_scheduler_type=recipe.train.lr_scheduler, warmup_steps=recipe.train.warmup_ratio,
-        weight_decay=recipe.train.weight_decay, bf16=settings.bf16, seed=recipe.train.seed,
-        data_seed=recipe.train.seed, max_length=recipe.model.max_length,
-        pad_to_multiple_of=recipe.model.max_length if settings.pad_to_max_length else None,
-        eval_strategy="no", save_strategy="no", logging_steps=recipe.train.logging_steps, report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+    args = plain_arguments(SFTConfig, recipe, settings, steps, workdir, max_length=recipe.model.max_length,
+                           pad_to_multiple_of=recipe.model.max_length if settings.pad_to_max_length else None)
     trainer = MeteredSFTTrainer(model=model, args=args, train_dataset=conversational(data.train),
                                 eval_dataset=conversational(data.eval), processing_class=tokenizer)
     trainer.train()
