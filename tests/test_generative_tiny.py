@@ -242,3 +242,20 @@ def test_shots_take_k_rows_per_answer_for_classification_as_generation(qa_data):
     assert sorted(data.train["response"]) == sorted([" bad"] * 4 + [" good"] * 4 + [" table"] * 4)
     other = load_generative_data(recipe.data.model_copy(update={"shots": 4, "seed": 5}), "sft")
     assert data.train["prompt"] != other.train["prompt"]  # the seed draws other examples
+
+
+def test_drop_long_leaves_out_rows_whose_prompt_fills_max_length(tiny_llama):
+    import datasets
+
+    from tunelab.data.sft_encoding import fit_prompts, prompt_format
+    from tunelab.errors import TunelabError
+    from tunelab.models.loading import load_tokenizer
+
+    split = datasets.Dataset.from_list([
+        {"messages": [], "prompt": "good is", "response": " good"},
+        {"messages": [], "prompt": " ".join(["very"] * 12) + " is", "response": " table"}])
+    fmt = prompt_format(load_tokenizer(str(tiny_llama)), "none", "template", str(tiny_llama))
+    with pytest.raises(TunelabError, match=r"1 of 2 train rows have a prompt of 10\+ tokens.*data.drop_long: true"):
+        fit_prompts(fmt, split, 10, "train")
+    assert fit_prompts(fmt, split, 10, "train", drop=True)["response"] == [" good"]
+    assert fit_prompts(fmt, split, 32, "train") is split

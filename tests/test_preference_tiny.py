@@ -77,9 +77,9 @@ def test_dpo_with_lora_learns_to_prefer_the_chosen_responses(tiny_llama, pairs, 
     assert len(samples) == 5 and all(sample["reference"] in {" " + w for w in WORDS["pos"]} for sample in samples)
 
 
-def answer_is_good(completions, **kwargs):
-    """A rule-based reward for the GRPO tests: 1 when the answer contains 'good'."""
-    return [float("good" in completion) for completion in completions]
+def answer_is_positive(completions, **kwargs):
+    """A rule-based reward for the GRPO tests: 1 when the answer holds a positive word."""
+    return [float(any(word in completion.split() for word in WORDS["pos"])) for completion in completions]
 
 
 def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, monkeypatch):
@@ -91,13 +91,15 @@ def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, mon
     write_jsonl(prompts / "test.jsonl", rows[:16])
     recipe = preference_recipe(tiny_llama, prompts, task="grpo", method={"name": "lora", "r": 8},
                                data={"source": str(prompts), "format": "prompt_completion", "chat_template": "none"},
-                               reward={"function": "test_preference_tiny:answer_is_good"},
-                               grpo={"num_generations": 4, "max_new_tokens": 3},
-                               train={"epochs": 6, "batch_size": 8, "learning_rate": 5e-2, "precision": "fp32"},
-                               eval={"generate": {"max_new_tokens": 3, "num_samples": 16, "temperature": 1.0}})
+                               reward={"function": "test_preference_tiny:answer_is_positive"},
+                               grpo={"num_generations": 4, "max_new_tokens": 2},
+                               train={"epochs": 3, "batch_size": 16, "learning_rate": 5e-2, "precision": "fp32",
+                                      "logging_steps": 1},
+                               eval={"generate": {"max_new_tokens": 2, "num_samples": 16}})
     _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "grpo"))
-    assert metrics["train_reward_last_fifth"] > metrics["train_reward_first_fifth"] + 0.2
-    assert metrics["reward_source"] == "test_preference_tiny:answer_is_good"
+    assert metrics["train_reward_last_fifth"] > metrics["train_reward_first_fifth"] + 0.3
+    assert metrics["after"]["mean_reward"] > metrics["before"]["mean_reward"]
+    assert metrics["reward_source"] == "test_preference_tiny:answer_is_positive"
 
 
 @pytest.mark.parametrize(("function", "message"), [

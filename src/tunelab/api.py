@@ -9,7 +9,7 @@ from transformers import AutoConfig
 from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
 from tunelab.data.preference import load_preference_data
-from tunelab.data.sft_encoding import check_prompts_fit, prompt_format
+from tunelab.data.sft_encoding import fit_prompts, prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
 from tunelab.models.loading import (
@@ -98,8 +98,8 @@ def check_generative_model(recipe: Recipe, source: ModelSource, data: Generative
     if recipe.task == "sft":
         fmt = prompt_format(load_tokenizer(source.location), recipe.data.chat_template, data.format,
                             recipe.model.name)
-        for split, name in ((data.train, "train"), (data.eval, "eval")):
-            check_prompts_fit(fmt, split, recipe.model.max_length, name)
+        data.train = fit_prompts(fmt, data.train, recipe.model.max_length, "train", recipe.data.drop_long)
+        data.eval = fit_prompts(fmt, data.eval, recipe.model.max_length, "eval", recipe.data.drop_long)
 
 
 def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]) -> None:

@@ -48,6 +48,8 @@ class DataConfig(Section):
     shots: int | None = Field(None, ge=1, description="Few-shot: train on exactly this many rows per class (seeded, "
                                                       "stratified); every class needs at least that many")
     drop_empty: bool = Field(False, description="Drop rows whose text is empty or missing instead of refusing them")
+    drop_long: bool = Field(False, description="sft: drop rows whose prompt alone fills model.max_length (nothing of "
+                                               "their response would be learned) instead of refusing them")
     format: Literal["auto", "instruction", "prompt_completion", "messages", "template"] = Field(
         "auto", description="sft/seq2seq: how rows become prompt → response. instruction: instruction/input/output "
                             "columns; prompt_completion: prompt/completion columns; messages: a chat column of "

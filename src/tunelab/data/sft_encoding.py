@@ -84,20 +84,27 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return length
 
 
-def check_prompts_fit(fmt: PromptFormat, split: datasets.Dataset, max_length: int, name: str) -> None:
-    """Refuse rows whose prompt alone fills max_length: truncation would leave nothing of the response to learn."""
+def fit_prompts(fmt: PromptFormat, split: datasets.Dataset, max_length: int, name: str,
+                drop: bool = False) -> datasets.Dataset:
+    """Rows whose prompt alone fills max_length would leave nothing of the response to learn: refuse them, or with
+    `drop` (data.drop_long) leave them out. Returns the split that trains."""
     prompts = [fmt.prompt_text(row) for row in split]
     lengths = [len(ids) for ids in fmt.tokenizer(prompts, add_special_tokens=not fmt.uses_chat_template)["input_ids"]]
-    lost = sum(length >= max_length for length in lengths)
-    if lost:
-        raise TunelabError(f"{lost} of {len(split)} {name} rows have a prompt of {max_length}+ tokens (longest "
-                           f"{max(lengths)}), so nothing of their response is left to learn; raise model.max_length "
-                           f"or shorten the prompts")
+    lost = [i for i, length in enumerate(lengths) if length >= max_length]
+    if not lost:
+        return split
+    if not drop or len(lost) == len(split):
+        raise TunelabError(f"{len(lost)} of {len(split)} {name} rows have a prompt of {max_length}+ tokens (longest "
+                           f"{max(lengths)}), so nothing of their response is left to learn; raise model.max_length, "
+                           f"shorten the prompts or set data.drop_long: true")
+    print(f"tunelab: dropped {len(lost)} of {len(split)} {name} rows whose prompt fills {max_length} tokens")
+    keep = set(range(len(split))) - set(lost)
+    return split.select(sorted(keep))
 
 
 def encode_split(fmt: PromptFormat, split: datasets.Dataset, completion_only: bool,
                  max_length: int) -> datasets.Dataset:
-    """Tokenize a split for training (check_prompts_fit has made sure every row keeps some response)."""
+    """Tokenize a split for training (fit_prompts has made sure every row keeps some response)."""
     return split.map(lambda row: encode_example(fmt, row, completion_only, max_length),
                      remove_columns=split.column_names)
 
