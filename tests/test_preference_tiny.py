@@ -89,11 +89,11 @@ def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, mon
     rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in preference_rows(40, seed=3)]
     write_jsonl(prompts / "train.jsonl", rows)
     write_jsonl(prompts / "test.jsonl", rows[:16])
-    recipe = preference_recipe(tiny_llama, prompts, task="grpo", method={"name": "lora", "r": 8},
+    recipe = preference_recipe(tiny_llama, prompts, task="grpo", method="full",
                                data={"source": str(prompts), "format": "prompt_completion", "chat_template": "none"},
                                reward={"function": "test_preference_tiny:answer_is_positive"},
                                grpo={"num_generations": 4, "max_new_tokens": 2},
-                               train={"epochs": 3, "batch_size": 16, "learning_rate": 5e-2, "precision": "fp32",
+                               train={"epochs": 10, "batch_size": 16, "learning_rate": 3e-3, "precision": "fp32",
                                       "logging_steps": 1},
                                eval={"generate": {"max_new_tokens": 2, "num_samples": 16}})
     _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "grpo"))
