@@ -164,7 +164,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l")
+HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
+                    "preference_accuracy", "reward_margin", "mean_reward")
 
 
 def cmd_validate(args) -> int:
