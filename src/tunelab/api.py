@@ -81,7 +81,8 @@ def check_reward_source(recipe: Recipe) -> None:
 
 
 def check_generative_model(recipe: Recipe, source: ModelSource, data: GenerativeData) -> None:
-    """sft and pretrain need a decoder; seq2seq an encoder-decoder, or an encoder to warm-start one from."""
+    """sft and pretrain need a decoder; seq2seq an encoder-decoder, or an encoder to warm-start one from. For sft,
+    rows whose prompt fills model.max_length are refused, or left out of `data` with data.drop_long."""
     if recipe.method.name == "qlora":
         check_qlora_available()
     if source.origin == "hub":

@@ -309,11 +309,20 @@ def plain_arguments(args_class, recipe, settings: WaySettings, steps: int | None
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **extra)
 
 
+def plain_lora_config(recipe, task_type):
+    """The recipe's LoRA (or DoRA) settings as the peft config a plain user writes."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type, r=recipe.method.r, lora_alpha=recipe.method.alpha,
+                      lora_dropout=recipe.method.dropout, target_modules=recipe.method.target_modules,
+                      use_dora=recipe.method.name == "dora")
+
+
 def train_plain(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     """Train the way a plain transformers (+peft) user does; return raw counts, time and final accuracy."""
     import numpy as np
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import TaskType, get_peft_model
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -341,10 +350,7 @@ def train_plain(recipe, way: str, steps: int | None, workdir: Path) -> dict:
         label2id={label: i for i, label in enumerate(data.labels)}, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.method.name in ("lora", "dora"):  # peft's SEQ_CLS task trains the classifier head in full
-        model = get_peft_model(model, LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=recipe.method.r, lora_alpha=recipe.method.alpha,
-            lora_dropout=recipe.method.dropout, target_modules=recipe.method.target_modules,
-            use_dora=recipe.method.name == "dora"))
+        model = get_peft_model(model, plain_lora_config(recipe, TaskType.SEQ_CLS))
     elif recipe.method.name != "full":
         raise ValueError(f"the plain ways know full fine-tuning and LoRA, not '{recipe.method.name}'")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -378,16 +384,13 @@ def train_plain_sft(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     loss on the completion only; return raw counts, time and the final eval loss."""
     import datasets
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from tunelab.data.generative import load_generative_data
     from tunelab.models.loading import resolve_model
-    from tunelab.trainer import MeteredMixin
-
-    class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
-        """TRL's SFTTrainer with the meter every way uses."""
+    from tunelab.stages.sft import MeteredSFTTrainer  # TRL's SFTTrainer with the meter every way uses
 
     if recipe.method.name not in ("lora", "dora"):
         raise ValueError(f"the plain SFT ways know LoRA, not '{recipe.method.name}'")
@@ -401,11 +404,8 @@ def train_plain_sft(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     location = resolve_model(recipe.model.name).location
     set_seed(recipe.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(location)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32),
-        LoraConfig(task_type=TaskType.CAUSAL_LM, r=recipe.method.r, lora_alpha=recipe.method.alpha,
-                   lora_dropout=recipe.method.dropout, target_modules=recipe.method.target_modules,
-                   use_dora=recipe.method.name == "dora"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32),
+                           plain_lora_config(recipe, TaskType.CAUSAL_LM))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = plain_arguments(SFTConfig, recipe, settings, steps, workdir, max_length=recipe.model.max_length,
                            pad_to_multiple_of=recipe.model.max_length if settings.pad_to_max_length else None)

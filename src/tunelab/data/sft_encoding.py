@@ -90,16 +90,16 @@ def fit_prompts(fmt: PromptFormat, split: datasets.Dataset, max_length: int, nam
     `drop` (data.drop_long) leave them out. Returns the split that trains."""
     prompts = [fmt.prompt_text(row) for row in split]
     lengths = [len(ids) for ids in fmt.tokenizer(prompts, add_special_tokens=not fmt.uses_chat_template)["input_ids"]]
-    lost = [i for i, length in enumerate(lengths) if length >= max_length]
+    keep = [i for i, length in enumerate(lengths) if length < max_length]
+    lost = len(split) - len(keep)
     if not lost:
         return split
-    if not drop or len(lost) == len(split):
-        raise TunelabError(f"{len(lost)} of {len(split)} {name} rows have a prompt of {max_length}+ tokens (longest "
+    if not drop or not keep:
+        raise TunelabError(f"{lost} of {len(split)} {name} rows have a prompt of {max_length}+ tokens (longest "
                            f"{max(lengths)}), so nothing of their response is left to learn; raise model.max_length, "
                            f"shorten the prompts or set data.drop_long: true")
-    print(f"tunelab: dropped {len(lost)} of {len(split)} {name} rows whose prompt fills {max_length} tokens")
-    keep = set(range(len(split))) - set(lost)
-    return split.select(sorted(keep))
+    print(f"tunelab: dropped {lost} of {len(split)} {name} rows whose prompt fills {max_length} tokens")
+    return split.select(keep)
 
 
 def encode_split(fmt: PromptFormat, split: datasets.Dataset, completion_only: bool,
