@@ -13,6 +13,7 @@ from conftest import FILLER, WORDS, write_jsonl
 from tunelab import api
 from tunelab.data.preference import load_preference_data, shared_prefix
 from tunelab.errors import TunelabError
+from tunelab.evaluation.judge import joined, win_rate
 from tunelab.recipe import validate_recipe
 from tunelab.rewards import exact_match, known_answer
 
@@ -122,3 +123,55 @@ def test_built_in_rewards_score_answers_against_the_reference():
     assert exact_match(["Good.", "bad"], reference=["good", "good"]) == [1.0, 0.0]
     assert known_answer(["good", "bad", "blue"], reference=["good", "good", "good"],
                         answers=[["good", "bad"]] * 3) == [1.0, 0.25, 0.0]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_bert, pairs, tmp_path_factory):
+    """A finished reward-model run (tiny BERT) that scores positive answers above negative ones."""
+    run_dir, metrics = api.train(validate_recipe(preference_recipe(tiny_bert, pairs)),
+                                 str(tmp_path_factory.mktemp("judge") / "reward"))
+    assert metrics["after"]["pairwise_accuracy"] >= 0.9
+    return run_dir
+
+
+def test_win_rate_counts_wins_and_ties_half():
+    def judge(completions, **_):
+        return [float(len(c)) for c in completions]
+    result = win_rate(judge, ["p"] * 4, before=["aa", "a", "aaa", "a"], after=["aaa", "a", "a", "aaaa"])
+    assert result["win_rate"] == (2 + 0.5) / 4
+    assert (result["wins"], result["ties"], result["losses"], result["judged_prompts"]) == (2, 1, 1, 4)
+    assert result["judge_reward_after"] == 2.25 and result["judge_reward_before"] == 1.75
+    assert joined("Assistant:", "hi") == "Assistant: hi" and joined("Q\n", "hi") == "Q\nhi"
+
+
+def test_dpo_policy_wins_over_its_start_as_the_reward_model_judges(tiny_llama, pairs, reward_run, tmp_path):
+    recipe = preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
+                               preference={"beta": 0.5},
+                               train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 2, "num_samples": 20},
+                                     "judge": {"model": str(reward_run)}})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / "dpo"))
+    judge = metrics["judge"]
+    assert judge["source"] == str(reward_run) and judge["judged_prompts"] == 20
+    assert judge["wins"] + judge["ties"] + judge["losses"] == 20
+    assert metrics["win_rate"] > 0.5
+    assert metrics["after"]["judge_reward"] > metrics["before"]["judge_reward"]
+    assert "Win rate over the starting model" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.parametrize(("judge", "task", "message"), [
+    ({"function": "exact_match"}, "reward", "eval.judge scores the answers of task dpo or grpo"),
+    ({}, "dpo", "eval.judge needs one source"),
+    ({"function": "exact_match", "model": "runs/x"}, "dpo", "eval.judge needs one source"),
+])
+def test_a_misplaced_or_ambiguous_judge_is_refused(judge, task, message, pairs):
+    with pytest.raises(TunelabError, match=re.escape(message)):
+        validate_recipe(preference_recipe("m", pairs, task=task, eval={"judge": judge}))
+
+
+def test_a_judge_that_is_not_a_reward_run_is_refused_before_training(tiny_llama, pairs, tmp_path):
+    recipe = preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
+                               eval={"judge": {"model": str(tiny_llama)}})
+    with pytest.raises(TunelabError, match=re.escape("eval.judge.model") + ".*not a finished reward-model run"):
+        api.train(validate_recipe(recipe), str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()

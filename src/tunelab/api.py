@@ -21,7 +21,7 @@ from tunelab.models.loading import (
     resolve_model,
 )
 from tunelab.models.trained import earlier_run_labels, load_trained
-from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe
+from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe, RewardSource
 from tunelab.rewards import load_reward_function
 from tunelab.runs.folder import open_run_folder
 from tunelab.stages.classify import run_classification
@@ -39,6 +39,8 @@ STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft
 
 def check_recipe(recipe: Recipe):
     """Everything that can be checked before a run folder exists: data, labels, model. Returns (data, model)."""
+    if recipe.eval.judge is not None:
+        check_reward_source(recipe.eval.judge, "eval.judge")
     if recipe.task in GENERATIVE_TASKS:
         data = load_generative_data(recipe.data, recipe.task)
         source = resolve_model(recipe.model.name)
@@ -52,7 +54,7 @@ def check_recipe(recipe: Recipe):
         if source.origin != "hub" and not is_decoder(source.location):
             raise TunelabError(f"task grpo trains a decoder (causal LM), but '{recipe.model.name}' is not one; use "
                                f"e.g. smollm2-135m or an sft run folder")
-        check_reward_source(recipe)
+        check_reward_source(recipe.reward, "reward")
         return data, source
     if recipe.task in PREFERENCE_TASKS:
         data = load_preference_data(recipe.data)
@@ -69,15 +71,15 @@ def check_recipe(recipe: Recipe):
     return data, source
 
 
-def check_reward_source(recipe: Recipe) -> None:
+def check_reward_source(source: RewardSource, field: str) -> None:
     """The reward function imports and has the right signature, or the reward model is a reward run's folder."""
-    if recipe.reward.function is not None:
-        load_reward_function(recipe.reward.function)
+    if source.function is not None:
+        load_reward_function(source.function)
         return
-    earlier = earlier_run_labels(recipe.reward.model)
+    earlier = earlier_run_labels(source.model)
     if earlier is None or earlier[0] != "reward":
-        raise TunelabError(f"reward.model '{recipe.reward.model}' is not a finished reward-model run folder (task "
-                           f"reward); train one first, or use reward.function")
+        raise TunelabError(f"{field}.model '{source.model}' is not a finished reward-model run folder (task "
+                           f"reward); train one first, or use {field}.function")
 
 
 def check_generative_model(recipe: Recipe, source: ModelSource, data: GenerativeData) -> None:

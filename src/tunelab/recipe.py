@@ -193,6 +193,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together")
 
 
+JUDGED_TASKS = ("dpo", "grpo")  # tasks whose answers before and after training a judge can compare
 DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}  # recipe name → TRL loss_type
 
 
@@ -205,11 +206,15 @@ class PreferenceConfig(Section):
 
 
 class RewardSource(Section):
-    function: str | None = Field(None, description="grpo: a built-in reward (exact_match, known_answer, brevity) or "
-                                                   "your own as 'module:function' (called with prompts, completions "
-                                                   "and the data columns; returns one float per completion)")
-    model: str | None = Field(None, description="grpo: a reward-model run folder (task reward) that scores prompt + "
+    function: str | None = Field(None, description="A built-in reward (exact_match, known_answer, brevity) or your "
+                                                   "own as 'module:function' (called with prompts, completions and "
+                                                   "the data columns; returns one float per completion)")
+    model: str | None = Field(None, description="A reward-model run folder (task reward) that scores prompt + "
                                                 "completion")
+
+    def describe(self) -> str:
+        """The source in a word: the function's name or the reward run's folder."""
+        return self.function or self.model or "none"
 
 
 class GrpoConfig(Section):
@@ -233,6 +238,9 @@ class EvalConfig(Section):
                                                                  "baseline for what fine-tuning buys)")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="sft/seq2seq: generation-based "
                                      "scores (exact match, ROUGE-L) on a sample of the eval split")
+    judge: RewardSource | None = Field(None, description="dpo/grpo: a reward-model run or reward function that "
+                                       "judges the trained model's answers to the generation samples against the "
+                                       "starting model's answers (win rate)")
 
 
 class FewshotConfig(Section):
@@ -277,7 +285,8 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task: fewshot")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of task: dpo")
-    reward: RewardSource = Field(default_factory=RewardSource, description="task grpo: where rewards come from")
+    reward: RewardSource = Field(default_factory=RewardSource, description="task grpo: where rewards come from "
+                                                                           "(set function or model)")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task: grpo")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
@@ -374,6 +383,23 @@ class Recipe(Section):
         if self.data.shots is not None or self.eval.in_context_shots is not None or self.train.packing:
             raise ValueError("task grpo takes none of data.shots, eval.in_context_shots, train.packing; drop them")
         self.eval.select_best = False  # no eval loss to pick a checkpoint by: the last one is the result
+        return self
+
+    @model_validator(mode="after")
+    def _check_judge(self) -> Recipe:
+        """A judge compares answers before and after training: tasks that generate them, one source, samples."""
+        judge = self.eval.judge
+        if judge is None:
+            return self
+        if self.task not in JUDGED_TASKS:
+            raise ValueError(f"eval.judge scores the answers of task {' or '.join(JUDGED_TASKS)}; drop it for task "
+                             f"{self.task}")
+        if (judge.function is None) == (judge.model is None):
+            raise ValueError("eval.judge needs one source: set eval.judge.model (a reward-model run folder) or "
+                             "eval.judge.function (e.g. exact_match, or module:function)")
+        if self.eval.generate.num_samples == 0:
+            raise ValueError("eval.judge compares generated answers, and eval.generate.num_samples is 0; set it to "
+                             "the number of prompts to judge (e.g. 32)")
         return self
 
     @model_validator(mode="after")

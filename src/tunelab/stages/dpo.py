@@ -17,6 +17,7 @@ from trl import DPOConfig, DPOTrainer
 
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
+from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from tunelab.recipe import DPO_LOSSES, Recipe
@@ -80,6 +81,8 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     print(f"tunelab: after training: preference accuracy {after['preference_accuracy']:.4f}, reward margin "
           f"{after['reward_margin']:.4f}")
     save_model(trainer, run_dir / "model")
+    judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size,
+                               bf16) if recipe.eval.judge else {}
     extra = write_samples(run_dir, samples["prompt"], samples["chosen"], before, after)
     metrics = {
         "before": before,
@@ -91,5 +94,6 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
         "loss_type": recipe.preference.loss,
         "beta": recipe.preference.beta,
         "chain": run_chain(recipe.model.name),
+        **judged,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

@@ -19,13 +19,12 @@ from trl import GRPOConfig, GRPOTrainer
 from tunelab.data.generative import GenerativeData
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
 from tunelab.evaluation.generation import generate_texts, generation_metrics
+from tunelab.evaluation.judge import judge_generations, load_reward
 from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, load_causal_lm, load_classifier, load_tokenizer
+from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from tunelab.recipe import Recipe
-from tunelab.rewards import RewardFunction, load_reward_function
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.runs.lineage import run_chain
-from tunelab.stages.reward import REWARD_LABELS, reward_scores
 from tunelab.trainer import (
     JsonlLogCallback,
     MeteredMixin,
@@ -51,7 +50,7 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
     model = apply_method(load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora"),
                          recipe.method, [], TaskType.CAUSAL_LM)
     params = count_parameters(model)
-    reward = reward_function(recipe, bf16)
+    reward = load_reward(recipe.reward, recipe.eval.batch_size, bf16)
     train_rows, eval_rows = prompt_rows(data.train, fmt), prompt_rows(data.eval, fmt)
     print(f"tunelab: {params}; {len(train_rows)} train prompts, {len(eval_rows)} eval prompts ({data.eval_split})")
     trainer = MeteredGRPOTrainer(
@@ -83,6 +82,9 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
     after = score()
     print(f"tunelab: after training: mean reward {after['mean_reward']:.4f}")
     save_model(trainer, run_dir / "model")
+    judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size, bf16,
+                               {key: samples[key] for key in samples.column_names if key != "prompt"}
+                               ) if recipe.eval.judge else {}
     extra = write_samples(run_dir, samples["prompt"], samples["reference"], before, after)
     metrics = {
         "before": before,
@@ -94,6 +96,7 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
         "eval_split": data.eval_split,
         "reward_source": recipe.reward.function or recipe.reward.model,
         "chain": run_chain(recipe.model.name),
+        **judged,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
 
@@ -107,22 +110,6 @@ def prompt_rows(split: datasets.Dataset, fmt: PromptFormat) -> datasets.Dataset:
     if len(distinct) <= len(references) / 2:
         columns["answers"] = [distinct] * len(references)
     return datasets.Dataset.from_dict(columns)
-
-
-def reward_function(recipe: Recipe, bf16: bool) -> RewardFunction:
-    """The recipe's reward as a TRL reward function: the named function, or a reward-model run scoring
-    prompt + completion."""
-    if recipe.reward.function is not None:
-        return load_reward_function(recipe.reward.function)
-    location = str(Path(recipe.reward.model) / "model")
-    tokenizer = load_tokenizer(location)
-    model, _ = load_classifier(location, REWARD_LABELS, tokenizer)
-
-    def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
-        return reward_scores(model, tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)],
-                             recipe, bf16).tolist()
-
-    return reward_model
 
 
 def reward_trend(history: list[dict]) -> dict:

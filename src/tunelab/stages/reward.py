@@ -18,6 +18,7 @@ from trl import RewardConfig, RewardTrainer
 
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.classification import predict_logits
+from tunelab.evaluation.judge import REWARD_LABELS
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
@@ -32,8 +33,6 @@ from tunelab.trainer import (
     training_arguments,
     training_summary,
 )
-
-REWARD_LABELS = ["reward"]  # one output: the scalar reward
 
 
 class MeteredRewardTrainer(MeteredMixin, RewardTrainer):
