@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,7 +12,9 @@ from conftest import write_jsonl
 from test_preference_tiny import preference_recipe, preference_rows
 
 from tunelab.errors import TunelabError
-from tunelab.pipeline import run_pipeline
+from tunelab.pipeline import load_pipeline, run_pipeline, stage_recipes
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture
@@ -82,3 +85,11 @@ def test_a_bad_pipeline_is_refused_before_any_stage_runs(chain, stages, message)
     with pytest.raises(TunelabError, match=re.escape(message)):
         run_pipeline(write_pipeline(chain, stages), str(chain / "out"))
     assert not (chain / "out").exists()
+
+
+def test_the_example_pipelines_validate_and_wire_their_stages(tmp_path):
+    hh = stage_recipes(load_pipeline(EXAMPLES / "rlhf_pipeline.yaml"), EXAMPLES, tmp_path)
+    assert [recipe.task for recipe in hh.values()] == ["sft", "reward", "dpo"]
+    assert hh["dpo"].model.name == str(tmp_path / "sft") and hh["dpo"].eval.judge.model == str(tmp_path / "reward")
+    symptoms = stage_recipes(load_pipeline(EXAMPLES / "symptom_rl_pipeline.yaml"), EXAMPLES, tmp_path)
+    assert symptoms["grpo"].model.name == str(tmp_path / "sft") and symptoms["sft"].data.train_size == 66
