@@ -195,14 +195,31 @@ class GenerateConfig(Section):
 
 JUDGED_TASKS = ("dpo", "grpo")  # tasks whose answers before and after training a judge can compare
 DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}  # recipe name → TRL loss_type
+REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")  # TRL's CPO / ORPO trainers: no reference model at all
+DEFAULT_BETAS = {"simpo": 2.0}  # SimPO's paper uses β 2–2.5 on its length-normalised reward; the others 0.1
 
 
 class PreferenceConfig(Section):
-    loss: Literal["dpo", "ipo", "hinge", "robust"] = Field(
+    loss: Literal["dpo", "ipo", "hinge", "robust", "simpo", "cpo", "orpo"] = Field(
         "dpo", description="dpo: the DPO loss (sigmoid); ipo: identity preference optimisation; hinge: SLiC's hinge "
-                           "loss; robust: DPO robust to label noise")
-    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference model (the KL "
-                                               "penalty's weight; for ipo, its regularisation)")
+                           "loss; robust: DPO robust to label noise; simpo: SimPO (length-normalised, no reference "
+                           "model); cpo: contrastive preference optimisation (DPO-style loss without reference + an "
+                           "NLL term on chosen); orpo: odds-ratio preference optimisation (SFT loss + odds-ratio "
+                           "penalty, no reference). simpo/cpo/orpo use TRL's experimental CPO/ORPO trainers")
+    beta: float | None = Field(None, gt=0, description="dpo/ipo/hinge/robust: how far the policy may move from the "
+                                                       "reference model (default 0.1); simpo: reward scale (default "
+                                                       "2.0); cpo: loss temperature (0.1); orpo: weight of the "
+                                                       "odds-ratio term (λ, 0.1)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin over beta (γ/β)")
+
+    @model_validator(mode="after")
+    def _default_beta(self) -> PreferenceConfig:
+        """Write the loss's usual beta out, so the saved recipe says what ran."""
+        if self.beta is None:
+            self.beta = DEFAULT_BETAS.get(self.loss, 0.1)
+        if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
+            raise ValueError(f"preference.simpo_gamma is an option of loss simpo; drop it for loss {self.loss}")
+        return self
 
 
 class RewardSource(Section):

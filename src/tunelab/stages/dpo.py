@@ -1,10 +1,12 @@
-"""Direct preference optimisation: a decoder learns to prefer the chosen response of each pair.
+"""Direct preference optimisation and its relatives: a decoder learns to prefer the chosen response of each pair.
 
 load pairs → load decoder → apply method → score before (implicit-reward preference accuracy, reward margin,
 log-probs of chosen and rejected on the eval pairs; sample answers) → train with TRL's DPOTrainer → score after.
 
 With an adapter method (LoRA, DoRA, QLoRA, IA3, …) the reference model is the frozen base itself, reached by
 switching the adapter off, so no second copy of the model is held; full fine-tuning keeps a frozen copy.
+SimPO, CPO and ORPO need no reference model; they run on TRL's (experimental) CPO and ORPO trainers, which log
+the same rewards/* metrics (their implicit reward is the policy's own scaled log-prob).
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from pathlib import Path
 from peft import TaskType
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
-from tunelab.recipe import DPO_LOSSES, Recipe
+from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.runs.lineage import run_chain
 from tunelab.trainer import (
@@ -43,6 +47,26 @@ class MeteredDPOTrainer(MeteredMixin, DPOTrainer):
     """TRL's DPOTrainer with tunelab's training-loop meter."""
 
 
+class MeteredCPOTrainer(MeteredMixin, CPOTrainer):
+    """TRL's CPOTrainer (CPO and SimPO) with tunelab's training-loop meter."""
+
+
+class MeteredORPOTrainer(MeteredMixin, ORPOTrainer):
+    """TRL's ORPOTrainer with tunelab's training-loop meter."""
+
+
+def preference_trainer(preference: PreferenceConfig) -> tuple[type, type, dict]:
+    """The TRL trainer, its config class and the loss options for preference.loss."""
+    if preference.loss in DPO_LOSSES:
+        return MeteredDPOTrainer, DPOConfig, {"loss_type": [DPO_LOSSES[preference.loss]], "beta": preference.beta}
+    if preference.loss == "orpo":
+        return MeteredORPOTrainer, ORPOConfig, {"beta": preference.beta}
+    if preference.loss == "simpo":
+        return MeteredCPOTrainer, CPOConfig, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": preference.beta,
+                                              "simpo_gamma": preference.simpo_gamma}
+    return MeteredCPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": preference.beta}
+
+
 def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """Preference-tune a decoder on chosen/rejected pairs; write the run folder and return metrics.json's content."""
     set_seed(recipe.train.seed)
@@ -52,10 +76,10 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
                          recipe.method, [], TaskType.CAUSAL_LM)
     params = count_parameters(model)
     print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
-    trainer = MeteredDPOTrainer(
+    trainer_class, config_class, loss_options = preference_trainer(recipe.preference)
+    trainer = trainer_class(
         model=model,
-        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=DPOConfig,
-                                beta=recipe.preference.beta, loss_type=[DPO_LOSSES[recipe.preference.loss]],
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=config_class, **loss_options,
                                 max_length=recipe.model.max_length, prediction_loss_only=True,
                                 train_sampling_strategy="random"),  # pairs have no input_ids to group by length
         train_dataset=data.train,
@@ -73,8 +97,8 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
                                                    recipe.eval.generate, bf16)
         return scores
 
-    # Before: the policy equals the reference, so every implicit reward is 0 (accuracy 0, margin 0); the log-probs
-    # show what the starting model prefers.
+    # Before, DPO's policy equals its reference, so every implicit reward is 0 (accuracy 0, margin 0) and the
+    # log-probs show what the starting model prefers; the reference-free losses score the starting model itself.
     before = load_or_score_baseline(run_dir, score)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()
