@@ -16,6 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.judge import joined, win_rate
 from tunelab.recipe import DPO_LOSSES, validate_recipe
 from tunelab.rewards import exact_match, known_answer
+from tunelab.stages.grpo import reward_trend
 
 
 def preference_rows(count: int, seed: int) -> list[dict]:
@@ -176,3 +177,11 @@ def test_a_judge_that_is_not_a_reward_run_is_refused_before_training(tiny_llama,
     with pytest.raises(TunelabError, match=re.escape("eval.judge.model") + ".*not a finished reward-model run"):
         api.train(validate_recipe(recipe), str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+
+
+def test_reward_trend_weights_each_logged_reward_by_the_steps_it_covers():
+    history = [{"step": 1, "reward": 0.0}, {"step": 2, "reward": 1.0}, {"step": 5, "loss": 0.3},
+               {"step": 6, "reward": 0.5}]
+    assert reward_trend(history) == {"train_reward_first_fifth": 0.0, "train_reward_last_fifth": 0.5}
+    assert reward_trend([{"step": 3, "reward": 0.2}]) == {"train_reward_first_fifth": 0.2,
+                                                          "train_reward_last_fifth": 0.2}

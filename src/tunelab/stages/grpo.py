@@ -113,10 +113,14 @@ def prompt_rows(split: datasets.Dataset, fmt: PromptFormat) -> datasets.Dataset:
 
 
 def reward_trend(history: list[dict]) -> dict:
-    """Mean training reward over the first and the last fifth of the logged steps: did reward rise?"""
-    rewards = [entry["reward"] for entry in history if "reward" in entry]
-    if len(rewards) < 2:
+    """Mean training reward over the first and the last fifth of the training steps: did reward rise? Each logged
+    reward is TRL's mean since the previous log, so it stands for every step it covers."""
+    per_step: list[float] = []
+    for entry in history:
+        if "reward" in entry:
+            per_step += [entry["reward"]] * max(1, entry["step"] - (len(per_step)))
+    if len(per_step) < 2:
         return {}
-    fifth = max(1, len(rewards) // 5)
-    return {"train_reward_first_fifth": float(np.mean(rewards[:fifth])),
-            "train_reward_last_fifth": float(np.mean(rewards[-fifth:]))}
+    fifth = max(1, len(per_step) // 5)
+    return {"train_reward_first_fifth": float(np.mean(per_step[:fifth])),
+            "train_reward_last_fifth": float(np.mean(per_step[-fifth:]))}
