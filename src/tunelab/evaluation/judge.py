@@ -44,12 +44,14 @@ def joined(prompt: str, completion: str) -> str:
 
 def win_rate(judge: RewardFunction, prompts: list[str], before: list[str], after: list[str],
              columns: dict[str, list] | None = None) -> dict:
-    """How often the judge scores the trained answer above the starting answer to the same prompt (a tie counts
-    half), with the counts and the mean judged reward of each side."""
+    """How often the judge scores the trained answer above the starting answer to the same prompt (a tie, or the
+    same answer, counts half), with the counts and the mean judged reward of each side."""
     columns = columns or {}
     before_scores = np.asarray(judge(prompts=prompts, completions=before, **columns), dtype=float)
     after_scores = np.asarray(judge(prompts=prompts, completions=after, **columns), dtype=float)
-    wins, ties = int((after_scores > before_scores).sum()), int((after_scores == before_scores).sum())
+    same = np.array([b == a for b, a in zip(before, after, strict=True)])  # one answer: a tie, however batched
+    wins = int(((after_scores > before_scores) & ~same).sum())
+    ties = int((same | (after_scores == before_scores)).sum())
     return {"win_rate": (wins + ties / 2) / len(prompts), "wins": wins, "ties": ties,
             "losses": len(prompts) - wins - ties, "judged_prompts": len(prompts),
             "judge_reward_before": float(before_scores.mean()), "judge_reward_after": float(after_scores.mean())}
