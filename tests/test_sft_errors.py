@@ -1,4 +1,4 @@
-"""Bad generative recipes and data are refused before training: exit code 2, one `error:` line, no run folder."""
+"""Bad generative and preference recipes and data are refused before training: exit 2, one `error:` line, no run."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import yaml
 from tunelab.cli import main
 
 QA = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Say bye", "input": "", "output": "bye"}]
+PAIRS = [{"prompt": "Say hi", "chosen": " hi", "rejected": " go away"}] * 2
 CHAT = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 2
 
 
@@ -68,6 +69,19 @@ CASES = [
                  id="qlora-on-cpu", marks=pytest.mark.skipif(__import__("torch").cuda.is_available(),
                                                              reason="a CUDA machine can run QLoRA")),
     pytest.param({"method": "qlora", "task": "seq2seq"}, QA, ["use lora for task seq2seq"], id="qlora-seq2seq"),
+    pytest.param({"task": "reward"}, QA, ["column 'chosen' (data.chosen) and 'rejected' (data.rejected) not in split",
+                                          "set data.chosen / data.rejected"], id="pairs-missing"),
+    pytest.param({"task": "dpo"}, [*PAIRS, {"prompt": "p", "chosen": " same", "rejected": " same"}],
+                 ["1 of 3 rows in split 'train' have an empty or identical chosen/rejected", "row 3",
+                  "data.drop_empty"], id="identical-pair"),
+    pytest.param({"task": "dpo", "model": {"name": "ENCODER"}}, PAIRS, ["task dpo trains a decoder"],
+                 id="dpo-on-an-encoder"),
+    pytest.param({"task": "reward", "preference": {"beta": 0.2}}, PAIRS, ["the preference section configures task dpo"],
+                 id="dpo-options-on-a-reward-model"),
+    pytest.param({"task": "dpo", "data": {"shots": 2}}, PAIRS, ["data.shots", "pairs, not labels"],
+                 id="shots-on-pairs"),
+    pytest.param({"task": "dpo", "preference": {"loss": "kto"}}, PAIRS, ["'preference.loss' = 'kto' is invalid"],
+                 id="unknown-dpo-loss"),
 ]
 
 

@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
+from tunelab.data.preference import load_preference_data
 from tunelab.data.sft_encoding import fit_prompts, prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
@@ -20,30 +21,65 @@ from tunelab.models.loading import (
     resolve_model,
 )
 from tunelab.models.trained import earlier_run_labels, load_trained
-from tunelab.recipe import GENERATIVE_TASKS, DataConfig, GenerateConfig, Recipe
+from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe, RewardSource
+from tunelab.rewards import load_reward_function
 from tunelab.runs.folder import open_run_folder
 from tunelab.stages.classify import run_classification
+from tunelab.stages.dpo import run_dpo
 from tunelab.stages.fewshot import run_fewshot
+from tunelab.stages.grpo import run_grpo
+from tunelab.stages.reward import run_reward
 from tunelab.stages.seq2seq import run_seq2seq
 from tunelab.stages.sft import check_context_length, run_sft
 
 STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft, "pretrain": run_sft,
-          "seq2seq": run_seq2seq}
+          "seq2seq": run_seq2seq, "reward": run_reward, "dpo": run_dpo,
+          "grpo": run_grpo}
 
 
 def check_recipe(recipe: Recipe):
     """Everything that can be checked before a run folder exists: data, labels, model. Returns (data, model)."""
+    if recipe.eval.judge is not None:
+        check_reward_source(recipe.eval.judge, "eval.judge")
     if recipe.task in GENERATIVE_TASKS:
         data = load_generative_data(recipe.data, recipe.task)
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
         check_generative_model(recipe, source, data)
         return data, source
+    if recipe.task == "grpo":
+        data = load_generative_data(recipe.data, "sft")
+        source = resolve_model(recipe.model.name)
+        check_model_exists(source)
+        if source.origin != "hub" and not is_decoder(source.location):
+            raise TunelabError(f"task grpo trains a decoder (causal LM), but '{recipe.model.name}' is not one; use "
+                               f"e.g. smollm2-135m or an sft run folder")
+        check_reward_source(recipe.reward, "reward")
+        return data, source
+    if recipe.task in PREFERENCE_TASKS:
+        data = load_preference_data(recipe.data)
+        source = resolve_model(recipe.model.name)
+        check_model_exists(source)
+        if recipe.task == "dpo" and source.origin != "hub" and not is_decoder(source.location):
+            raise TunelabError(f"task dpo trains a decoder (causal LM), but '{recipe.model.name}' is not one; use "
+                               f"e.g. smollm2-135m (task reward trains encoders too)")
+        return data, source
     data = load_labelled_data(recipe.data)
     source = resolve_model(recipe.model.name)
     check_model_exists(source)
     check_model_fits_task(recipe, source, data.labels)
     return data, source
+
+
+def check_reward_source(source: RewardSource, field: str) -> None:
+    """The reward function imports and has the right signature, or the reward model is a reward run's folder."""
+    if source.function is not None:
+        load_reward_function(source.function)
+        return
+    earlier = earlier_run_labels(source.model)
+    if earlier is None or earlier[0] != "reward":
+        raise TunelabError(f"{field}.model '{source.model}' is not a finished reward-model run folder (task "
+                           f"reward); train one first, or use {field}.function")
 
 
 def check_generative_model(recipe: Recipe, source: ModelSource, data: GenerativeData) -> None:

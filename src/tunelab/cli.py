@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--output", help="curve folder (default: runs/<name>-curve-<timestamp>); the same command "
                                         "into the same folder continues an interrupted curve")
 
+    pipeline = commands.add_parser("pipeline", help="run chained stages (e.g. sft → reward → dpo), each from an "
+                                                    "earlier stage's run folder; re-running finishes a killed chain")
+    pipeline.add_argument("pipeline", help="pipeline YAML file (see examples/rlhf_pipeline.yaml)")
+    pipeline.add_argument("--output", help="folder holding one run folder per stage (default: runs/<name>); the "
+                                           "same command into the same folder skips finished stages")
+
     add_bench_arguments(commands.add_parser("bench", help="speed/memory suite: each example job three ways "
                                                           "(tutorial, hand-written, tunelab), side by side"))
     return parser
@@ -156,15 +162,23 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir, metrics = api.train(recipe, args.output, args.resume)
-    before, after = metrics["before"], metrics["after"]
-    changes = [f"{key} {before[key]:.4f} → {after[key]:.4f}" for key in HEADLINE_METRICS
-               if isinstance(before.get(key), float | int) and isinstance(after.get(key), float | int)]
-    print(f"tunelab: {'; '.join(changes)}; {metrics['train_samples_per_second']:.2f} train samples/s; "
+    print(f"tunelab: {headline_changes(metrics)}; {metrics['train_samples_per_second']:.2f} train samples/s; "
           f"report: {run_dir / 'report.html'}")
     return 0
 
 
-HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l")
+def headline_changes(metrics: dict) -> str:
+    """The headline metrics before → after (and the win rate when judged), for the last line of a run."""
+    before, after = metrics["before"], metrics["after"]
+    changes = [f"{key} {before[key]:.4f} → {after[key]:.4f}" for key in HEADLINE_METRICS
+               if isinstance(before.get(key), float | int) and isinstance(after.get(key), float | int)]
+    if "win_rate" in metrics:
+        changes.append(f"win rate {metrics['win_rate']:.3f}")
+    return "; ".join(changes)
+
+
+HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
+                    "preference_accuracy", "reward_margin", "mean_reward")
 
 
 def cmd_validate(args) -> int:
@@ -302,5 +316,15 @@ def cmd_curve(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from tunelab.pipeline import run_pipeline
+
+    results = run_pipeline(args.pipeline, args.output)
+    for name, result in results.items():
+        print(f"tunelab: {name} ({result['task']}): {headline_changes(result)} — {result['run']}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
-            "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat}
+            "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat,
+            "pipeline": cmd_pipeline}

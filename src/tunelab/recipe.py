@@ -64,6 +64,10 @@ class DataConfig(Section):
     chat_template: str = Field("auto", description="sft: auto = the model's own chat template when it has one, else "
                                                    "plain text (Alpaca-style '### Instruction:' prompts); none = plain "
                                                    "text always; anything else = a Jinja chat template to use")
+    prompt: str = Field("prompt", description="reward/dpo: the column holding the shared prompt (a missing column "
+                                              "means chosen/rejected are whole transcripts)")
+    chosen: str = Field("chosen", description="reward/dpo: the column holding the preferred response")
+    rejected: str = Field("rejected", description="reward/dpo: the column holding the dispreferred response")
     seed: int = Field(42, description="Seed for subsampling, hold-out splits and few-shot sampling")
 
     @model_validator(mode="after")
@@ -147,6 +151,7 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
 
 
 GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
+PREFERENCE_TASKS = ("reward", "dpo")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
@@ -188,6 +193,56 @@ class GenerateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together")
 
 
+JUDGED_TASKS = ("dpo", "grpo")  # tasks whose answers before and after training a judge can compare
+DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}  # recipe name → TRL loss_type
+REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")  # TRL's CPO / ORPO trainers: no reference model at all
+DEFAULT_BETAS = {"simpo": 2.0}  # SimPO's paper uses β 2–2.5 on its length-normalised reward; the others 0.1
+
+
+class PreferenceConfig(Section):
+    loss: Literal["dpo", "ipo", "hinge", "robust", "simpo", "cpo", "orpo"] = Field(
+        "dpo", description="dpo: the DPO loss (sigmoid); ipo: identity preference optimisation; hinge: SLiC's hinge "
+                           "loss; robust: DPO robust to label noise; simpo: SimPO (length-normalised, no reference "
+                           "model); cpo: contrastive preference optimisation (DPO-style loss without reference + an "
+                           "NLL term on chosen); orpo: odds-ratio preference optimisation (SFT loss + odds-ratio "
+                           "penalty, no reference). simpo/cpo/orpo use TRL's experimental CPO/ORPO trainers")
+    beta: float | None = Field(None, gt=0, description="dpo/ipo/hinge/robust: how far the policy may move from the "
+                                                       "reference model (default 0.1); simpo: reward scale (default "
+                                                       "2.0); cpo: loss temperature (0.1); orpo: weight of the "
+                                                       "odds-ratio term (λ, 0.1)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin over beta (γ/β)")
+
+    @model_validator(mode="after")
+    def _default_beta(self) -> PreferenceConfig:
+        """Write the loss's usual beta out, so the saved recipe says what ran."""
+        if self.beta is None:
+            self.beta = DEFAULT_BETAS.get(self.loss, 0.1)
+        if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
+            raise ValueError(f"preference.simpo_gamma is an option of loss simpo; drop it for loss {self.loss}")
+        return self
+
+
+class RewardSource(Section):
+    function: str | None = Field(None, description="A built-in reward (exact_match, known_answer, brevity) or your "
+                                                   "own as 'module:function' (called with prompts, completions and "
+                                                   "the data columns; returns one float per completion)")
+    model: str | None = Field(None, description="A reward-model run folder (task reward) that scores prompt + "
+                                                "completion")
+
+    def describe(self) -> str:
+        """The source in a word: the function's name or the reward run's folder."""
+        return self.function or self.model or "none"
+
+
+class GrpoConfig(Section):
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt; each is scored against the "
+                                                      "group's mean reward")
+    max_new_tokens: int = Field(32, ge=1, description="Longest completion generated in training")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the training completions")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL penalty towards the starting model (0: none, "
+                                               "TRL's default; no reference model is kept)")
+
+
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Rows per batch when scoring")
     best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
@@ -200,6 +255,9 @@ class EvalConfig(Section):
                                                                  "baseline for what fine-tuning buys)")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="sft/seq2seq: generation-based "
                                      "scores (exact match, ROUGE-L) on a sample of the eval split")
+    judge: RewardSource | None = Field(None, description="dpo/grpo: a reward-model run or reward function that "
+                                       "judges the trained model's answers to the generation samples against the "
+                                       "starting model's answers (win rate)")
 
 
 class FewshotConfig(Section):
@@ -230,16 +288,23 @@ class OutputConfig(Section):
 
 class Recipe(Section):
     name: str = Field(description="Run name; default: the recipe file's name")
-    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq"] = Field(
+    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo", "grpo"] = Field(
         description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
                     "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
-                    "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target)")
+                    "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target), "
+                    "reward (a scalar reward model from chosen/rejected pairs), dpo (a decoder learns to prefer the "
+                    "chosen responses: direct preference optimisation and its relatives), grpo (online RL: the "
+                    "decoder samples answers to the prompts and learns from a reward function or reward model)")
     model: ModelConfig
     data: DataConfig
     method: Method = Field(default_factory=FullMethod, description="How weights are trained")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task: fewshot")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of task: dpo")
+    reward: RewardSource = Field(default_factory=RewardSource, description="task grpo: where rewards come from "
+                                                                           "(set function or model)")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task: grpo")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -268,9 +333,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_qlora(self) -> Recipe:
         """QLoRA quantizes a decoder's base for generative training; classifiers use lora."""
-        if self.method.name == "qlora" and self.task not in ("sft", "pretrain"):
-            raise ValueError(f"method qlora is for decoder training (task sft or pretrain); use lora for task "
-                             f"{self.task}")
+        if self.method.name == "qlora" and self.task not in ("sft", "pretrain", "dpo", "grpo"):
+            raise ValueError(f"method qlora is for decoder training (task sft, pretrain, dpo or grpo); use lora for "
+                             f"task {self.task}")
         return self
 
     @model_validator(mode="after")
@@ -294,6 +359,64 @@ class Recipe(Section):
             raise ValueError(f"train.packing needs position ids that restart per row, and peft drops them for method "
                              f"{self.method.name}; drop train.packing or use lora")
         self.eval.best_metric = "loss"
+        return self
+
+    @model_validator(mode="after")
+    def _check_preference(self) -> Recipe:
+        """Preference tasks train on chosen/rejected pairs: no labels to sample shots from, no packing."""
+        if self.task not in PREFERENCE_TASKS:
+            if "preference" in self.model_fields_set:
+                raise ValueError(f"the preference section configures task dpo; drop it for task {self.task}")
+            return self
+        if self.task == "reward" and "preference" in self.model_fields_set:
+            raise ValueError("the preference section configures task dpo; a reward model has no options there")
+        if self.data.shots is not None:
+            raise ValueError(f"data.shots samples k rows per label, and task {self.task} has pairs, not labels; use "
+                             f"data.train_size")
+        if self.eval.in_context_shots is not None:
+            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
+        if self.train.packing:
+            raise ValueError(f"train.packing is for sft and pretrain; drop it for task {self.task}")
+        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
+            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss")
+        self.eval.best_metric = "loss"
+        return self
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> Recipe:
+        """grpo needs exactly one reward source and whole groups of completions in every step."""
+        if self.task != "grpo":
+            for section in ("reward", "grpo"):
+                if section in self.model_fields_set:
+                    raise ValueError(f"the {section} section configures task grpo; drop it for task {self.task}")
+            return self
+        if (self.reward.function is None) == (self.reward.model is None):
+            raise ValueError("task grpo needs one reward source: set reward.function (e.g. exact_match, or "
+                             "module:function) or reward.model (a reward-model run folder)")
+        rows = self.train.batch_size * self.train.grad_accum
+        if rows % self.grpo.num_generations:
+            raise ValueError(f"train.batch_size × train.grad_accum ({rows}) must be a multiple of "
+                             f"grpo.num_generations ({self.grpo.num_generations}): each step scores whole groups")
+        if self.data.shots is not None or self.eval.in_context_shots is not None or self.train.packing:
+            raise ValueError("task grpo takes none of data.shots, eval.in_context_shots, train.packing; drop them")
+        self.eval.select_best = False  # no eval loss to pick a checkpoint by: the last one is the result
+        return self
+
+    @model_validator(mode="after")
+    def _check_judge(self) -> Recipe:
+        """A judge compares answers before and after training: tasks that generate them, one source, samples."""
+        judge = self.eval.judge
+        if judge is None:
+            return self
+        if self.task not in JUDGED_TASKS:
+            raise ValueError(f"eval.judge scores the answers of task {' or '.join(JUDGED_TASKS)}; drop it for task "
+                             f"{self.task}")
+        if (judge.function is None) == (judge.model is None):
+            raise ValueError("eval.judge needs one source: set eval.judge.model (a reward-model run folder) or "
+                             "eval.judge.function (e.g. exact_match, or module:function)")
+        if self.eval.generate.num_samples == 0:
+            raise ValueError("eval.judge compares generated answers, and eval.generate.num_samples is 0; set it to "
+                             "the number of prompts to judge (e.g. 32)")
         return self
 
     @model_validator(mode="after")

@@ -35,11 +35,11 @@ def resolve_bf16(precision: str) -> bool:
 
 def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path, bf16: bool,
                        args_class: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
-    """HF TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` options) for a recipe:
-    evaluate and checkpoint each epoch (or N steps), keep the best or the last checkpoint."""
+    """HF TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` options, which override
+    these) for a recipe: evaluate and checkpoint each epoch (or N steps), keep the best or the last checkpoint."""
     every_steps = train.checkpoint_every is not None
     strategy = "steps" if every_steps else "epoch"
-    return args_class(
+    options = dict(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
@@ -69,8 +69,8 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=train.gradient_checkpointing,
-        **extra,
     )
+    return args_class(**{**options, **extra})  # a stage's extras win (e.g. no length grouping for pairs)
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
@@ -108,6 +108,8 @@ def batch_token_counts(inputs: dict) -> tuple[int, int, int]:
     A padding-free batch (one concatenated sequence, no attention mask) holds as many rows as its position ids
     restart at 0.
     """
+    if isinstance(inputs, list):  # GRPO's trainer step gets raw prompt rows; their tokens are generated inside it
+        return len(inputs), 0, 0
     input_ids = inputs.get("input_ids")
     if input_ids is None:
         return 0, 0, 0

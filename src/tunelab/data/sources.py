@@ -24,11 +24,13 @@ def data_search_path() -> list[Path]:
 
 
 def find_local_copy(source: str) -> Path | None:
-    """The local folder holding a Hub dataset, or None when no search-path folder has it."""
+    """The local folder holding a Hub dataset, or None when no search-path folder has it. `org/hh-rlhf` is also
+    found as `hh_rlhf` (local copies use underscores)."""
     name = source.rstrip("/").split("/")[-1]
     for folder in data_search_path():
-        if (folder / name).is_dir():
-            return folder / name
+        for candidate in dict.fromkeys([name, name.replace("-", "_")]):
+            if (folder / candidate).is_dir():
+                return folder / candidate
     return None
 
 

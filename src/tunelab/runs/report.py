@@ -116,6 +116,9 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
     if len(metrics.get("chain", [])) > 1:  # this run started from an earlier one: show how it came about
         sections.append(("Started from", "<p>" + " → ".join(html.escape(str(link)) for link in metrics["chain"])
                          + " → this run</p>"))
+    if "judge" in metrics:
+        sections.append(("Win rate over the starting model", win_rate_paragraph(metrics["win_rate"],
+                                                                                metrics["judge"])))
     if "in_context" in metrics:
         sections.append(("In-context baseline (no training)", in_context_paragraph(metrics["in_context"])))
     for heading, image in [("Loss", loss_plot(history)), ("Eval metrics per epoch",
@@ -138,6 +141,14 @@ def samples_table(path: Path, limit: int = 12) -> str:
                                      for key in ("prompt", "reference", "before", "after")) + "</tr>" for row in rows)
     return (f"<p>The first {len(rows)} of the scored eval prompts; all are in samples.jsonl.</p><table><tr>"
             "<th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>" + cells + "</table>")
+
+
+def win_rate_paragraph(rate: float, judge: dict) -> str:
+    """How the judge compared the trained model's answers with the starting model's, prompt by prompt."""
+    return (f"<p>Judged by {html.escape(judge['source'])} on {judge['judged_prompts']} held-out prompts, the trained "
+            f"model's answer scored higher on {judge['wins']}, the same on {judge['ties']} and lower on "
+            f"{judge['losses']}: <b>win rate {rate:.3f}</b> (a tie counts half; 0.5 = no better than before). The "
+            f"answers of both are in samples.jsonl.</p>")
 
 
 def in_context_paragraph(scores: dict) -> str:

@@ -1,0 +1,89 @@
+"""Preference pairs for reward models and DPO: every row becomes prompt / chosen / rejected text.
+
+A source with a prompt column holds the shared prompt there and only the two responses in chosen/rejected (the
+TRL layout of hh-rlhf). Without one, chosen and rejected are whole transcripts; their longest common prefix,
+cut back to a word boundary, becomes the prompt, so both layouts train and score the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+
+from tunelab.data.generative import random_subsample
+from tunelab.data.sources import eval_split_name, load_splits
+from tunelab.errors import TunelabError
+from tunelab.recipe import DataConfig
+
+
+@dataclass
+class PreferenceData:
+    """Train and eval pairs (prompt/chosen/rejected) and where the eval pairs came from."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    eval_split: str
+    has_prompt_column: bool
+    dropped: int = 0
+
+
+def load_preference_data(cfg: DataConfig) -> PreferenceData:
+    """Read, check, normalise and subsample the pairs of a reward or dpo recipe."""
+    splits = load_splits(cfg.source)
+    columns = splits[cfg.train_split].column_names
+    missing = [f"'{name}' (data.{key})" for key, name in (("chosen", cfg.chosen), ("rejected", cfg.rejected))
+               if name not in columns]
+    if missing:
+        raise TunelabError(f"column {' and '.join(missing)} not in split '{cfg.train_split}' (columns: "
+                           f"{', '.join(columns)}); set data.chosen / data.rejected to the preferred and dispreferred "
+                           f"response columns")
+    has_prompt = cfg.prompt in columns
+    eval_name = eval_split_name(cfg, splits)
+    train, dropped = normalise_pairs(splits[cfg.train_split], cfg, has_prompt, cfg.train_split)
+    if eval_name is not None:
+        evaluation, dropped_eval = normalise_pairs(splits[eval_name], cfg, has_prompt, eval_name)
+        dropped += dropped_eval
+    else:
+        parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
+        train, evaluation = parts["train"], parts["test"]
+        eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
+    return PreferenceData(train=random_subsample(train, cfg.train_size, cfg.seed),
+                          eval=random_subsample(evaluation, cfg.eval_size, cfg.seed), eval_split=eval_name,
+                          has_prompt_column=has_prompt, dropped=dropped)
+
+
+def normalise_pairs(split: datasets.Dataset, cfg: DataConfig, has_prompt: bool,
+                    name: str) -> tuple[datasets.Dataset, int]:
+    """The split as prompt/chosen/rejected strings; rows without a real choice are dropped or refused."""
+    rows = []
+    unusable = []
+    for number, row in enumerate(split, start=1):
+        chosen, rejected = str(row[cfg.chosen] or ""), str(row[cfg.rejected] or "")
+        prompt = str(row[cfg.prompt] or "") if has_prompt else shared_prefix(chosen, rejected)
+        if not has_prompt:
+            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        if not chosen.strip() or not rejected.strip() or chosen == rejected:
+            unusable.append(number)
+            continue
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if unusable and not cfg.drop_empty:
+        raise TunelabError(f"{len(unusable)} of {len(split)} rows in split '{name}' have an empty or identical "
+                           f"chosen/rejected response (first: row {unusable[0]}); set data.drop_empty: true to drop "
+                           f"them")
+    if not rows:
+        raise TunelabError(f"split '{name}' has no usable preference pairs")
+    return datasets.Dataset.from_list(rows), len(unusable)
+
+
+def shared_prefix(chosen: str, rejected: str) -> str:
+    """The prompt two whole transcripts share: their common prefix, cut back to the last whitespace in it."""
+    length = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        length += 1
+    if length == min(len(chosen), len(rejected)):  # one transcript continues the other
+        return chosen[:length]
+    cut = max(chosen.rfind(" ", 0, length), chosen.rfind("\n", 0, length))
+    return chosen[:cut + 1] if cut >= 0 else ""

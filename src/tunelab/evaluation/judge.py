@@ -1,0 +1,70 @@
+"""Rewards from a recipe's source (a reward function or a reward-model run folder), and the win rate of a trained
+policy's answers over its starting point's, as such a reward judges them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tunelab.evaluation.classification import predict_logits
+from tunelab.models.loading import is_decoder, load_classifier, load_tokenizer
+from tunelab.recipe import RewardSource
+from tunelab.rewards import RewardFunction, load_reward_function
+
+REWARD_LABELS = ["reward"]  # a reward model's one output: the scalar reward
+
+
+def load_reward(source: RewardSource, batch_size: int, bf16: bool) -> RewardFunction:
+    """The source as a TRL-style reward function: the named function, or the reward-model run scoring prompt +
+    completion the way it was trained (its own max_length; EOS appended on decoders; long texts keep their end)."""
+    if source.function is not None:
+        return load_reward_function(source.function)
+    run = Path(source.model)
+    location = str(run / "model")
+    tokenizer = load_tokenizer(location)
+    model, _ = load_classifier(location, REWARD_LABELS, tokenizer)
+    trained = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
+    max_length = int(trained["model"]["max_length"])
+    ending = tokenizer.eos_token if is_decoder(location) and tokenizer.eos_token else ""
+
+    def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
+        texts = [joined(prompt, completion) + ending for prompt, completion in zip(prompts, completions, strict=True)]
+        return predict_logits(model, tokenizer, texts, None, batch_size, max_length, bf16, keep_end=True)[:, 0].tolist()
+
+    return reward_model
+
+
+def joined(prompt: str, completion: str) -> str:
+    """Prompt and generated answer as one transcript: generated answers come stripped, so put back the space a
+    prompt ending in a word (e.g. 'Assistant:') had before its response in the training pairs."""
+    return prompt + completion if not prompt or prompt[-1].isspace() else f"{prompt} {completion}"
+
+
+def win_rate(judge: RewardFunction, prompts: list[str], before: list[str], after: list[str],
+             columns: dict[str, list] | None = None) -> dict:
+    """How often the judge scores the trained answer above the starting answer to the same prompt (a tie, or the
+    same answer, counts half), with the counts and the mean judged reward of each side."""
+    columns = columns or {}
+    before_scores = np.asarray(judge(prompts=prompts, completions=before, **columns), dtype=float)
+    after_scores = np.asarray(judge(prompts=prompts, completions=after, **columns), dtype=float)
+    same = np.array([b == a for b, a in zip(before, after, strict=True)])  # one answer: a tie, however batched
+    wins = int(((after_scores > before_scores) & ~same).sum())
+    ties = int((same | (after_scores == before_scores)).sum())
+    return {"win_rate": (wins + ties / 2) / len(prompts), "wins": wins, "ties": ties,
+            "losses": len(prompts) - wins - ties, "judged_prompts": len(prompts),
+            "judge_reward_before": float(before_scores.mean()), "judge_reward_after": float(after_scores.mean())}
+
+
+def judge_generations(source: RewardSource, prompts: list[str], before: dict, after: dict, batch_size: int,
+                      bf16: bool, columns: dict[str, list] | None = None) -> dict:
+    """Judge the answers in before["generations"] against after["generations"]: adds each side's mean judged reward
+    to before/after as judge_reward and returns metrics.json's win_rate and judge entries."""
+    judge = load_reward(source, batch_size, bf16)
+    result = win_rate(judge, prompts, before["generations"], after["generations"], columns)
+    before["judge_reward"] = result.pop("judge_reward_before")
+    after["judge_reward"] = result.pop("judge_reward_after")
+    print(f"tunelab: win rate over the starting model {result['win_rate']:.3f} on {len(prompts)} prompts "
+          f"(judge: {source.describe()})")
+    return {"win_rate": result.pop("win_rate"), "judge": {"source": source.describe(), **result}}

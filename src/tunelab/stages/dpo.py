@@ -1,0 +1,132 @@
+"""Direct preference optimisation and its relatives: a decoder learns to prefer the chosen response of each pair.
+
+load pairs → load decoder → apply method → score before (implicit-reward preference accuracy, reward margin,
+log-probs of chosen and rejected on the eval pairs; sample answers) → train with TRL's DPOTrainer → score after.
+
+With an adapter method (LoRA, DoRA, QLoRA, IA3, …) the reference model is the frozen base itself, reached by
+switching the adapter off, so no second copy of the model is held; full fine-tuning keeps a frozen copy.
+SimPO, CPO and ORPO need no reference model; they run on TRL's (experimental) CPO and ORPO trainers, which log
+the same rewards/* metrics (their implicit reward is the policy's own scaled log-prob).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import TaskType
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+from tunelab.data.preference import PreferenceData
+from tunelab.evaluation.generation import generate_texts
+from tunelab.evaluation.judge import judge_generations
+from tunelab.methods.apply import apply_method, count_parameters
+from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
+from tunelab.runs.lineage import run_chain
+from tunelab.trainer import (
+    JsonlLogCallback,
+    MeteredMixin,
+    last_checkpoint,
+    resolve_bf16,
+    save_model,
+    training_arguments,
+    training_summary,
+)
+
+# TRL's evaluation keys → metrics.json keys
+EVAL_KEYS = {"eval_loss": "loss", "eval_rewards/accuracies": "preference_accuracy",
+             "eval_rewards/margins": "reward_margin", "eval_logps/chosen": "logp_chosen",
+             "eval_logps/rejected": "logp_rejected"}
+
+
+class MeteredDPOTrainer(MeteredMixin, DPOTrainer):
+    """TRL's DPOTrainer with tunelab's training-loop meter."""
+
+
+class MeteredCPOTrainer(MeteredMixin, CPOTrainer):
+    """TRL's CPOTrainer (CPO and SimPO) with tunelab's training-loop meter."""
+
+
+class MeteredORPOTrainer(MeteredMixin, ORPOTrainer):
+    """TRL's ORPOTrainer with tunelab's training-loop meter."""
+
+
+def preference_trainer(preference: PreferenceConfig) -> tuple[type, type, dict]:
+    """The TRL trainer, its config class and the loss options for preference.loss."""
+    if preference.loss in DPO_LOSSES:
+        return MeteredDPOTrainer, DPOConfig, {"loss_type": [DPO_LOSSES[preference.loss]], "beta": preference.beta}
+    if preference.loss == "orpo":
+        return MeteredORPOTrainer, ORPOConfig, {"beta": preference.beta}
+    if preference.loss == "simpo":
+        return MeteredCPOTrainer, CPOConfig, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": preference.beta,
+                                              "simpo_gamma": preference.simpo_gamma}
+    return MeteredCPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": preference.beta}
+
+
+def single_pass_options(recipe: Recipe) -> dict:
+    """One epoch has one checkpoint to pick, and scoring after training evaluates it anyway: skip the epoch-end
+    evaluation (on SmolLM2 it costs as much as 20 training steps per 100 eval pairs)."""
+    if recipe.train.epochs > 1 or recipe.train.max_steps is not None:
+        return {}
+    return {"eval_strategy": "no", "load_best_model_at_end": False, "metric_for_best_model": None}
+
+
+def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
+    """Preference-tune a decoder on chosen/rejected pairs; write the run folder and return metrics.json's content."""
+    set_seed(recipe.train.seed)
+    bf16 = resolve_bf16(recipe.train.precision)
+    tokenizer = load_tokenizer(source.location)
+    model = apply_method(load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora"),
+                         recipe.method, [], TaskType.CAUSAL_LM)
+    params = count_parameters(model)
+    print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
+    trainer_class, config_class, loss_options = preference_trainer(recipe.preference)
+    trainer = trainer_class(
+        model=model,
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=config_class, **loss_options,
+                                max_length=recipe.model.max_length, prediction_loss_only=True,
+                                **single_pass_options(recipe),
+                                train_sampling_strategy="random"),  # pairs have no input_ids to group by length
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+    )
+    samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
+
+    def score() -> dict:
+        evaluation = trainer.evaluate()
+        scores = {ours: evaluation[theirs] for theirs, ours in EVAL_KEYS.items() if theirs in evaluation}
+        if len(samples):
+            scores["generations"] = generate_texts(trainer.model, tokenizer, samples["prompt"],
+                                                   recipe.eval.generate, bf16)
+        return scores
+
+    # Before, DPO's policy equals its reference, so every implicit reward is 0 (accuracy 0, margin 0) and the
+    # log-probs show what the starting model prefers; the reference-free losses score the starting model itself.
+    before = load_or_score_baseline(run_dir, score)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
+    after = score()
+    print(f"tunelab: after training: preference accuracy {after['preference_accuracy']:.4f}, reward margin "
+          f"{after['reward_margin']:.4f}")
+    save_model(trainer, run_dir / "model")
+    judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size,
+                               bf16) if recipe.eval.judge else {}
+    extra = write_samples(run_dir, samples["prompt"], samples["chosen"], before, after)
+    metrics = {
+        "before": before,
+        "after": after,
+        **training_summary(trainer, result, params, bf16),
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "eval_split": data.eval_split,
+        "loss_type": recipe.preference.loss,
+        "beta": recipe.preference.beta,
+        "chain": run_chain(recipe.model.name),
+        **judged,
+    }
+    return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

@@ -1,0 +1,110 @@
+"""Reward models: a scalar head learns to score the chosen response of each pair above the rejected one.
+
+load pairs → load a classifier with one output (encoder or decoder) → apply method → score before (pairwise
+accuracy on the eval pairs) → train with TRL's RewardTrainer (Bradley-Terry loss) → score after → run folder.
+
+Tokenization is ours, not TRL's: TRL appends the EOS token as text (encoders such as BERT have none) and cuts long
+transcripts on the right, which would cut off the response a reward model must see. Here long pairs keep their end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+from transformers import set_seed
+from trl import RewardConfig, RewardTrainer
+
+from tunelab.data.preference import PreferenceData
+from tunelab.evaluation.classification import predict_logits
+from tunelab.evaluation.judge import REWARD_LABELS
+from tunelab.methods.apply import apply_method, count_parameters
+from tunelab.models.loading import ModelSource, is_decoder, load_classifier, load_tokenizer
+from tunelab.recipe import Recipe
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline
+from tunelab.runs.lineage import run_chain
+from tunelab.trainer import (
+    JsonlLogCallback,
+    MeteredMixin,
+    last_checkpoint,
+    resolve_bf16,
+    save_model,
+    training_arguments,
+    training_summary,
+)
+
+
+class MeteredRewardTrainer(MeteredMixin, RewardTrainer):
+    """TRL's RewardTrainer with tunelab's training-loop meter."""
+
+
+def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path,
+               resume: bool = False) -> dict:
+    """Train a reward model on chosen/rejected pairs; write the run folder and return metrics.json's content."""
+    set_seed(recipe.train.seed)
+    bf16 = resolve_bf16(recipe.train.precision)
+    tokenizer = load_tokenizer(source.location)
+    model, fresh_modules = load_classifier(source.location, REWARD_LABELS, tokenizer, recipe.model.new_head)
+    model = apply_method(model, recipe.method, fresh_modules)
+    params = count_parameters(model)
+    ending = tokenizer.eos_token if is_decoder(source.location) and tokenizer.eos_token else ""
+    print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
+
+    def score() -> dict:
+        return pairwise_scores(model, tokenizer, data.eval, ending, recipe, bf16)
+
+    before = load_or_score_baseline(run_dir, score)
+    print(f"tunelab: before training: pairwise accuracy {before['pairwise_accuracy']:.4f}")
+    trainer = MeteredRewardTrainer(
+        model=model,
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=RewardConfig,
+                                # pairs have no input_ids column to group by length
+                                max_length=None, prediction_loss_only=True, train_sampling_strategy="random"),
+        train_dataset=encode_pairs(data.train, tokenizer, ending, recipe.model.max_length),
+        eval_dataset=encode_pairs(data.eval, tokenizer, ending, recipe.model.max_length),
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+    )
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
+    after = score()
+    print(f"tunelab: after training: pairwise accuracy {after['pairwise_accuracy']:.4f}")
+    save_model(trainer, run_dir / "model")
+    metrics = {
+        "before": before,
+        "after": after,
+        **training_summary(trainer, result, params, bf16),
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "eval_split": data.eval_split,
+        "chain": run_chain(recipe.model.name),
+    }
+    return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}")
+
+
+def encode_pairs(split: datasets.Dataset, tokenizer, ending: str, max_length: int) -> datasets.Dataset:
+    """chosen_ids / rejected_ids of prompt + response (+ EOS on decoders), long ones cut from the left."""
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        return split.map(lambda batch: {
+            f"{key}_ids": tokenizer([p + r + ending for p, r in zip(batch["prompt"], batch[key], strict=True)],
+                                    truncation=True, max_length=max_length)["input_ids"]
+            for key in ("chosen", "rejected")}, batched=True, remove_columns=split.column_names)
+    finally:
+        tokenizer.truncation_side = side
+
+
+def reward_scores(model, tokenizer, texts: list[str], recipe: Recipe, bf16: bool) -> np.ndarray:
+    """The reward of each text (long ones scored on their end)."""
+    return predict_logits(model, tokenizer, texts, None, recipe.eval.batch_size, recipe.model.max_length, bf16,
+                          keep_end=True)[:, 0]
+
+
+def pairwise_scores(model, tokenizer, pairs: datasets.Dataset, ending: str, recipe: Recipe, bf16: bool) -> dict:
+    """Pairwise accuracy (chosen scored above rejected) and the mean reward margin on the pairs."""
+    chosen = reward_scores(model, tokenizer, [p + r + ending for p, r in zip(pairs["prompt"], pairs["chosen"],
+                                                                              strict=True)], recipe, bf16)
+    rejected = reward_scores(model, tokenizer, [p + r + ending for p, r in zip(pairs["prompt"], pairs["rejected"],
+                                                                                strict=True)], recipe, bf16)
+    return {"pairwise_accuracy": float((chosen > rejected).mean()),
+            "reward_margin": float((chosen - rejected).mean())}

@@ -1,0 +1,195 @@
+"""Preference tasks on tiny random models: reward models and DPO learn to prefer the chosen responses."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+from conftest import FILLER, WORDS, write_jsonl
+
+from tunelab import api
+from tunelab.data.preference import load_preference_data, shared_prefix
+from tunelab.errors import TunelabError
+from tunelab.evaluation.judge import joined, load_reward, win_rate
+from tunelab.recipe import DPO_LOSSES, RewardSource, validate_recipe
+from tunelab.rewards import exact_match, known_answer
+from tunelab.stages.grpo import reward_trend
+
+
+def preference_rows(count: int, seed: int) -> list[dict]:
+    """Prompts of filler words; the chosen response is a positive word, the rejected one a negative word."""
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.sample(FILLER, 3)), "chosen": " " + rng.choice(WORDS["pos"]),
+             "rejected": " " + rng.choice(WORDS["neg"])} for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    write_jsonl(folder / "train.jsonl", preference_rows(80, seed=1))
+    write_jsonl(folder / "test.jsonl", preference_rows(40, seed=2))
+    return folder
+
+
+def preference_recipe(model, source, task="reward", **sections) -> dict:
+    recipe = {"name": f"toy-{task}", "task": task, "model": {"name": str(model), "max_length": 32},
+              "data": {"source": str(source)}, "method": "full",
+              "train": {"epochs": 6, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32"}}
+    recipe.update(sections)
+    return recipe
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
+def test_reward_model_learns_to_score_chosen_above_rejected(model, pairs, tmp_path, request):
+    run_dir, metrics = api.train(validate_recipe(preference_recipe(request.getfixturevalue(model), pairs)),
+                                 str(tmp_path / "reward"))
+    before, after = metrics["before"], metrics["after"]
+    # a random head may already rank many pairs right (up to 0.9 seen): the margin must grow, accuracy not fall
+    assert after["pairwise_accuracy"] >= max(0.9, before["pairwise_accuracy"])
+    assert after["reward_margin"] > max(0.0, before["reward_margin"]) + 0.5
+    assert (run_dir / "model" / "config.json").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["chain"] == [str(request.getfixturevalue(model))]
+
+
+def test_transcripts_without_a_prompt_column_split_at_their_shared_prefix(tmp_path):
+    rows = [{"chosen": "Human: hi there\n\nAssistant: hello friend", "rejected": "Human: hi there\n\nAssistant: go"}]
+    write_jsonl(tmp_path / "train.jsonl", rows * 4)
+    recipe = validate_recipe(preference_recipe("unused", tmp_path, data={"source": str(tmp_path),
+                                                                           "eval_split": None}))
+    data = load_preference_data(recipe.data)
+    assert not data.has_prompt_column
+    assert data.train[0] == {"prompt": "Human: hi there\n\nAssistant: ", "chosen": "hello friend", "rejected": "go"}
+    assert shared_prefix("a b c", "a b d") == "a b "
+    assert shared_prefix("abc", "xyz") == ""
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "cpo", "orpo"])
+def test_dpo_with_lora_learns_to_prefer_the_chosen_responses(tiny_llama, pairs, tmp_path, loss):
+    recipe = preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
+                               preference={"loss": loss, "beta": 0.5 if loss in DPO_LOSSES else None},
+                               train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 2, "num_samples": 5}})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / loss))
+    before, after = metrics["before"], metrics["after"]
+    if loss in DPO_LOSSES:
+        assert before["preference_accuracy"] == 0 and before["reward_margin"] == 0  # the policy is its reference
+    assert after["preference_accuracy"] >= 0.9 and after["reward_margin"] > max(0, before["reward_margin"])
+    assert after["logp_chosen"] - after["logp_rejected"] > before["logp_chosen"] - before["logp_rejected"]
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and all(sample["reference"] in {" " + w for w in WORDS["pos"]} for sample in samples)
+
+
+def answer_is_positive(completions, **kwargs):
+    """A rule-based reward for the GRPO tests: 1 when the answer holds a positive word."""
+    return [float(any(word in completion.split() for word in WORDS["pos"])) for completion in completions]
+
+
+def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in preference_rows(40, seed=3)]
+    write_jsonl(prompts / "train.jsonl", rows)
+    write_jsonl(prompts / "test.jsonl", rows[:16])
+    recipe = preference_recipe(tiny_llama, prompts, task="grpo", method="full",
+                               data={"source": str(prompts), "format": "prompt_completion", "chat_template": "none"},
+                               reward={"function": "test_preference_tiny:answer_is_positive"},
+                               grpo={"num_generations": 4, "max_new_tokens": 2},
+                               train={"epochs": 10, "batch_size": 16, "learning_rate": 3e-3, "precision": "fp32",
+                                      "logging_steps": 1},
+                               eval={"generate": {"max_new_tokens": 2, "num_samples": 16}})
+    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "grpo"))
+    assert metrics["train_reward_last_fifth"] > metrics["train_reward_first_fifth"] + 0.3
+    assert metrics["after"]["mean_reward"] > metrics["before"]["mean_reward"]
+    assert metrics["reward_source"] == "test_preference_tiny:answer_is_positive"
+
+
+@pytest.mark.parametrize(("function", "message"), [
+    ("no_such_module:score", "cannot import module 'no_such_module'"),
+    ("test_preference_tiny:missing", "has no function 'missing'"),
+    ("test_preference_tiny:preference_rows", "must accept `completions` and `**kwargs`"),
+    ("score", "neither a built-in"),
+])
+def test_a_bad_reward_function_is_refused_before_training(function, message, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": " b"}] * 4)
+    recipe = preference_recipe(tiny_llama, tmp_path / "train.jsonl", task="grpo", reward={"function": function},
+                               data={"source": str(tmp_path / "train.jsonl"), "eval_split": None})
+    with pytest.raises(TunelabError, match=re.escape(message)):
+        api.train(validate_recipe(recipe), str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_built_in_rewards_score_answers_against_the_reference():
+    assert exact_match(["Good.", "bad"], reference=["good", "good"]) == [1.0, 0.0]
+    assert known_answer(["good", "bad", "blue"], reference=["good", "good", "good"],
+                        answers=[["good", "bad"]] * 3) == [1.0, 0.25, 0.0]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tiny_bert, pairs, tmp_path_factory):
+    """A finished reward-model run (tiny BERT) that scores positive answers above negative ones."""
+    run_dir, metrics = api.train(validate_recipe(preference_recipe(tiny_bert, pairs)),
+                                 str(tmp_path_factory.mktemp("judge") / "reward"))
+    assert metrics["after"]["pairwise_accuracy"] >= 0.9
+    return run_dir
+
+
+def test_win_rate_counts_wins_and_ties_half():
+    def judge(completions, **_):
+        return [float(len(c)) for c in completions]
+    result = win_rate(judge, ["p"] * 4, before=["aa", "a", "aaa", "a"], after=["aaa", "a", "a", "aaaa"])
+    assert result["win_rate"] == (2 + 0.5) / 4
+    assert (result["wins"], result["ties"], result["losses"], result["judged_prompts"]) == (2, 1, 1, 4)
+    assert result["judge_reward_after"] == 2.25 and result["judge_reward_before"] == 1.75
+    assert joined("Assistant:", "hi") == "Assistant: hi" and joined("Q\n", "hi") == "Q\nhi"
+
+
+def test_dpo_answers_are_judged_by_the_reward_model_run(tiny_llama, pairs, reward_run, tmp_path):
+    recipe = preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
+                               preference={"beta": 0.5},
+                               train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 2, "num_samples": 20},
+                                     "judge": {"model": str(reward_run)}})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / "dpo"))
+    judge = metrics["judge"]
+    assert judge["source"] == str(reward_run) and judge["judged_prompts"] == 20
+    assert judge["wins"] + judge["ties"] + judge["losses"] == 20
+    # the saved answers, judged again by the reward run, give the reported numbers
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    again = win_rate(load_reward(RewardSource(model=str(reward_run)), 64, bf16=False),
+                     [sample["prompt"] for sample in samples], [sample["before"] for sample in samples],
+                     [sample["after"] for sample in samples])
+    assert metrics["win_rate"] == again["win_rate"]
+    assert metrics["after"]["judge_reward"] == pytest.approx(again["judge_reward_after"], abs=1e-4)
+    assert metrics["before"]["judge_reward"] == pytest.approx(again["judge_reward_before"], abs=1e-4)
+    assert "Win rate over the starting model" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.parametrize(("judge", "task", "message"), [
+    ({"function": "exact_match"}, "reward", "eval.judge scores the answers of task dpo or grpo"),
+    ({}, "dpo", "eval.judge needs one source"),
+    ({"function": "exact_match", "model": "runs/x"}, "dpo", "eval.judge needs one source"),
+])
+def test_a_misplaced_or_ambiguous_judge_is_refused(judge, task, message, pairs):
+    with pytest.raises(TunelabError, match=re.escape(message)):
+        validate_recipe(preference_recipe("m", pairs, task=task, eval={"judge": judge}))
+
+
+def test_a_judge_that_is_not_a_reward_run_is_refused_before_training(tiny_llama, pairs, tmp_path):
+    recipe = preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
+                               eval={"judge": {"model": str(tiny_llama)}})
+    with pytest.raises(TunelabError, match=re.escape("eval.judge.model") + ".*not a finished reward-model run"):
+        api.train(validate_recipe(recipe), str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_reward_trend_weights_each_logged_reward_by_the_steps_it_covers():
+    history = [{"step": 1, "reward": 0.0}, {"step": 2, "reward": 1.0}, {"step": 5, "loss": 0.3},
+               {"step": 6, "reward": 0.5}]
+    assert reward_trend(history) == {"train_reward_first_fifth": 0.0, "train_reward_last_fifth": 0.5}
+    assert reward_trend([{"step": 3, "reward": 0.2}]) == {"train_reward_first_fifth": 0.2,
+                                                          "train_reward_last_fifth": 0.2}
