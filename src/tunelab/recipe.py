@@ -217,8 +217,6 @@ class PreferenceConfig(Section):
         """Write the loss's usual beta out, so the saved recipe says what ran."""
         if self.beta is None:
             self.beta = DEFAULT_BETAS.get(self.loss, 0.1)
-        if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
-            raise ValueError(f"preference.simpo_gamma is an option of loss simpo; drop it for loss {self.loss}")
         return self
 
 
@@ -365,10 +363,10 @@ class Recipe(Section):
     def _check_preference(self) -> Recipe:
         """Preference tasks train on chosen/rejected pairs: no labels to sample shots from, no packing."""
         if self.task not in PREFERENCE_TASKS:
-            if "preference" in self.model_fields_set:
+            if self.customised("preference"):
                 raise ValueError(f"the preference section configures task dpo; drop it for task {self.task}")
             return self
-        if self.task == "reward" and "preference" in self.model_fields_set:
+        if self.task == "reward" and self.customised("preference"):
             raise ValueError("the preference section configures task dpo; a reward model has no options there")
         if self.data.shots is not None:
             raise ValueError(f"data.shots samples k rows per label, and task {self.task} has pairs, not labels; use "
@@ -387,7 +385,7 @@ class Recipe(Section):
         """grpo needs exactly one reward source and whole groups of completions in every step."""
         if self.task != "grpo":
             for section in ("reward", "grpo"):
-                if section in self.model_fields_set:
+                if self.customised(section):
                     raise ValueError(f"the {section} section configures task grpo; drop it for task {self.task}")
             return self
         if (self.reward.function is None) == (self.reward.model is None):
@@ -425,6 +423,11 @@ class Recipe(Section):
         if self.train.learning_rate is None:
             self.train.learning_rate = DEFAULT_LEARNING_RATES[self.method.name]
         return self
+
+    def customised(self, section: str) -> bool:
+        """Whether a section differs from its defaults (a resolved recipe writes every section out)."""
+        value = getattr(self, section)
+        return value != type(value)()
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML: every default written out."""
