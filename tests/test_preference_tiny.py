@@ -8,12 +8,14 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FILLER, WORDS, write_jsonl
 
 from tunelab import api
+from tunelab.cli import main
 from tunelab.data.preference import load_preference_data, shared_prefix
 from tunelab.errors import TunelabError
-from tunelab.evaluation.judge import joined, load_reward, win_rate
+from tunelab.evaluation.judge import load_reward, reward_text, win_rate
 from tunelab.recipe import DPO_LOSSES, RewardSource, validate_recipe
 from tunelab.rewards import exact_match, known_answer
 from tunelab.stages.grpo import reward_trend
@@ -87,6 +89,72 @@ def answer_is_positive(completions, **kwargs):
     return [float(any(word in completion.split() for word in WORDS["pos"])) for completion in completions]
 
 
+def unpaired_rows(count: int, seed: int) -> list[dict]:
+    """KTO's layout: one completion per row, a positive word marked good, a negative word bad."""
+    return [{"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"}
+            for row in preference_rows(count, seed) for side in ("chosen", "rejected")][::3]
+
+
+def kto_recipe(model, source) -> dict:
+    return preference_recipe(model, source, task="kto", method={"name": "lora", "r": 8}, preference={"beta": 0.5},
+                             train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                             eval={"generate": {"max_new_tokens": 2, "num_samples": 5}})
+
+
+def test_kto_on_pairs_learns_to_prefer_the_chosen_responses(tiny_llama, pairs, tmp_path):
+    run_dir, metrics = api.train(validate_recipe(kto_recipe(tiny_llama, pairs)), str(tmp_path / "kto"))
+    before, after = metrics["before"], metrics["after"]
+    assert before["preference_accuracy"] == 0 and before["reward_margin"] == 0  # the policy is its reference
+    assert after["preference_accuracy"] >= 0.9 and after["reward_margin"] > 0
+    assert after["logp_chosen"] - after["logp_rejected"] > before["logp_chosen"] - before["logp_rejected"]
+    assert metrics["paired"] and metrics["train_rows"] == 80
+    assert (run_dir / "model" / "adapter_config.json").is_file() and (run_dir / "samples.jsonl").is_file()
+
+
+def test_kto_on_unpaired_completions_rewards_good_above_and_bad_below_zero(tiny_llama, tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", unpaired_rows(120, seed=1))
+    write_jsonl(tmp_path / "data" / "test.jsonl", unpaired_rows(60, seed=2))
+    _, metrics = api.train(validate_recipe(kto_recipe(tiny_llama, tmp_path / "data")), str(tmp_path / "kto"))
+    before, after = metrics["before"], metrics["after"]
+    assert before["label_accuracy"] == 0 and before["reward_margin"] == 0
+    assert after["label_accuracy"] >= 0.8 and after["reward_margin"] > 0
+    assert after["logp_good"] - after["logp_bad"] > before["logp_good"] - before["logp_bad"]
+    assert not metrics["paired"] and metrics["train_rows"] == 80
+
+
+def test_validate_names_the_preference_layout_it_found(tiny_llama, pairs, tmp_path, capsys):
+    (tmp_path / "kto.yaml").write_text(yaml.safe_dump(kto_recipe(tiny_llama, pairs)), encoding="utf-8")
+    assert main(["validate", str(tmp_path / "kto.yaml")]) == 0
+    assert "# ok: 80 train rows, 40 eval rows (test), chosen/rejected pairs" in capsys.readouterr().out
+
+
+def test_implicit_rewards_match_trls_dpo_evaluation(tiny_llama, pairs, tmp_path):
+    """tunelab's per-pair scorer (used for KTO) agrees with TRL's DPO metrics on the same trained policy."""
+    import torch
+    from peft import PeftModel
+
+    from tunelab.evaluation.implicit_reward import completion_logps, reward_metrics
+    from tunelab.models.loading import load_causal_lm, load_tokenizer
+
+    recipe = validate_recipe(preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
+                                               preference={"beta": 0.5}, train={"epochs": 2, "batch_size": 8,
+                                                                                "learning_rate": 1e-2,
+                                                                                "precision": "fp32"}))
+    run_dir, metrics = api.train(recipe, str(tmp_path / "dpo"))  # its "after" metrics are DPOTrainer.evaluate()'s
+    tokenizer = load_tokenizer(str(tiny_llama))
+    policy = PeftModel.from_pretrained(load_causal_lm(str(tiny_llama)), str(run_dir / "model")).eval()
+    data = load_preference_data(recipe.data)
+    prompts, completions = list(data.eval["prompt"]) * 2, list(data.eval["chosen"]) + list(data.eval["rejected"])
+    with torch.no_grad():
+        after = completion_logps(policy, tokenizer, prompts, completions, 32, 8, bf16=False)
+        with policy.disable_adapter():
+            reference = completion_logps(policy, tokenizer, prompts, completions, 32, 8, bf16=False)
+    ours = reward_metrics(0.5 * (after - reference), after, None)
+    for key in ("preference_accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
+        assert ours[key] == pytest.approx(metrics["after"][key], rel=1e-3, abs=1e-3), key
+
+
 def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     prompts = tmp_path / "prompts"
@@ -145,7 +213,12 @@ def test_win_rate_counts_wins_and_ties_half():
     assert result["win_rate"] == (2 + 0.5) / 4
     assert (result["wins"], result["ties"], result["losses"], result["judged_prompts"]) == (2, 1, 1, 4)
     assert result["judge_reward_after"] == 2.25 and result["judge_reward_before"] == 1.75
-    assert joined("Assistant:", "hi") == "Assistant: hi" and joined("Q\n", "hi") == "Q\nhi"
+
+
+def test_reward_text_puts_back_one_space_between_a_prompt_and_a_stripped_answer():
+    assert reward_text("Assistant:", "hi") == "Assistant: hi"  # a generated answer comes stripped
+    assert reward_text("Assistant:", " hi", "</s>") == "Assistant: hi</s>"  # a raw HH response keeps its one space
+    assert reward_text("Q\n", "hi") == "Q\nhi" and reward_text("", "hi") == "hi"
 
 
 def test_dpo_answers_are_judged_by_the_reward_model_run(tiny_llama, pairs, reward_run, tmp_path):

@@ -28,12 +28,13 @@ from tunelab.stages.classify import run_classification
 from tunelab.stages.dpo import run_dpo
 from tunelab.stages.fewshot import run_fewshot
 from tunelab.stages.grpo import run_grpo
+from tunelab.stages.kto import run_kto
 from tunelab.stages.reward import run_reward
 from tunelab.stages.seq2seq import run_seq2seq
 from tunelab.stages.sft import check_context_length, run_sft
 
 STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft, "pretrain": run_sft,
-          "seq2seq": run_seq2seq, "reward": run_reward, "dpo": run_dpo,
+          "seq2seq": run_seq2seq, "reward": run_reward, "dpo": run_dpo, "kto": run_kto,
           "grpo": run_grpo}
 
 
@@ -57,12 +58,12 @@ def check_recipe(recipe: Recipe):
         check_reward_source(recipe.reward, "reward")
         return data, source
     if recipe.task in PREFERENCE_TASKS:
-        data = load_preference_data(recipe.data)
+        data = load_preference_data(recipe.data, unpaired_ok=recipe.task == "kto")
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
-        if recipe.task == "dpo" and source.origin != "hub" and not is_decoder(source.location):
-            raise TunelabError(f"task dpo trains a decoder (causal LM), but '{recipe.model.name}' is not one; use "
-                               f"e.g. smollm2-135m (task reward trains encoders too)")
+        if recipe.task != "reward" and source.origin != "hub" and not is_decoder(source.location):
+            raise TunelabError(f"task {recipe.task} trains a decoder (causal LM), but '{recipe.model.name}' is not "
+                               f"one; use e.g. smollm2-135m (task reward trains encoders too)")
         return data, source
     data = load_labelled_data(recipe.data)
     source = resolve_model(recipe.model.name)

@@ -178,7 +178,7 @@ def headline_changes(metrics: dict) -> str:
 
 
 HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
-                    "preference_accuracy", "reward_margin", "mean_reward")
+                    "preference_accuracy", "label_accuracy", "reward_margin", "mean_reward")
 
 
 def cmd_validate(args) -> int:
@@ -188,7 +188,12 @@ def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     data, source = api.check_recipe(recipe)
     print(recipe.to_yaml(), end="")
-    what = f"{len(data.labels)} labels" if hasattr(data, "labels") else f"format {data.format}"
+    if hasattr(data, "labels"):
+        what = f"{len(data.labels)} labels"
+    elif hasattr(data, "paired"):
+        what = "chosen/rejected pairs" if data.paired else "unpaired good/bad completions"
+    else:
+        what = f"format {data.format}"
     print(f"# ok: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split}), {what}; "
           f"model {source.location}")
     return 0

@@ -35,7 +35,8 @@ class DataConfig(Section):
                                     "parquet file, or a folder holding train.*/test.*/validation.*")
     text: str = Field("text", description="Column holding the input text")
     text_pair: str | None = Field(None, description="Optional second text column (sentence pairs)")
-    label: str = Field("label", description="Column holding the label (string or integer)")
+    label: str = Field("label", description="Column holding the label (string or integer); kto: whether the "
+                                            "completion is good (true/1/good) or bad (false/0/bad)")
     labels: list[str] | None = Field(None, description="Label names in order; integer labels index into this list. "
                                                        "Default: the sorted labels found in the training split")
     train_split: str = Field("train", description="Split to train on")
@@ -68,6 +69,8 @@ class DataConfig(Section):
                                               "means chosen/rejected are whole transcripts)")
     chosen: str = Field("chosen", description="reward/dpo: the column holding the preferred response")
     rejected: str = Field("rejected", description="reward/dpo: the column holding the dispreferred response")
+    completion: str = Field("completion", description="kto without chosen/rejected pairs: the column holding one "
+                                                      "response, marked good or bad by data.label")
     seed: int = Field(42, description="Seed for subsampling, hold-out splits and few-shot sampling")
 
     @model_validator(mode="after")
@@ -151,7 +154,7 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
 
 
 GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
-PREFERENCE_TASKS = ("reward", "dpo")
+PREFERENCE_TASKS = ("reward", "dpo", "kto")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
@@ -193,7 +196,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together")
 
 
-JUDGED_TASKS = ("dpo", "grpo")  # tasks whose answers before and after training a judge can compare
+JUDGED_TASKS = ("dpo", "kto", "grpo")  # tasks whose answers before and after training a judge can compare
 DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}  # recipe name → TRL loss_type
 REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")  # TRL's CPO / ORPO trainers: no reference model at all
 DEFAULT_BETAS = {"simpo": 2.0}  # SimPO's paper uses β 2–2.5 on its length-normalised reward; the others 0.1
@@ -211,6 +214,9 @@ class PreferenceConfig(Section):
                                                        "2.0); cpo: loss temperature (0.1); orpo: weight of the "
                                                        "odds-ratio term (λ, 0.1)")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin over beta (γ/β)")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on good completions (raise it "
+                                                           "when bad ones outnumber good ones)")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on bad completions")
 
     @model_validator(mode="after")
     def _default_beta(self) -> PreferenceConfig:
@@ -286,12 +292,13 @@ class OutputConfig(Section):
 
 class Recipe(Section):
     name: str = Field(description="Run name; default: the recipe file's name")
-    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo", "grpo"] = Field(
+    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo", "kto", "grpo"] = Field(
         description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
                     "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
                     "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target), "
                     "reward (a scalar reward model from chosen/rejected pairs), dpo (a decoder learns to prefer the "
-                    "chosen responses: direct preference optimisation and its relatives), grpo (online RL: the "
+                    "chosen responses: direct preference optimisation and its relatives), kto (a decoder learns from "
+                    "responses marked good or bad, paired or not: Kahneman-Tversky optimisation), grpo (online RL: the "
                     "decoder samples answers to the prompts and learns from a reward function or reward model)")
     model: ModelConfig
     data: DataConfig
@@ -299,7 +306,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task: fewshot")
-    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of task: dpo")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of tasks dpo and kto")
     reward: RewardSource = Field(default_factory=RewardSource, description="task grpo: where rewards come from "
                                                                            "(set function or model)")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task: grpo")
@@ -331,9 +338,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_qlora(self) -> Recipe:
         """QLoRA quantizes a decoder's base for generative training; classifiers use lora."""
-        if self.method.name == "qlora" and self.task not in ("sft", "pretrain", "dpo", "grpo"):
-            raise ValueError(f"method qlora is for decoder training (task sft, pretrain, dpo or grpo); use lora for "
-                             f"task {self.task}")
+        if self.method.name == "qlora" and self.task not in ("sft", "pretrain", "dpo", "kto", "grpo"):
+            raise ValueError(f"method qlora is for decoder training (task sft, pretrain, dpo, kto or grpo); use lora "
+                             f"for task {self.task}")
         return self
 
     @model_validator(mode="after")
@@ -364,10 +371,20 @@ class Recipe(Section):
         """Preference tasks train on chosen/rejected pairs: no labels to sample shots from, no packing."""
         if self.task not in PREFERENCE_TASKS:
             if self.customised("preference"):
-                raise ValueError(f"the preference section configures task dpo; drop it for task {self.task}")
+                raise ValueError(f"the preference section configures tasks dpo and kto; drop it for task {self.task}")
             return self
         if self.task == "reward" and self.customised("preference"):
-            raise ValueError("the preference section configures task dpo; a reward model has no options there")
+            raise ValueError("the preference section configures tasks dpo and kto; a reward model has no options there")
+        kto_weights = (self.preference.desirable_weight, self.preference.undesirable_weight) != (1.0, 1.0)
+        if self.task == "dpo" and kto_weights:
+            raise ValueError("preference.desirable_weight / undesirable_weight weigh KTO's loss; drop them for task "
+                             "dpo")
+        if self.task == "kto" and self.preference.loss != "dpo":
+            raise ValueError(f"preference.loss picks a loss of task dpo, and task kto has its own; drop loss "
+                             f"'{self.preference.loss}' (or use task dpo)")
+        if self.task == "kto" and self.train.batch_size < 2:
+            raise ValueError("task kto estimates its KL term from the other rows of each batch; set train.batch_size "
+                             "to 2 or more")
         if self.data.shots is not None:
             raise ValueError(f"data.shots samples k rows per label, and task {self.task} has pairs, not labels; use "
                              f"data.train_size")

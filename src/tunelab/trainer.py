@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from tunelab.errors import TunelabError
 from tunelab.recipe import EvalConfig, TrainConfig
 from tunelab.runs.folder import append_jsonl
+from tunelab.runs.lineage import run_chain
 
 CHECKPOINTS = "checkpoints"
 
@@ -192,8 +193,10 @@ class MeteredTrainer(MeteredMixin, Trainer):
     """The HF Trainer with a TrainingMeter."""
 
 
-def training_summary(trainer: MeteredTrainer, result, params, bf16: bool) -> dict:
-    """The metrics.json keys every Trainer-based stage writes: history, parameter counts, speed, precision."""
+def training_summary(trainer: MeteredTrainer, result, params, bf16: bool, *, train_rows: int, eval_rows: int,
+                     eval_split: str, model_name: str) -> dict:
+    """The metrics.json keys every Trainer-based stage writes: history, parameter counts, speed, precision, the
+    row counts, the eval split and the chain of run folders the starting model came from."""
     return {
         "history": history_from(trainer.state.log_history),
         "trainable_params": params.trainable,
@@ -203,6 +206,10 @@ def training_summary(trainer: MeteredTrainer, result, params, bf16: bool) -> dic
         "train_samples_per_second": result.metrics["train_samples_per_second"],
         **trainer.meter.summary(),  # training-loop time without evaluation and checkpointing, rows, tokens
         "precision": "bf16" if bf16 else "fp32",
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "eval_split": eval_split,
+        "chain": run_chain(model_name),
     }
 
 

@@ -1,4 +1,5 @@
-"""Preference pairs for reward models and DPO: every row becomes prompt / chosen / rejected text.
+"""Preference data for reward models, DPO and KTO: every row becomes prompt / chosen / rejected text, or (KTO's
+unpaired layout) prompt / completion / label, a response marked good (true) or bad (false).
 
 A source with a prompt column holds the shared prompt there and only the two responses in chosen/rejected (the
 TRL layout of hh-rlhf). Without one, chosen and rejected are whole transcripts; their longest common prefix,
@@ -19,30 +20,43 @@ from tunelab.recipe import DataConfig
 
 @dataclass
 class PreferenceData:
-    """Train and eval pairs (prompt/chosen/rejected) and where the eval pairs came from."""
+    """Train and eval rows (pairs: prompt/chosen/rejected; unpaired: prompt/completion/label) and where the eval
+    rows came from."""
 
     train: datasets.Dataset
     eval: datasets.Dataset
     eval_split: str
     has_prompt_column: bool
     dropped: int = 0
+    paired: bool = True
 
 
-def load_preference_data(cfg: DataConfig) -> PreferenceData:
-    """Read, check, normalise and subsample the pairs of a reward or dpo recipe."""
+def load_preference_data(cfg: DataConfig, unpaired_ok: bool = False) -> PreferenceData:
+    """Read, check, normalise and subsample the pairs of a reward, dpo or kto recipe (kto, `unpaired_ok`, also
+    takes prompt/completion/label rows)."""
     splits = load_splits(cfg.source)
     columns = splits[cfg.train_split].column_names
     missing = [f"'{name}' (data.{key})" for key, name in (("chosen", cfg.chosen), ("rejected", cfg.rejected))
                if name not in columns]
+    if missing and unpaired_ok and cfg.completion in columns and cfg.label in columns:
+        return load_unpaired(splits, cfg)
     if missing:
+        unpaired = (", or data.completion / data.label to a response column and a column marking it good (true) or "
+                    "bad (false)") if unpaired_ok else ""
         raise TunelabError(f"column {' and '.join(missing)} not in split '{cfg.train_split}' (columns: "
                            f"{', '.join(columns)}); set data.chosen / data.rejected to the preferred and dispreferred "
-                           f"response columns")
+                           f"response columns{unpaired}")
     has_prompt = cfg.prompt in columns
+    return split_and_sample(splits, cfg, has_prompt, normalise_pairs, paired=True)
+
+
+def split_and_sample(splits: datasets.DatasetDict, cfg: DataConfig, has_prompt: bool, normalise,
+                     paired: bool) -> PreferenceData:
+    """Normalise the train and eval splits (or hold out part of train), then subsample both."""
     eval_name = eval_split_name(cfg, splits)
-    train, dropped = normalise_pairs(splits[cfg.train_split], cfg, has_prompt, cfg.train_split)
+    train, dropped = normalise(splits[cfg.train_split], cfg, has_prompt, cfg.train_split)
     if eval_name is not None:
-        evaluation, dropped_eval = normalise_pairs(splits[eval_name], cfg, has_prompt, eval_name)
+        evaluation, dropped_eval = normalise(splits[eval_name], cfg, has_prompt, eval_name)
         dropped += dropped_eval
     else:
         parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
@@ -50,7 +64,7 @@ def load_preference_data(cfg: DataConfig) -> PreferenceData:
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
     return PreferenceData(train=random_subsample(train, cfg.train_size, cfg.seed),
                           eval=random_subsample(evaluation, cfg.eval_size, cfg.seed), eval_split=eval_name,
-                          has_prompt_column=has_prompt, dropped=dropped)
+                          has_prompt_column=has_prompt, dropped=dropped, paired=paired)
 
 
 def normalise_pairs(split: datasets.Dataset, cfg: DataConfig, has_prompt: bool,
@@ -87,3 +101,40 @@ def shared_prefix(chosen: str, rejected: str) -> str:
         return chosen[:length]
     cut = max(chosen.rfind(" ", 0, length), chosen.rfind("\n", 0, length))
     return chosen[:cut + 1] if cut >= 0 else ""
+
+
+def load_unpaired(splits: datasets.DatasetDict, cfg: DataConfig) -> PreferenceData:
+    """KTO's unpaired rows: prompt (empty without a prompt column) / completion / label as a bool."""
+    data = split_and_sample(splits, cfg, cfg.prompt in splits[cfg.train_split].column_names, normalise_unpaired,
+                            paired=False)
+    for name, rows in ((cfg.train_split, data.train), (data.eval_split, data.eval)):
+        if len(set(rows["label"])) < 2:
+            raise TunelabError(f"split '{name}' has only {'good' if rows['label'][0] else 'bad'} completions; KTO "
+                               f"needs both good (true) and bad (false) ones in data.{cfg.label}")
+    return data
+
+
+GOOD_LABELS = {"true": True, "1": True, "good": True, "false": False, "0": False, "bad": False}
+
+
+def normalise_unpaired(split: datasets.Dataset, cfg: DataConfig, has_prompt: bool,
+                       name: str) -> tuple[datasets.Dataset, int]:
+    """The split as prompt/completion/label rows; empty completions are dropped or refused, unknown labels refused."""
+    rows, unusable = [], []
+    for number, row in enumerate(split, start=1):
+        completion = str(row[cfg.completion] or "")
+        if not completion.strip():
+            unusable.append(number)
+            continue
+        label = GOOD_LABELS.get(str(row[cfg.label]).strip().lower())
+        if label is None:
+            raise TunelabError(f"row {number} of split '{name}' has {cfg.label} = {row[cfg.label]!r}; KTO labels "
+                               f"mark a completion good or bad: true/false, 1/0 or good/bad")
+        rows.append({"prompt": str(row[cfg.prompt] or "") if has_prompt else "", "completion": completion,
+                     "label": label})
+    if unusable and not cfg.drop_empty:
+        raise TunelabError(f"{len(unusable)} of {len(split)} rows in split '{name}' have an empty completion (first: "
+                           f"row {unusable[0]}); set data.drop_empty: true to drop them")
+    if not rows:
+        raise TunelabError(f"split '{name}' has no usable completions")
+    return datasets.Dataset.from_list(rows), len(unusable)

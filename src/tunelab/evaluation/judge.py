@@ -30,16 +30,19 @@ def load_reward(source: RewardSource, batch_size: int, bf16: bool) -> RewardFunc
     ending = tokenizer.eos_token if is_decoder(location) and tokenizer.eos_token else ""
 
     def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
-        texts = [joined(prompt, completion) + ending for prompt, completion in zip(prompts, completions, strict=True)]
+        texts = [reward_text(prompt, completion, ending) for prompt, completion in zip(prompts, completions,
+                                                                                     strict=True)]
         return predict_logits(model, tokenizer, texts, None, batch_size, max_length, bf16, keep_end=True)[:, 0].tolist()
 
     return reward_model
 
 
-def joined(prompt: str, completion: str) -> str:
-    """Prompt and generated answer as one transcript: generated answers come stripped, so put back the space a
-    prompt ending in a word (e.g. 'Assistant:') had before its response in the training pairs."""
-    return prompt + completion if not prompt or prompt[-1].isspace() else f"{prompt} {completion}"
+def reward_text(prompt: str, response: str, ending: str = "") -> str:
+    """The one text a reward model scores (and is trained on) for a prompt and a response: the two joined, with
+    the space put back between a prompt ending in a word (e.g. 'Assistant:') and a response that comes stripped
+    (generated answers do; HH's raw responses start with their space), then `ending` (EOS on decoders)."""
+    needs_space = prompt and response and not prompt[-1].isspace() and not response[0].isspace()
+    return f"{prompt} {response}{ending}" if needs_space else f"{prompt}{response}{ending}"
 
 
 def win_rate(judge: RewardFunction, prompts: list[str], before: list[str], after: list[str],

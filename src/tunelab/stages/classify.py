@@ -74,11 +74,9 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     metrics = {
         "before": before,
         "after": after,
-        **training_summary(trainer, result, params, bf16),
-        "train_rows": len(data.train),
+        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
+                           eval_split=data.eval_split, model_name=recipe.model.name),
         "shots": recipe.data.shots,
-        "eval_rows": len(data.eval),
-        "eval_split": data.eval_split,
         "labels": data.labels,
         **({"in_context": in_context} if in_context else {}),
     }

@@ -26,7 +26,6 @@ from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
-from tunelab.runs.lineage import run_chain
 from tunelab.trainer import (
     JsonlLogCallback,
     MeteredMixin,
@@ -120,13 +119,10 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     metrics = {
         "before": before,
         "after": after,
-        **training_summary(trainer, result, params, bf16),
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
-        "eval_split": data.eval_split,
+        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
+                           eval_split=data.eval_split, model_name=recipe.model.name),
         "loss_type": recipe.preference.loss,
         "beta": recipe.preference.beta,
-        "chain": run_chain(recipe.model.name),
         **judged,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

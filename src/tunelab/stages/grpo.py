@@ -24,7 +24,6 @@ from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
-from tunelab.runs.lineage import run_chain
 from tunelab.trainer import (
     JsonlLogCallback,
     MeteredMixin,
@@ -89,13 +88,10 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
     metrics = {
         "before": before,
         "after": after,
-        **training_summary(trainer, result, params, bf16),
+        **training_summary(trainer, result, params, bf16, train_rows=len(train_rows), eval_rows=len(eval_rows),
+                           eval_split=data.eval_split, model_name=recipe.model.name),
         **reward_trend(trainer.state.log_history),
-        "train_rows": len(train_rows),
-        "eval_rows": len(eval_rows),
-        "eval_split": data.eval_split,
         "reward_source": recipe.reward.function or recipe.reward.model,
-        "chain": run_chain(recipe.model.name),
         **judged,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

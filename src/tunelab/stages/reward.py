@@ -18,12 +18,11 @@ from trl import RewardConfig, RewardTrainer
 
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.classification import predict_logits
-from tunelab.evaluation.judge import REWARD_LABELS
+from tunelab.evaluation.judge import REWARD_LABELS, reward_text
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline
-from tunelab.runs.lineage import run_chain
 from tunelab.trainer import (
     JsonlLogCallback,
     MeteredMixin,
@@ -73,11 +72,8 @@ def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_di
     metrics = {
         "before": before,
         "after": after,
-        **training_summary(trainer, result, params, bf16),
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
-        "eval_split": data.eval_split,
-        "chain": run_chain(recipe.model.name),
+        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
+                           eval_split=data.eval_split, model_name=recipe.model.name),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}")
 
@@ -87,7 +83,8 @@ def encode_pairs(split: datasets.Dataset, tokenizer, ending: str, max_length: in
     side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     try:
         return split.map(lambda batch: {
-            f"{key}_ids": tokenizer([p + r + ending for p, r in zip(batch["prompt"], batch[key], strict=True)],
+            f"{key}_ids": tokenizer([reward_text(p, r, ending) for p, r in zip(batch["prompt"], batch[key],
+                                                                               strict=True)],
                                     truncation=True, max_length=max_length)["input_ids"]
             for key in ("chosen", "rejected")}, batched=True, remove_columns=split.column_names)
     finally:
@@ -102,9 +99,7 @@ def reward_scores(model, tokenizer, texts: list[str], recipe: Recipe, bf16: bool
 
 def pairwise_scores(model, tokenizer, pairs: datasets.Dataset, ending: str, recipe: Recipe, bf16: bool) -> dict:
     """Pairwise accuracy (chosen scored above rejected) and the mean reward margin on the pairs."""
-    chosen = reward_scores(model, tokenizer, [p + r + ending for p, r in zip(pairs["prompt"], pairs["chosen"],
-                                                                              strict=True)], recipe, bf16)
-    rejected = reward_scores(model, tokenizer, [p + r + ending for p, r in zip(pairs["prompt"], pairs["rejected"],
-                                                                                strict=True)], recipe, bf16)
+    chosen, rejected = (reward_scores(model, tokenizer, [reward_text(p, r, ending) for p, r in zip(
+        pairs["prompt"], pairs[key], strict=True)], recipe, bf16) for key in ("chosen", "rejected"))
     return {"pairwise_accuracy": float((chosen > rejected).mean()),
             "reward_margin": float((chosen - rejected).mean())}

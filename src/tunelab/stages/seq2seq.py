@@ -24,7 +24,6 @@ from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
-from tunelab.runs.lineage import run_chain
 from tunelab.trainer import (
     JsonlLogCallback,
     MeteredTrainer,
@@ -107,10 +106,7 @@ def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_d
     metrics = {
         "before": before,
         "after": after,
-        **training_summary(trainer, result, params, bf16),
-        "train_rows": len(data.train),
-        "eval_rows": len(data.eval),
-        "eval_split": data.eval_split,
-        "chain": run_chain(recipe.model.name),
+        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
+                           eval_split=data.eval_split, model_name=recipe.model.name),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

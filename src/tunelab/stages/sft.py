@@ -20,7 +20,6 @@ from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, context_length, load_causal_lm, load_tokenizer
 from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
-from tunelab.runs.lineage import run_chain
 from tunelab.trainer import (
     JsonlLogCallback,
     MeteredMixin,
@@ -77,16 +76,13 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     metrics = {
         "before": before,
         "after": after,
-        **training_summary(trainer, result, params, bf16),
-        "train_rows": len(data.train),
+        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
+                           eval_split=data.eval_split, model_name=recipe.model.name),
         "shots": recipe.data.shots,
-        "eval_rows": len(data.eval),
-        "eval_split": data.eval_split,
         "data_format": data.format,
         "chat_template": fmt.uses_chat_template if fmt else None,
         "packing": recipe.train.packing or recipe.task == "pretrain",
         "padding_free": recipe.task == "sft" and uses_padding_free(recipe),
-        "chain": run_chain(recipe.model.name),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
 

@@ -1,0 +1,122 @@
+"""Kahneman-Tversky optimisation: a decoder learns from responses marked good or bad, paired or not.
+
+load rows (prompt/chosen/rejected pairs, which TRL splits into one good and one bad completion each, or unpaired
+prompt/completion/label rows) → load decoder → apply method → score before → train with TRL's KTOTrainer →
+score after. Scores are implicit rewards β · (log p_policy − log p_ref) of each held-out completion: on pairs,
+preference accuracy and reward margin as for DPO; on unpaired rows, how many good completions get a reward above 0
+and bad ones below (label accuracy) and the margin between the two means. With an adapter method the reference is
+the frozen starting adapter (or the base), so no second copy of the model is held.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import TaskType
+from transformers import set_seed
+from trl import KTOConfig, KTOTrainer
+from trl.data_utils import unpair_preference_dataset
+
+from tunelab.data.preference import PreferenceData
+from tunelab.evaluation.generation import generate_texts
+from tunelab.evaluation.implicit_reward import completion_logps, reference_context, reward_metrics
+from tunelab.evaluation.judge import judge_generations
+from tunelab.methods.apply import apply_method, count_parameters
+from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from tunelab.recipe import Recipe
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
+from tunelab.stages.dpo import single_pass_options
+from tunelab.trainer import (
+    JsonlLogCallback,
+    MeteredMixin,
+    last_checkpoint,
+    resolve_bf16,
+    save_model,
+    training_arguments,
+    training_summary,
+)
+
+
+class MeteredKTOTrainer(MeteredMixin, KTOTrainer):
+    """TRL's KTOTrainer with tunelab's training-loop meter."""
+
+
+def shuffled_completions(data: PreferenceData, seed: int):
+    """The training rows as good/bad completions in one seeded random order (TRL's unpairing would put every good
+    completion before every bad one, and KTO trains on a fixed order)."""
+    rows = unpair_preference_dataset(data.train) if data.paired else data.train
+    return rows.shuffle(seed=seed)
+
+
+def scored_completions(data: PreferenceData) -> tuple[list[str], list[str], list[bool] | None]:
+    """The held-out prompts and completions to score: each pair's chosen then its rejected response (labels None),
+    or the unpaired completions with their labels."""
+    if data.paired:
+        return list(data.eval["prompt"]) * 2, list(data.eval["chosen"]) + list(data.eval["rejected"]), None
+    return list(data.eval["prompt"]), list(data.eval["completion"]), list(data.eval["label"])
+
+
+def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
+    """KTO-tune a decoder on good/bad completions; write the run folder and return metrics.json's content."""
+    set_seed(recipe.train.seed)
+    bf16 = resolve_bf16(recipe.train.precision)
+    tokenizer = load_tokenizer(source.location)
+    model = apply_method(load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora"),
+                         recipe.method, [], TaskType.CAUSAL_LM)
+    params = count_parameters(model)
+    unit = "pairs" if data.paired else "completions"
+    print(f"tunelab: {params}; {len(data.train)} train {unit}, {len(data.eval)} eval {unit} ({data.eval_split})")
+    preference = recipe.preference
+    trainer = MeteredKTOTrainer(
+        model=model,
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=KTOConfig, beta=preference.beta,
+                                desirable_weight=preference.desirable_weight,
+                                undesirable_weight=preference.undesirable_weight, max_length=recipe.model.max_length,
+                                prediction_loss_only=True, **single_pass_options(recipe),
+                                # KTO's KL term pairs each row with its neighbour in a fixed-order batch
+                                train_sampling_strategy="sequential"),
+        train_dataset=shuffled_completions(data, recipe.train.seed),
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+    )
+    prompts, completions, labels = scored_completions(data)
+    reference_model, active = reference_context(trainer)
+    with active:  # the reference never changes: its log-probs are computed once
+        reference = completion_logps(reference_model, tokenizer, prompts, completions, recipe.model.max_length,
+                                     recipe.eval.batch_size, bf16)
+    samples = data.eval if data.paired else data.eval.filter(lambda row: row["label"])
+    samples = samples.select(range(min(recipe.eval.generate.num_samples, len(samples)))) if (
+        data.has_prompt_column or data.paired) else samples.select([])
+
+    def score() -> dict:
+        policy = completion_logps(trainer.model, tokenizer, prompts, completions, recipe.model.max_length,
+                                  recipe.eval.batch_size, bf16)
+        scores = reward_metrics(preference.beta * (policy - reference), policy, labels)
+        if len(samples):
+            scores["generations"] = generate_texts(trainer.model, tokenizer, samples["prompt"],
+                                                   recipe.eval.generate, bf16)
+        return scores
+
+    before = load_or_score_baseline(run_dir, score)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
+    after = score()
+    headline = "preference_accuracy" if data.paired else "label_accuracy"
+    print(f"tunelab: after training: {headline.replace('_', ' ')} {after[headline]:.4f}, reward margin "
+          f"{after['reward_margin']:.4f}")
+    save_model(trainer, run_dir / "model")
+    judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size,
+                               bf16) if recipe.eval.judge and len(samples) else {}
+    extra = write_samples(run_dir, samples["prompt"], samples["chosen" if data.paired else "completion"], before,
+                          after)
+    metrics = {
+        "before": before,
+        "after": after,
+        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
+                           eval_split=data.eval_split, model_name=recipe.model.name),
+        "loss_type": "kto",
+        "beta": preference.beta,
+        "paired": data.paired,
+        **judged,
+    }
+    return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
