@@ -315,6 +315,8 @@ def plain_arguments(args_class, recipe, settings: WaySettings, steps: int | None
         lr_scheduler_type=recipe.train.lr_scheduler, warmup_steps=recipe.train.warmup_ratio,
         weight_decay=recipe.train.weight_decay, bf16=settings.bf16, seed=recipe.train.seed,
         data_seed=recipe.train.seed, eval_strategy="no", save_strategy="no", logging_steps=recipe.train.logging_steps,
+        # the recipe's choice, as in tunelab (TRL's SFTConfig would otherwise switch checkpointing on by default)
+        activation_checkpointing=recipe.train.gradient_checkpointing,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **extra)
 
 
