@@ -134,6 +134,20 @@ def test_seq2seq_warm_started_from_an_encoder_learns(tiny_bert, qa_data, tmp_pat
     assert answers == [sample["after"] for sample in samples]
 
 
+def test_eval_loss_does_not_depend_on_how_training_batches_are_grouped(tiny_llama, qa_data, tmp_path):
+    """HF's Trainer would evaluate in length-grouped batches too, and its eval loss (a mean of batch means) would
+    then change with the grouping alone."""
+    losses = []
+    for grouped in (True, False):
+        recipe = generative_recipe(tiny_llama, qa_data, task="pretrain",
+                                   train={"max_steps": 1, "batch_size": 8, "precision": "fp32",
+                                          "group_by_length": grouped},
+                                   eval={"batch_size": 4})
+        _, metrics = api.train(validate_recipe(recipe), str(tmp_path / f"grouped-{grouped}"))
+        losses.append(metrics["before"]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_packed_and_padded_batches_give_the_same_loss(tiny_llama):
     """Padding-free packing (position ids restart per row) must not let rows attend to each other."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()

@@ -197,8 +197,9 @@ def peak_memory() -> dict:
     return figures
 
 
-def measure_matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a size × size matmul in `dtype_name` (bf16 or fp32) on the training device."""
+def measure_matmul_peak(dtype_name: str, size: int, burst: int, repeats: int = 5) -> float:
+    """Best FLOP/s of `burst` back-to-back size × size matmuls in `dtype_name` (bf16 or fp32) on the training
+    device (a burst, so a GPU's launch latency and the timer's overhead do not count as matmul time)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,11 +212,12 @@ def measure_matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 5) -> 
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        torch.matmul(a, b)
+        for _ in range(burst):
+            torch.matmul(a, b)
         if device == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
-    return matmul_flops(size) / min(timings)
+    return burst * matmul_flops(size) / min(timings)
 
 
 def cpu_name() -> str:
@@ -228,6 +230,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+MATMUL_SHAPE = {"cpu": (2048, 1), "cuda": (8192, 10)}  # device → (matrix size, matmuls per timing)
+
+
 def machine_peaks() -> dict:
     """bf16 and fp32 matmul peaks measured now with all threads, and what machine they were measured on."""
     import torch
@@ -235,8 +240,12 @@ def machine_peaks() -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     on_cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if on_cuda else f"cpu: {cpu_name()}, {os.cpu_count()} cores"
-    return {"bf16": measure_matmul_peak("bf16"), "fp32": measure_matmul_peak("fp32"),
-            "threads": torch.get_num_threads(), "device": device, "torch": torch.__version__}
+    # A GPU runs a 2048² matmul in tens of microseconds, too short to time alone (two H100 runs read 334 and 63
+    # TFLOP/s): there the peak is taken on 8192² matmuls, 10 per timing.
+    size, burst = MATMUL_SHAPE["cuda" if on_cuda else "cpu"]
+    return {"bf16": measure_matmul_peak("bf16", size, burst), "fp32": measure_matmul_peak("fp32", size, burst),
+            "matmul": f"{size}², {burst} per timing, best of 5", "threads": torch.get_num_threads(),
+            "device": device, "torch": torch.__version__}
 
 
 def bf16_native() -> bool:
@@ -306,6 +315,8 @@ def plain_arguments(args_class, recipe, settings: WaySettings, steps: int | None
         lr_scheduler_type=recipe.train.lr_scheduler, warmup_steps=recipe.train.warmup_ratio,
         weight_decay=recipe.train.weight_decay, bf16=settings.bf16, seed=recipe.train.seed,
         data_seed=recipe.train.seed, eval_strategy="no", save_strategy="no", logging_steps=recipe.train.logging_steps,
+        # the recipe's choice, as in tunelab (TRL's SFTConfig would otherwise switch checkpointing on by default)
+        activation_checkpointing=recipe.train.gradient_checkpointing,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), **extra)
 
 
@@ -578,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
         raise TunelabError(f"--examples '{args.examples}' holds no {jobs[0].recipe}; point it at the examples folder")
     peaks = machine_peaks()
     print(f"bench: {peaks['device']}, {peaks['threads']} threads, torch {peaks['torch']}: matmul peak "
-          f"{peaks['bf16'] / 1e9:.0f} GFLOP/s bf16, {peaks['fp32'] / 1e9:.0f} GFLOP/s fp32 (2048², best of 5)")
+          f"{peaks['bf16'] / 1e9:.0f} GFLOP/s bf16, {peaks['fp32'] / 1e9:.0f} GFLOP/s fp32 ({peaks['matmul']})")
     print(f"bench: {CONVENTION}", flush=True)
     report = {"machine": peaks, "convention": CONVENTION, "samples": args.samples or "full schedule",
               "eval_size": args.eval_size, "jobs": {}}

@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from tunelab.errors import TunelabError
 from tunelab.recipe import EvalConfig, TrainConfig
@@ -187,6 +189,14 @@ class MeteredMixin:
         """Count the batch's rows and tokens, then run the usual forward and backward pass."""
         self.meter.count_batch(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluate in dataset order, whatever the training order. The Trainer's eval loss is a mean of per-batch
+        means, so the length-grouped batches HF would also use for evaluation change the reported loss by the
+        batching alone (SmolLM2 SFT: 2.45 grouped vs 2.32 in order, same model and rows)."""
+        if eval_dataset is None or not has_length(eval_dataset) or self.args.world_size > 1:
+            return super()._get_eval_sampler(eval_dataset)
+        return SequentialSampler(eval_dataset)
 
 
 class MeteredTrainer(MeteredMixin, Trainer):
