@@ -243,7 +243,7 @@ def test_dpo_answers_are_judged_by_the_reward_model_run(tiny_llama, pairs, rewar
 
 
 @pytest.mark.parametrize(("judge", "task", "message"), [
-    ({"function": "exact_match"}, "reward", "eval.judge scores the answers of task dpo or grpo"),
+    ({"function": "exact_match"}, "reward", "eval.judge scores the answers of tasks dpo, kto, grpo"),
     ({}, "dpo", "eval.judge needs one source"),
     ({"function": "exact_match", "model": "runs/x"}, "dpo", "eval.judge needs one source"),
 ])

@@ -424,7 +424,7 @@ class Recipe(Section):
         if judge is None:
             return self
         if self.task not in JUDGED_TASKS:
-            raise ValueError(f"eval.judge scores the answers of task {' or '.join(JUDGED_TASKS)}; drop it for task "
+            raise ValueError(f"eval.judge scores the answers of tasks {', '.join(JUDGED_TASKS)}; drop it for task "
                              f"{self.task}")
         if (judge.function is None) == (judge.model is None):
             raise ValueError("eval.judge needs one source: set eval.judge.model (a reward-model run folder) or "
