@@ -30,9 +30,8 @@ def load_reward(source: RewardSource, batch_size: int, bf16: bool) -> RewardFunc
     ending = tokenizer.eos_token if is_decoder(location) and tokenizer.eos_token else ""
 
     def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:
-        texts = [reward_text(prompt, completion, ending) for prompt, completion in zip(prompts, completions,
-                                                                                     strict=True)]
-        return predict_logits(model, tokenizer, texts, None, batch_size, max_length, bf16, keep_end=True)[:, 0].tolist()
+        return predict_logits(model, tokenizer, reward_texts(prompts, completions, ending), None, batch_size,
+                              max_length, bf16, keep_end=True)[:, 0].tolist()
 
     return reward_model
 
@@ -43,6 +42,11 @@ def reward_text(prompt: str, response: str, ending: str = "") -> str:
     (generated answers do; HH's raw responses start with their space), then `ending` (EOS on decoders)."""
     needs_space = prompt and response and not prompt[-1].isspace() and not response[0].isspace()
     return f"{prompt} {response}{ending}" if needs_space else f"{prompt}{response}{ending}"
+
+
+def reward_texts(prompts: list[str], responses: list[str], ending: str = "") -> list[str]:
+    """reward_text of each prompt and its response."""
+    return [reward_text(prompt, response, ending) for prompt, response in zip(prompts, responses, strict=True)]
 
 
 def win_rate(judge: RewardFunction, prompts: list[str], before: list[str], after: list[str],

@@ -9,7 +9,7 @@ from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTu
 
 from tunelab.errors import TunelabError, one_line
 from tunelab.methods.freeze import apply_freeze, apply_full
-from tunelab.models.loading import HEAD_NAMES
+from tunelab.models.loading import HEAD_NAMES, load_causal_lm
 from tunelab.recipe import FreezeMethod, FullMethod, IA3Method, LoraMethod, VirtualTokenMethod
 
 
@@ -59,6 +59,13 @@ def apply_method(model: torch.nn.Module, method, new_modules: list[str],
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise TunelabError(f"method '{method.name}' cannot be applied to {type(model).__name__}: "
                            f"{one_line(exc, 200)}; set method.target_modules or pick another method") from None
+
+
+def load_trainable_decoder(location: str, method) -> torch.nn.Module:
+    """A decoder (causal LM) ready to train with `method`: its base loaded in 4-bit for qlora, then the method
+    applied (the shared start of the sft, dpo, kto and grpo stages)."""
+    return apply_method(load_causal_lm(location, quantize_4bit=method.name == "qlora"), method, [],
+                        TaskType.CAUSAL_LM)
 
 
 def peft_config(method, heads: list[str], task_type: TaskType) -> PeftConfig:

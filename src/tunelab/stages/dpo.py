@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import TaskType
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -22,8 +21,8 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.judge import judge_generations
-from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from tunelab.methods.apply import count_parameters, load_trainable_decoder
+from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
@@ -79,8 +78,7 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = apply_method(load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora"),
-                         recipe.method, [], TaskType.CAUSAL_LM)
+    model = load_trainable_decoder(source.location, recipe.method)
     params = count_parameters(model)
     print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
     trainer_class, config_class, loss_options = preference_trainer(recipe.preference)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from peft import TaskType
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer
 
@@ -20,8 +19,8 @@ from tunelab.data.generative import GenerativeData
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
 from tunelab.evaluation.generation import generate_texts, generation_metrics
 from tunelab.evaluation.judge import judge_generations, load_reward
-from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from tunelab.methods.apply import count_parameters, load_trainable_decoder
+from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
@@ -46,8 +45,7 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
     tokenizer = load_tokenizer(source.location)
     tokenizer.padding_side = "left"  # TRL generates the completions of a batch of prompts together
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name)
-    model = apply_method(load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora"),
-                         recipe.method, [], TaskType.CAUSAL_LM)
+    model = load_trainable_decoder(source.location, recipe.method)
     params = count_parameters(model)
     reward = load_reward(recipe.reward, recipe.eval.batch_size, bf16)
     train_rows, eval_rows = prompt_rows(data.train, fmt), prompt_rows(data.eval, fmt)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import TaskType
 from transformers import set_seed
 from trl import KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
@@ -21,8 +20,8 @@ from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.implicit_reward import completion_logps, reference_context, reward_metrics
 from tunelab.evaluation.judge import judge_generations
-from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, load_causal_lm, load_tokenizer
+from tunelab.methods.apply import count_parameters, load_trainable_decoder
+from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.stages.dpo import single_pass_options
@@ -61,8 +60,7 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = apply_method(load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora"),
-                         recipe.method, [], TaskType.CAUSAL_LM)
+    model = load_trainable_decoder(source.location, recipe.method)
     params = count_parameters(model)
     unit = "pairs" if data.paired else "completions"
     print(f"tunelab: {params}; {len(data.train)} train {unit}, {len(data.eval)} eval {unit} ({data.eval_split})")

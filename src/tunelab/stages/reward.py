@@ -18,7 +18,7 @@ from trl import RewardConfig, RewardTrainer
 
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.classification import predict_logits
-from tunelab.evaluation.judge import REWARD_LABELS, reward_text
+from tunelab.evaluation.judge import REWARD_LABELS, reward_texts
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
@@ -83,9 +83,8 @@ def encode_pairs(split: datasets.Dataset, tokenizer, ending: str, max_length: in
     side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     try:
         return split.map(lambda batch: {
-            f"{key}_ids": tokenizer([reward_text(p, r, ending) for p, r in zip(batch["prompt"], batch[key],
-                                                                               strict=True)],
-                                    truncation=True, max_length=max_length)["input_ids"]
+            f"{key}_ids": tokenizer(reward_texts(batch["prompt"], batch[key], ending), truncation=True,
+                                    max_length=max_length)["input_ids"]
             for key in ("chosen", "rejected")}, batched=True, remove_columns=split.column_names)
     finally:
         tokenizer.truncation_side = side
@@ -99,7 +98,7 @@ def reward_scores(model, tokenizer, texts: list[str], recipe: Recipe, bf16: bool
 
 def pairwise_scores(model, tokenizer, pairs: datasets.Dataset, ending: str, recipe: Recipe, bf16: bool) -> dict:
     """Pairwise accuracy (chosen scored above rejected) and the mean reward margin on the pairs."""
-    chosen, rejected = (reward_scores(model, tokenizer, [reward_text(p, r, ending) for p, r in zip(
-        pairs["prompt"], pairs[key], strict=True)], recipe, bf16) for key in ("chosen", "rejected"))
+    chosen, rejected = (reward_scores(model, tokenizer, reward_texts(pairs["prompt"], pairs[key], ending), recipe,
+                                      bf16) for key in ("chosen", "rejected"))
     return {"pairwise_accuracy": float((chosen > rejected).mean()),
             "reward_margin": float((chosen - rejected).mean())}

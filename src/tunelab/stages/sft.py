@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import TaskType
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -16,8 +15,8 @@ from tunelab.data.generative import GenerativeData
 from tunelab.data.sft_encoding import PromptFormat, encode_split, encode_text_split, prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
-from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, context_length, load_causal_lm, load_tokenizer
+from tunelab.methods.apply import count_parameters, load_trainable_decoder
+from tunelab.models.loading import ModelSource, context_length, load_tokenizer
 from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
@@ -40,10 +39,9 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = load_causal_lm(source.location, quantize_4bit=recipe.method.name == "qlora")
+    model = load_trainable_decoder(source.location, recipe.method)
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
-    model = apply_method(model, recipe.method, [], TaskType.CAUSAL_LM)
     params = count_parameters(model)
     train_rows, eval_rows = encode(recipe, data, tokenizer, fmt)
     print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
