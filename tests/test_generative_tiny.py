@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 import torch
 from conftest import WORDS, toy_rows, write_jsonl
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Trainer
+from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tunelab import api
 from tunelab.cli import main
+from tunelab.methods.apply import load_trainable_decoder
+from tunelab.models.loading import load_tokenizer
 from tunelab.recipe import validate_recipe
+from tunelab.stages.sft import TunedSFTTrainer
+from tunelab.trainer import bf16_supported
 
 ANSWERS = {label: words[0] for label, words in WORDS.items()}  # one in-vocabulary answer word per label
 
@@ -273,3 +280,48 @@ def test_drop_long_leaves_out_rows_whose_prompt_fills_max_length(tiny_llama):
         fit_prompts(fmt, split, 10, "train")
     assert fit_prompts(fmt, split, 10, "train", drop=True)["response"] == [" good"]
     assert fit_prompts(fmt, split, 32, "train") is split
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="this machine has no native bf16")
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt"])
+def test_adapters_train_in_fp32_over_a_bf16_base(tiny_llama, qa_data, tmp_path, monkeypatch, method):
+    """Under bf16 the frozen base is loaded in bf16 (half the memory, no per-step casts); the adapters that the
+    optimizer updates stay fp32, and are saved so."""
+    loaded = []
+
+    def spy(*args):
+        loaded.append(load_trainable_decoder(*args))
+        return loaded[-1]
+
+    monkeypatch.setattr("tunelab.stages.sft.load_trainable_decoder", spy)
+    recipe = generative_recipe(tiny_llama, qa_data, method={"name": method},
+                               train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "bf16"},
+                               eval={"generate": {"max_new_tokens": 1, "num_samples": 4}})
+    run_dir, metrics = api.train(validate_recipe(recipe), str(tmp_path / method))
+    trainable = {param.dtype for param in loaded[0].parameters() if param.requires_grad}
+    frozen = {param.dtype for param in loaded[0].parameters() if not param.requires_grad}
+    assert (trainable, frozen) == ({torch.float32}, {torch.bfloat16})
+    assert metrics["precision"] == "bf16" and metrics["after"]["loss"] < metrics["before"]["loss"]
+    saved = load_file(run_dir / "model" / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+
+
+def test_loss_only_evaluation_step_gives_the_trainers_own_loss(tiny_llama, tmp_path):
+    """tunelab's SFT evaluation skips TRL's second forward pass for full logits; the loss must not change."""
+    tokenizer = load_tokenizer(str(tiny_llama))
+    rows = datasets.Dataset.from_list([{"input_ids": [4, 5, 6, 7, 8, 9][:length], "completion_mask": [0, 0] +
+                                        [1] * (length - 2)} for length in (4, 6, 5)])
+    trainer = TunedSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), train_dataset=rows,
+                                eval_dataset=rows, processing_class=tokenizer,
+                                args=SFTConfig(output_dir=str(tmp_path), per_device_eval_batch_size=3,
+                                               prediction_loss_only=True, report_to="none", use_cpu=True,
+                                               padding_free=True, max_length=None))
+    batch = next(iter(trainer.get_eval_dataloader()))
+    passes = []
+    trainer.model.register_forward_hook(lambda *args: passes.append(1))
+    ours, logits, labels = trainer.prediction_step(trainer.model, dict(batch), prediction_loss_only=True)
+    ours_passes = len(passes)
+    theirs = Trainer.prediction_step(trainer, trainer.model, dict(batch), prediction_loss_only=True)[0]
+    assert (ours_passes, len(passes) - ours_passes) == (1, 2)
+    assert logits is None and labels is None
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6) and ours.item() > 0

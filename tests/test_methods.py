@@ -76,3 +76,21 @@ def test_peft_methods_train_a_small_share_and_keep_the_head_trainable(name, fami
     loss = model(**batch, labels=torch.tensor([2, 0])).loss
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3", "prompt", "freeze", "full"])
+def test_under_bf16_only_an_adapters_frozen_base_is_stored_in_bf16(name, tiny_llama):
+    """Adapter runs save only what trains (fp32), so their frozen base may drop to bf16; freeze and full runs save
+    every weight, so theirs keep fp32."""
+    model, fresh, tokenizer = fresh_classifier(tiny_llama)
+    method = METHOD_CLASSES[name].model_validate({"name": name})
+    model = apply_method(model, method, fresh, bf16=True)
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32}
+    assert frozen == ({torch.bfloat16} if name in ("lora", "ia3", "prompt") else ({torch.float32} if frozen else set()))
+    batch = tokenizer(["good day", "the chair is bad"], padding=True, return_tensors="pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, labels=torch.tensor([2, 0])).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)

@@ -19,6 +19,7 @@ from tunelab.evaluation.judge import load_reward, reward_text, win_rate
 from tunelab.recipe import DPO_LOSSES, RewardSource, validate_recipe
 from tunelab.rewards import exact_match, known_answer
 from tunelab.stages.grpo import reward_trend
+from tunelab.trainer import bf16_supported
 
 
 def preference_rows(count: int, seed: int) -> list[dict]:
@@ -155,21 +156,25 @@ def test_implicit_rewards_match_trls_dpo_evaluation(tiny_llama, pairs, tmp_path)
         assert ours[key] == pytest.approx(metrics["after"][key], rel=1e-3, abs=1e-3), key
 
 
-def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+def grpo_recipe(model, tmp_path, method, **train) -> dict:
+    """GRPO on 40 prompts whose answers the rule-based reward `answer_is_positive` scores."""
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in preference_rows(40, seed=3)]
     write_jsonl(prompts / "train.jsonl", rows)
     write_jsonl(prompts / "test.jsonl", rows[:16])
-    recipe = preference_recipe(tiny_llama, prompts, task="grpo", method="full",
-                               data={"source": str(prompts), "format": "prompt_completion", "chat_template": "none"},
-                               reward={"function": "test_preference_tiny:answer_is_positive"},
-                               grpo={"num_generations": 4, "max_new_tokens": 2},
-                               train={"epochs": 10, "batch_size": 16, "learning_rate": 3e-3, "precision": "fp32",
-                                      "logging_steps": 1},
-                               eval={"generate": {"max_new_tokens": 2, "num_samples": 16}})
-    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "grpo"))
+    return preference_recipe(model, prompts, task="grpo", method=method,
+                             data={"source": str(prompts), "format": "prompt_completion", "chat_template": "none"},
+                             reward={"function": "test_preference_tiny:answer_is_positive"},
+                             grpo={"num_generations": 4, "max_new_tokens": 2},
+                             train={"epochs": 10, "batch_size": 16, "learning_rate": 3e-3, "precision": "fp32",
+                                    "logging_steps": 1, **train},
+                             eval={"generate": {"max_new_tokens": 2, "num_samples": 16}})
+
+
+def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    _, metrics = api.train(validate_recipe(grpo_recipe(tiny_llama, tmp_path, "full")), str(tmp_path / "grpo"))
     assert metrics["train_reward_last_fifth"] > metrics["train_reward_first_fifth"] + 0.3
     assert metrics["after"]["mean_reward"] > metrics["before"]["mean_reward"]
     assert metrics["reward_source"] == "test_preference_tiny:answer_is_positive"
@@ -266,3 +271,24 @@ def test_reward_trend_weights_each_logged_reward_by_the_steps_it_covers():
     assert reward_trend(history) == {"train_reward_first_fifth": 0.0, "train_reward_last_fifth": 0.5}
     assert reward_trend([{"step": 3, "reward": 0.2}]) == {"train_reward_first_fifth": 0.2,
                                                           "train_reward_last_fifth": 0.2}
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="this machine has no native bf16")
+@pytest.mark.parametrize("task", ["dpo", "kto", "grpo"])
+def test_lora_preference_training_under_bf16_learns_over_a_bf16_base(task, tiny_llama, pairs, tmp_path, monkeypatch):
+    """Under bf16 the frozen base is stored in bf16 and adapters take their inputs uncast inside the training step;
+    the reference passes (adapters off), GRPO's generation inside the step and the scoring must all still work."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    lora = {"name": "lora", "r": 8}
+    if task == "grpo":
+        recipe = grpo_recipe(tiny_llama, tmp_path, lora, learning_rate=3e-2, precision="bf16")
+    else:
+        recipe = preference_recipe(tiny_llama, pairs, task=task, method=lora, preference={"beta": 0.5},
+                                   train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "bf16"},
+                                   eval={"generate": {"max_new_tokens": 2, "num_samples": 5}})
+    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / task))
+    assert metrics["precision"] == "bf16"
+    if task == "grpo":
+        assert metrics["after"]["mean_reward"] > metrics["before"]["mean_reward"]
+    else:
+        assert metrics["after"]["preference_accuracy"] >= 0.9 and metrics["after"]["reward_margin"] > 0

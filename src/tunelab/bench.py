@@ -397,11 +397,14 @@ def train_plain_sft(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     import torch
     from peft import TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig
+    from trl import SFTConfig, SFTTrainer
 
     from tunelab.data.generative import load_generative_data
     from tunelab.models.loading import resolve_model
-    from tunelab.stages.sft import MeteredSFTTrainer  # TRL's SFTTrainer with the meter every way uses
+    from tunelab.trainer import MeteredMixin
+
+    class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
+        """TRL's SFTTrainer with the meter every way uses, and none of tunelab's training-step changes."""
 
     if recipe.method.name not in ("lora", "dora"):
         raise ValueError(f"the plain SFT ways know LoRA, not '{recipe.method.name}'")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import has_length
@@ -17,6 +20,9 @@ from tunelab.runs.folder import append_jsonl
 from tunelab.runs.lineage import run_chain
 
 CHECKPOINTS = "checkpoints"
+# TRL's fused LM head (sft, dpo, kto, grpo) scores the vocabulary in tiles of 4096 tokens, sized for a GPU; on a
+# CPU it works each tile in fp32 copies of 4096 × 32768 logits, over 1.5 GiB at once. 512 gives the same figures.
+CPU_FUSED_HEAD_TOKENS = 512
 
 
 def bf16_supported() -> bool:
@@ -177,8 +183,33 @@ class TrainingMeter(TrainerCallback):
                 "train_tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None}
 
 
+def fit_fused_head_tiles() -> None:
+    """On a CPU, make TRL's fused LM head (if TRL is in use) work in tiles of CPU_FUSED_HEAD_TOKENS tokens."""
+    kernel = sys.modules.get("trl.kernels.chunked_logprob")
+    if kernel is not None and not torch.cuda.is_available():
+        kernel.TOKEN_CHUNK_SIZE = min(kernel.TOKEN_CHUNK_SIZE, CPU_FUSED_HEAD_TOKENS)
+
+
+@contextmanager
+def adapter_input_casting_off(model: torch.nn.Module, active: bool):
+    """Within the block, peft adapters take their input in the dtype it comes in (autocast then casts it once).
+
+    peft.helpers.disable_input_dtype_casting does the same, but fails on layers that never set the flag (IA3's).
+    """
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)] if active else []
+    before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            layer.cast_input_dtype_enabled = value
+
+
 class MeteredMixin:
-    """Gives a Trainer (HF's or a TRL subclass) a TrainingMeter (`.meter`) that sees every training batch."""
+    """Gives a Trainer (HF's or a TRL subclass) a TrainingMeter (`.meter`) that sees every training batch, and
+    evaluation in dataset order. The benchmark's plain ways use it as it is; tunelab's stages use TunedMixin."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -199,11 +230,37 @@ class MeteredMixin:
         return SequentialSampler(eval_dataset)
 
 
+class TunedMixin(MeteredMixin):
+    """MeteredMixin plus tunelab's memory savings in training: TRL's fused LM head in CPU-sized tiles, and no
+    fp32 copies of adapter inputs under bf16 autocast."""
+
+    uncast_adapter_inputs = True  # False for a trainer whose step also runs the model outside autocast
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        fit_fused_head_tiles()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The metered training step, with peft's input casting off under bf16 autocast.
+
+        peft casts each adapter's input to the adapter's fp32 (the base is bf16 under tunelab's bf16 training),
+        autocast casts it straight back, and autograd keeps both copies: 7 extra activations per layer with LoRA
+        on all linear layers (SmolLM2 SFT, 2,048 tokens: 0.3 GiB). Outside the training step (generation,
+        scoring) peft's casting stays on.
+        """
+        with adapter_input_casting_off(model, active=self.args.bf16 and self.uncast_adapter_inputs):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+
 class MeteredTrainer(MeteredMixin, Trainer):
-    """The HF Trainer with a TrainingMeter."""
+    """The HF Trainer with a TrainingMeter (the benchmark's plain ways)."""
 
 
-def training_summary(trainer: MeteredTrainer, result, params, bf16: bool, *, train_rows: int, eval_rows: int,
+class TunedTrainer(TunedMixin, Trainer):
+    """The HF Trainer as tunelab's stages train with it."""
+
+
+def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train_rows: int, eval_rows: int,
                      eval_split: str, model_name: str) -> dict:
     """The metrics.json keys every Trainer-based stage writes: history, parameter counts, speed, precision, the
     row counts, the eval split and the chain of run folders the starting model came from."""

@@ -8,6 +8,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from tunelab.errors import TunelabError, one_line
+from tunelab.methods.fast_dropout import use_fast_dropout
 from tunelab.methods.freeze import apply_freeze, apply_full
 from tunelab.models.loading import HEAD_NAMES, load_causal_lm
 from tunelab.recipe import FreezeMethod, FullMethod, IA3Method, LoraMethod, VirtualTokenMethod
@@ -42,8 +43,11 @@ def head_modules(model: torch.nn.Module, new_modules: list[str]) -> list[str]:
 
 
 def apply_method(model: torch.nn.Module, method, new_modules: list[str],
-                 task_type: TaskType = TaskType.SEQ_CLS) -> torch.nn.Module:
-    """Return the model prepared for training with `method`; the head always trains."""
+                 task_type: TaskType = TaskType.SEQ_CLS, bf16: bool = False) -> torch.nn.Module:
+    """Return the model prepared for training with `method`; the head always trains. Dropout draws its masks the
+    fast way (fast_dropout.py). With `bf16` (training under bf16 autocast) an adapter method's frozen base is
+    stored in bf16."""
+    use_fast_dropout(model)
     heads = head_modules(model, new_modules)
     if isinstance(method, FullMethod):
         return apply_full(model, method)
@@ -55,17 +59,32 @@ def apply_method(model: torch.nn.Module, method, new_modules: list[str],
         raise TunelabError("method 'prefix' does not work for classification with the installed transformers/peft "
                            "(the classifier cannot take prefix key/values); use method 'prompt' or 'lora'")
     try:
-        return get_peft_model(model, peft_config(method, heads, task_type))
+        adapted = get_peft_model(model, peft_config(method, heads, task_type))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise TunelabError(f"method '{method.name}' cannot be applied to {type(model).__name__}: "
                            f"{one_line(exc, 200)}; set method.target_modules or pick another method") from None
+    return frozen_weights_in_bf16(use_fast_dropout(adapted)) if bf16 else use_fast_dropout(adapted)
 
 
-def load_trainable_decoder(location: str, method) -> torch.nn.Module:
+def load_trainable_decoder(location: str, method, bf16: bool) -> torch.nn.Module:
     """A decoder (causal LM) ready to train with `method`: its base loaded in 4-bit for qlora, then the method
     applied (the shared start of the sft, dpo, kto and grpo stages)."""
     return apply_method(load_causal_lm(location, quantize_4bit=method.name == "qlora"), method, [],
-                        TaskType.CAUSAL_LM)
+                        TaskType.CAUSAL_LM, bf16)
+
+
+def frozen_weights_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """Store the weights that do not train in bf16; return the model (for adapter methods under bf16 autocast).
+
+    Under autocast their matmuls run in bf16 anyway, so a frozen base needs no fp32 copy: bf16 halves its memory
+    and spares autocast's cast of every weight in every step. What trains (adapters, the head) stays fp32, so the
+    optimizer updates full-precision weights. The base is never saved (a run saves its adapter), so its files
+    keep their precision. Quantized (qlora) weights are left as they are.
+    """
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)
+    return model
 
 
 def peft_config(method, heads: list[str], task_type: TaskType) -> PeftConfig:

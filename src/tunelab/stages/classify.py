@@ -17,7 +17,7 @@ from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_predictions
 from tunelab.trainer import (
     JsonlLogCallback,
-    MeteredTrainer,
+    TunedTrainer,
     last_checkpoint,
     resolve_bf16,
     save_model,
@@ -35,7 +35,7 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model, fresh_modules = load_classifier(source.location, data.labels, tokenizer, recipe.model.new_head)
-    model = apply_method(model, recipe.method, fresh_modules)
+    model = apply_method(model, recipe.method, fresh_modules, bf16=bf16)
     params = count_parameters(model)
     print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
 
@@ -54,7 +54,7 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
             IN_CONTEXT_FILE)
         print(f"tunelab: in-context, {in_context['shots']} examples per class: accuracy {in_context['accuracy']:.4f}")
 
-    trainer = MeteredTrainer(
+    trainer = TunedTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16),
         train_dataset=tokenize(data.train, tokenizer, recipe.model.max_length),

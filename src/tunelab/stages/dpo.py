@@ -27,7 +27,7 @@ from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
-    MeteredMixin,
+    TunedMixin,
     last_checkpoint,
     resolve_bf16,
     save_model,
@@ -41,28 +41,28 @@ EVAL_KEYS = {"eval_loss": "loss", "eval_rewards/accuracies": "preference_accurac
              "eval_logps/rejected": "logp_rejected"}
 
 
-class MeteredDPOTrainer(MeteredMixin, DPOTrainer):
-    """TRL's DPOTrainer with tunelab's training-loop meter."""
+class TunedDPOTrainer(TunedMixin, DPOTrainer):
+    """TRL's DPOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
 
 
-class MeteredCPOTrainer(MeteredMixin, CPOTrainer):
-    """TRL's CPOTrainer (CPO and SimPO) with tunelab's training-loop meter."""
+class TunedCPOTrainer(TunedMixin, CPOTrainer):
+    """TRL's CPOTrainer (CPO and SimPO) with tunelab's meter and training-step savings (TunedMixin)."""
 
 
-class MeteredORPOTrainer(MeteredMixin, ORPOTrainer):
-    """TRL's ORPOTrainer with tunelab's training-loop meter."""
+class TunedORPOTrainer(TunedMixin, ORPOTrainer):
+    """TRL's ORPOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
 
 
 def preference_trainer(preference: PreferenceConfig) -> tuple[type, type, dict]:
     """The TRL trainer, its config class and the loss options for preference.loss."""
     if preference.loss in DPO_LOSSES:
-        return MeteredDPOTrainer, DPOConfig, {"loss_type": [DPO_LOSSES[preference.loss]], "beta": preference.beta}
+        return TunedDPOTrainer, DPOConfig, {"loss_type": [DPO_LOSSES[preference.loss]], "beta": preference.beta}
     if preference.loss == "orpo":
-        return MeteredORPOTrainer, ORPOConfig, {"beta": preference.beta}
+        return TunedORPOTrainer, ORPOConfig, {"beta": preference.beta}
     if preference.loss == "simpo":
-        return MeteredCPOTrainer, CPOConfig, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": preference.beta,
+        return TunedCPOTrainer, CPOConfig, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": preference.beta,
                                               "simpo_gamma": preference.simpo_gamma}
-    return MeteredCPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": preference.beta}
+    return TunedCPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": preference.beta}
 
 
 def single_pass_options(recipe: Recipe) -> dict:
@@ -78,7 +78,7 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = load_trainable_decoder(source.location, recipe.method)
+    model = load_trainable_decoder(source.location, recipe.method, bf16)
     params = count_parameters(model)
     print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
     trainer_class, config_class, loss_options = preference_trainer(recipe.preference)

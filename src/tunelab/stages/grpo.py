@@ -25,7 +25,7 @@ from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
-    MeteredMixin,
+    TunedMixin,
     last_checkpoint,
     resolve_bf16,
     save_model,
@@ -34,8 +34,10 @@ from tunelab.trainer import (
 )
 
 
-class MeteredGRPOTrainer(MeteredMixin, GRPOTrainer):
-    """TRL's GRPOTrainer with tunelab's training-loop meter."""
+class TunedGRPOTrainer(TunedMixin, GRPOTrainer):
+    """TRL's GRPOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
+
+    uncast_adapter_inputs = False  # its step generates the completions outside autocast: peft must cast there
 
 
 def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
@@ -45,12 +47,12 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
     tokenizer = load_tokenizer(source.location)
     tokenizer.padding_side = "left"  # TRL generates the completions of a batch of prompts together
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name)
-    model = load_trainable_decoder(source.location, recipe.method)
+    model = load_trainable_decoder(source.location, recipe.method, bf16)
     params = count_parameters(model)
     reward = load_reward(recipe.reward, recipe.eval.batch_size, bf16)
     train_rows, eval_rows = prompt_rows(data.train, fmt), prompt_rows(data.eval, fmt)
     print(f"tunelab: {params}; {len(train_rows)} train prompts, {len(eval_rows)} eval prompts ({data.eval_split})")
-    trainer = MeteredGRPOTrainer(
+    trainer = TunedGRPOTrainer(
         model=model,
         reward_funcs=[reward],
         args=training_arguments(

@@ -27,7 +27,7 @@ from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_sam
 from tunelab.stages.dpo import single_pass_options
 from tunelab.trainer import (
     JsonlLogCallback,
-    MeteredMixin,
+    TunedMixin,
     last_checkpoint,
     resolve_bf16,
     save_model,
@@ -36,8 +36,8 @@ from tunelab.trainer import (
 )
 
 
-class MeteredKTOTrainer(MeteredMixin, KTOTrainer):
-    """TRL's KTOTrainer with tunelab's training-loop meter."""
+class TunedKTOTrainer(TunedMixin, KTOTrainer):
+    """TRL's KTOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
 
 
 def shuffled_completions(data: PreferenceData, seed: int):
@@ -60,12 +60,12 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = load_trainable_decoder(source.location, recipe.method)
+    model = load_trainable_decoder(source.location, recipe.method, bf16)
     params = count_parameters(model)
     unit = "pairs" if data.paired else "completions"
     print(f"tunelab: {params}; {len(data.train)} train {unit}, {len(data.eval)} eval {unit} ({data.eval_split})")
     preference = recipe.preference
-    trainer = MeteredKTOTrainer(
+    trainer = TunedKTOTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=KTOConfig, beta=preference.beta,
                                 desirable_weight=preference.desirable_weight,

@@ -25,7 +25,7 @@ from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline
 from tunelab.trainer import (
     JsonlLogCallback,
-    MeteredMixin,
+    TunedMixin,
     last_checkpoint,
     resolve_bf16,
     save_model,
@@ -34,8 +34,8 @@ from tunelab.trainer import (
 )
 
 
-class MeteredRewardTrainer(MeteredMixin, RewardTrainer):
-    """TRL's RewardTrainer with tunelab's training-loop meter."""
+class TunedRewardTrainer(TunedMixin, RewardTrainer):
+    """TRL's RewardTrainer with tunelab's meter and training-step savings (TunedMixin)."""
 
 
 def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path,
@@ -45,7 +45,7 @@ def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_di
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model, fresh_modules = load_classifier(source.location, REWARD_LABELS, tokenizer, recipe.model.new_head)
-    model = apply_method(model, recipe.method, fresh_modules)
+    model = apply_method(model, recipe.method, fresh_modules, bf16=bf16)
     params = count_parameters(model)
     ending = tokenizer.eos_token if is_decoder(source.location) and tokenizer.eos_token else ""
     print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
@@ -55,7 +55,7 @@ def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_di
 
     before = load_or_score_baseline(run_dir, score)
     print(f"tunelab: before training: pairwise accuracy {before['pairwise_accuracy']:.4f}")
-    trainer = MeteredRewardTrainer(
+    trainer = TunedRewardTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=RewardConfig,
                                 # pairs have no input_ids column to group by length

@@ -26,7 +26,7 @@ from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
-    MeteredTrainer,
+    TunedTrainer,
     last_checkpoint,
     resolve_bf16,
     save_model,
@@ -77,11 +77,11 @@ def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_d
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model = load_seq2seq(source.location, tokenizer)
-    model = apply_method(model, recipe.method, [], TaskType.SEQ_2_SEQ_LM)
+    model = apply_method(model, recipe.method, [], TaskType.SEQ_2_SEQ_LM, bf16)
     params = count_parameters(model)
     start = model.config.decoder_start_token_id
     print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
-    trainer = MeteredTrainer(
+    trainer = TunedTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, prediction_loss_only=True),
         train_dataset=encode_pairs(data.train, tokenizer, start, recipe.model.max_length),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -21,7 +22,7 @@ from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
-    MeteredMixin,
+    TunedMixin,
     last_checkpoint,
     resolve_bf16,
     save_model,
@@ -30,8 +31,20 @@ from tunelab.trainer import (
 )
 
 
-class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
-    """TRL's SFTTrainer with tunelab's training-loop meter."""
+class TunedSFTTrainer(TunedMixin, SFTTrainer):
+    """TRL's SFTTrainer with tunelab's meter and training-step savings (TunedMixin)."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """A loss-only evaluation step in one forward pass. HF's step asks `compute_loss` for the outputs as well,
+        and TRL then runs the model a second time for the full logits (tokens × vocabulary: 1 GiB for SmolLM2 on
+        1,800 tokens), which a loss-only evaluation throws away. The loss is the same."""
+        if not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        return loss.detach().mean(), None, None
 
 
 def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
@@ -39,14 +52,14 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = load_trainable_decoder(source.location, recipe.method)
+    model = load_trainable_decoder(source.location, recipe.method, bf16)
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
     params = count_parameters(model)
     train_rows, eval_rows = encode(recipe, data, tokenizer, fmt)
     print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
 
-    trainer = MeteredSFTTrainer(
+    trainer = TunedSFTTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=SFTConfig,
                                 **sft_options(recipe)),
