@@ -404,7 +404,7 @@ def train_plain_sft(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     from tunelab.trainer import MeteredMixin
 
     class MeteredSFTTrainer(MeteredMixin, SFTTrainer):
-        """TRL's SFTTrainer with the meter every way uses, and none of tunelab's training-step changes."""
+        """TRL's SFTTrainer with the meter every way uses, and none of tunelab's training changes."""
 
     if recipe.method.name not in ("lora", "dora"):
         raise ValueError(f"the plain SFT ways know LoRA, not '{recipe.method.name}'")

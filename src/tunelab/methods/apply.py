@@ -47,7 +47,13 @@ def apply_method(model: torch.nn.Module, method, new_modules: list[str],
     """Return the model prepared for training with `method`; the head always trains. Dropout draws its masks the
     fast way (fast_dropout.py). With `bf16` (training under bf16 autocast) an adapter method's frozen base is
     stored in bf16."""
-    use_fast_dropout(model)
+    prepared = use_fast_dropout(with_method(model, method, new_modules, task_type))  # after peft adds its dropouts
+    adapter = not isinstance(method, FullMethod | FreezeMethod)
+    return frozen_weights_in_bf16(prepared) if bf16 and adapter else prepared
+
+
+def with_method(model: torch.nn.Module, method, new_modules: list[str], task_type: TaskType) -> torch.nn.Module:
+    """The model with `method`'s trainable weights chosen (full, freeze) or its peft adapters added."""
     heads = head_modules(model, new_modules)
     if isinstance(method, FullMethod):
         return apply_full(model, method)
@@ -59,11 +65,10 @@ def apply_method(model: torch.nn.Module, method, new_modules: list[str],
         raise TunelabError("method 'prefix' does not work for classification with the installed transformers/peft "
                            "(the classifier cannot take prefix key/values); use method 'prompt' or 'lora'")
     try:
-        adapted = get_peft_model(model, peft_config(method, heads, task_type))
+        return get_peft_model(model, peft_config(method, heads, task_type))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise TunelabError(f"method '{method.name}' cannot be applied to {type(model).__name__}: "
                            f"{one_line(exc, 200)}; set method.target_modules or pick another method") from None
-    return frozen_weights_in_bf16(use_fast_dropout(adapted)) if bf16 else use_fast_dropout(adapted)
 
 
 def load_trainable_decoder(location: str, method, bf16: bool) -> torch.nn.Module:

@@ -42,15 +42,15 @@ EVAL_KEYS = {"eval_loss": "loss", "eval_rewards/accuracies": "preference_accurac
 
 
 class TunedDPOTrainer(TunedMixin, DPOTrainer):
-    """TRL's DPOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
+    """TRL's DPOTrainer with tunelab's meter and training savings (TunedMixin)."""
 
 
 class TunedCPOTrainer(TunedMixin, CPOTrainer):
-    """TRL's CPOTrainer (CPO and SimPO) with tunelab's meter and training-step savings (TunedMixin)."""
+    """TRL's CPOTrainer (CPO and SimPO) with tunelab's meter and training savings (TunedMixin)."""
 
 
 class TunedORPOTrainer(TunedMixin, ORPOTrainer):
-    """TRL's ORPOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
+    """TRL's ORPOTrainer with tunelab's meter and training savings (TunedMixin)."""
 
 
 def preference_trainer(preference: PreferenceConfig) -> tuple[type, type, dict]:

@@ -35,9 +35,7 @@ from tunelab.trainer import (
 
 
 class TunedGRPOTrainer(TunedMixin, GRPOTrainer):
-    """TRL's GRPOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
-
-    uncast_adapter_inputs = False  # its step generates the completions outside autocast: peft must cast there
+    """TRL's GRPOTrainer with tunelab's meter and training savings (TunedMixin)."""
 
 
 def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:

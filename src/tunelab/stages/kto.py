@@ -37,7 +37,7 @@ from tunelab.trainer import (
 
 
 class TunedKTOTrainer(TunedMixin, KTOTrainer):
-    """TRL's KTOTrainer with tunelab's meter and training-step savings (TunedMixin)."""
+    """TRL's KTOTrainer with tunelab's meter and training savings (TunedMixin)."""
 
 
 def shuffled_completions(data: PreferenceData, seed: int):

@@ -35,7 +35,7 @@ from tunelab.trainer import (
 
 
 class TunedRewardTrainer(TunedMixin, RewardTrainer):
-    """TRL's RewardTrainer with tunelab's meter and training-step savings (TunedMixin)."""
+    """TRL's RewardTrainer with tunelab's meter and training savings (TunedMixin)."""
 
 
 def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path,

@@ -32,7 +32,7 @@ from tunelab.trainer import (
 
 
 class TunedSFTTrainer(TunedMixin, SFTTrainer):
-    """TRL's SFTTrainer with tunelab's meter and training-step savings (TunedMixin)."""
+    """TRL's SFTTrainer with tunelab's meter and training savings (TunedMixin)."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """A loss-only evaluation step in one forward pass. HF's step asks `compute_loss` for the outputs as well,
