@@ -204,12 +204,15 @@ def test_chat_streams_replies_through_the_chat_template(tiny_llama, qa_data, tmp
     assert replies == ["bad"]
 
 
-def test_gradient_checkpointing_trains_the_same_lora_model(tiny_llama, qa_data, tmp_path):
-    """Recomputing activations in the backward pass saves memory and must not change what is learned."""
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not bf16_supported(), reason="this machine has no native bf16"))])
+def test_gradient_checkpointing_trains_the_same_lora_model(tiny_llama, qa_data, tmp_path, precision):
+    """Recomputing activations in the backward pass saves memory and must not change what is learned; under bf16
+    the recomputed forward pass (run by backward, outside the loss's code) must match the first one too."""
     results = []
     for checkpointing in (False, True):
         recipe = generative_recipe(tiny_llama, qa_data, method={"name": "lora", "r": 8},
-                                   train={"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32",
+                                   train={"epochs": 2, "batch_size": 8, "learning_rate": 1e-2, "precision": precision,
                                           "gradient_checkpointing": checkpointing})
         _, metrics = api.train(validate_recipe(recipe), str(tmp_path / f"gc-{checkpointing}"))
         results.append(metrics)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import has_length
@@ -190,23 +188,6 @@ def fit_fused_head_tiles() -> None:
         kernel.TOKEN_CHUNK_SIZE = min(kernel.TOKEN_CHUNK_SIZE, CPU_FUSED_HEAD_TOKENS)
 
 
-@contextmanager
-def adapter_input_casting_off(model: torch.nn.Module, active: bool):
-    """Within the block, peft adapters take their input in the dtype it comes in (autocast then casts it once).
-
-    peft.helpers.disable_input_dtype_casting does the same, but fails on layers that never set the flag (IA3's).
-    """
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)] if active else []
-    before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
-    for layer in layers:
-        layer.cast_input_dtype_enabled = False
-    try:
-        yield
-    finally:
-        for layer, value in zip(layers, before, strict=True):
-            layer.cast_input_dtype_enabled = value
-
-
 class MeteredMixin:
     """Gives a Trainer (HF's or a TRL subclass) a TrainingMeter (`.meter`) that sees every training batch, and
     evaluation in dataset order. The benchmark's plain ways use it as it is; tunelab's stages use TunedMixin."""
@@ -231,25 +212,11 @@ class MeteredMixin:
 
 
 class TunedMixin(MeteredMixin):
-    """MeteredMixin plus tunelab's memory savings in training: TRL's fused LM head in CPU-sized tiles, and no
-    fp32 copies of adapter inputs under bf16 autocast."""
+    """MeteredMixin plus tunelab's memory saving in training: TRL's fused LM head in CPU-sized tiles."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         fit_fused_head_tiles()
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        """The trainer's loss, with peft's input casting off under bf16 autocast.
-
-        peft casts each adapter's input to the adapter's fp32 (the base is bf16 under tunelab's bf16 training),
-        autocast casts it straight back, and autograd keeps the copy beside the input: 7 extra activations per layer
-        with LoRA on all linear layers and no LoRA dropout (SmolLM2 SFT: peak RSS 3.51 → 3.21 GiB). With dropout the
-        saved tensor is the dropout's output either way, so nothing changes. The loss's forward passes run under
-        autocast; everything else (generation, also GRPO's inside its training step, and scoring) keeps peft's
-        casting.
-        """
-        with adapter_input_casting_off(model, active=self.args.bf16):
-            return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 class MeteredTrainer(MeteredMixin, Trainer):
