@@ -276,8 +276,8 @@ def test_reward_trend_weights_each_logged_reward_by_the_steps_it_covers():
 @pytest.mark.skipif(not bf16_supported(), reason="this machine has no native bf16")
 @pytest.mark.parametrize("task", ["dpo", "kto", "grpo"])
 def test_lora_preference_training_under_bf16_learns_over_a_bf16_base(task, tiny_llama, pairs, tmp_path, monkeypatch):
-    """Under bf16 the frozen base is stored in bf16 and adapters take their inputs uncast inside the training step;
-    the reference passes (adapters off), GRPO's generation inside the step and the scoring must all still work."""
+    """Under bf16 the frozen base is stored in bf16 while the adapters train in fp32; the reference passes (adapters
+    off), GRPO's generation inside the step and the scoring must all still work."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     lora = {"name": "lora", "r": 8}
     if task == "grpo":
