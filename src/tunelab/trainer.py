@@ -10,12 +10,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
 
 from tunelab.errors import TunelabError
+from tunelab.heap import heap_kept_for_training
 from tunelab.recipe import EvalConfig, TrainConfig
 from tunelab.runs.folder import append_jsonl
 from tunelab.runs.lineage import run_chain
+from tunelab.sampling import ShuffledLengthBatches
 
 CHECKPOINTS = "checkpoints"
 # TRL's fused LM head (sft, dpo, kto, grpo) scores the vocabulary in tiles of 4096 tokens, sized for a GPU; on a
@@ -212,11 +215,27 @@ class MeteredMixin:
 
 
 class TunedMixin(MeteredMixin):
-    """MeteredMixin plus tunelab's memory saving in training: TRL's fused LM head in CPU-sized tiles."""
+    """MeteredMixin plus tunelab's training savings: TRL's fused LM head in CPU-sized tiles, batches of similar
+    length over whole groups of batches, and freed memory kept for reuse while training on a CPU."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         fit_fused_head_tiles()
+
+    def train(self, *args, **kwargs):
+        """Train as the Trainer does, with freed memory kept in the heap for the next step (CPU, glibc)."""
+        with heap_kept_for_training():
+            return super().train(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length grouping (one process, padded batches) with batches sorted over whole groups of batches, in
+        random order. Padding-free batches have no padding to save, and grouping their longest rows together
+        only raises the peak memory (SmolLM2 SFT: 4.7 against 4.1 GiB), so they keep HF's sampler."""
+        sampler = super()._get_train_sampler(train_dataset)
+        padded = not getattr(self.args, "padding_free", False)
+        if isinstance(sampler, LengthGroupedSampler) and padded and self.args.world_size == 1:
+            return ShuffledLengthBatches(sampler.lengths, self.args.train_batch_size)
+        return sampler
 
 
 class MeteredTrainer(MeteredMixin, Trainer):
