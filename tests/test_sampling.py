@@ -74,7 +74,7 @@ def test_tunelab_trainers_group_by_length_with_it_and_the_plain_trainer_does_not
 
 
 def test_padding_free_batches_keep_hf_length_grouping(tiny_llama, tmp_path):
-    """Padding-free rows have no padding to save: grouping the longest together would only raise peak memory."""
+    """Padding-free rows have no padding to save: sorting them would only make every epoch's batches alike."""
     from trl import SFTConfig
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2)

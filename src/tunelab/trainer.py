@@ -229,8 +229,8 @@ class TunedMixin(MeteredMixin):
 
     def _get_train_sampler(self, train_dataset=None):
         """Length grouping (one process, padded batches) with batches sorted over whole groups of batches, in
-        random order. Padding-free batches have no padding to save, and grouping their longest rows together
-        only raises the peak memory (SmolLM2 SFT: 4.7 against 4.1 GiB), so they keep HF's sampler."""
+        random order. Padding-free batches have no padding to save, so they keep HF's sampler: sorting them would
+        only make every epoch's batches alike (SmolLM2 SFT: eval loss 2.188 with it against 2.173, same peak RSS)."""
         sampler = super()._get_train_sampler(train_dataset)
         padded = not getattr(self.args, "padding_free", False)
         if isinstance(sampler, LengthGroupedSampler) and padded and self.args.world_size == 1:
