@@ -3,7 +3,9 @@
 Written here because HF's LengthGroupedSampler sorts rows only within mega-batches of at most a quarter of the
 data set (so small data sets keep much of their padding: MiniLM on symptom_to_diagnosis, 250 rows in batches of
 16, still pads 17.6% of its tokens) and then yields each mega-batch longest batch first. Sorting a whole group
-of up to GROUP_BATCHES batches and shuffling the batches pads 4.7% there; every epoch draws a new grouping.
+of up to GROUP_BATCHES batches and shuffling the batches pads 4.7% there. Each epoch draws new groups, but a
+data set of at most one group (250 rows at batch 16) is sorted whole, so its batches change between epochs only
+among rows of equal length.
 """
 
 from __future__ import annotations
