@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -24,6 +25,16 @@ def _offline_and_isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TUNELAB_DATA_PATH", os.environ.get("TUNELAB_DATA_PATH", str(SHARED_DATA)))
     monkeypatch.setenv("TUNELAB_CACHE", os.environ.get("TUNELAB_CACHE_FOR_TESTS",
                                                        str(tmp_path_factory.getbasetemp() / "cache")))
+
+
+def seeded_random_weights(model_class: type, config) -> torch.nn.Module:
+    """`model_class(config)` with random weights drawn from a fixed seed, so the weights (and the learning
+    thresholds tests assert on them) are the same whichever tests ran, and drew random numbers, before. Seeded here,
+    not in a pytest_fixture_setup hook: pytest calls that hook of a session fixture on the session, which never sees
+    hooks of tests/conftest.py, so the weights came out different in every pytest process."""
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        return model_class(config)
 
 
 def make_tokenizer(decoder: bool) -> PreTrainedTokenizerFast:
@@ -45,7 +56,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     tokenizer = make_tokenizer(decoder=False)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
+    seeded_random_weights(BertModel, config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -58,7 +69,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    seeded_random_weights(LlamaForCausalLM, config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -99,13 +110,3 @@ def toy_recipe(model: Path, data: Path, **sections) -> dict:
     recipe.update(sections)
     return recipe
 
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef, request):
-    """Seed torch right before a tiny random model is built, so its weights (and the learning thresholds tests
-    assert on them) do not depend on which tests happened to run, and draw random numbers, before it."""
-    if fixturedef.argname in ("tiny_bert", "tiny_llama"):
-        import torch
-
-        torch.manual_seed(7)
-    yield
