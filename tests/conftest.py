@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = {"pos": ["good", "great", "lovely", "happy", "fine"], "neg": ["bad", "awful", "sad", "poor", "ugly"],
@@ -27,7 +34,7 @@ def _offline_and_isolated(tmp_path_factory, monkeypatch):
                                                        str(tmp_path_factory.getbasetemp() / "cache")))
 
 
-def seeded_random_weights(model_class: type, config) -> torch.nn.Module:
+def seeded_random_weights(model_class: type, config: PretrainedConfig) -> torch.nn.Module:
     """`model_class(config)` with random weights drawn from a fixed seed, so the weights (and the learning
     thresholds tests assert on them) are the same whichever tests ran, and drew random numbers, before. Seeded here,
     not in a pytest_fixture_setup hook: pytest calls that hook of a session fixture on the session, which never sees
