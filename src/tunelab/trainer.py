@@ -95,7 +95,8 @@ def last_checkpoint(run_dir: Path) -> str | None:
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append every Trainer log event (loss, lr, eval metrics) to the run's log.jsonl."""
+    """Append every Trainer log event (loss, lr, eval metrics) to the run's log.jsonl, with the run's total steps
+    so that a reader (the web board) can show progress and an ETA."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -104,7 +105,7 @@ class JsonlLogCallback(TrainerCallback):
         """Write one line per log event, stamped with time, step and epoch."""
         if logs:
             append_jsonl(self.path, {"time": round(time.time(), 3), "step": state.global_step,
-                                     "epoch": round(state.epoch or 0.0, 4), **logs})
+                                     "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps, **logs})
 
 
 def history_from(log_history: list[dict]) -> list[dict]:
