@@ -29,9 +29,10 @@ class StudioServer:
         self.port = free_port()
         self.url = f"http://{host}:{self.port}"
         self.log = runs.parent / f"ui-{self.port}.log"
-        self.process = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--runs", str(runs), "--port",
-                                         str(self.port), *(extra or [])], stdout=open(self.log, "wb"),
-                                        stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        with open(self.log, "wb") as output:  # the child keeps its own copy of the file handle
+            self.process = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--runs", str(runs), "--port",
+                                             str(self.port), *(extra or [])], stdout=output,
+                                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.time() + 60
         while True:
             try:

@@ -68,9 +68,10 @@ function lineChart(series, {width = 640, height = 260, xLabel = "step", yLabel =
     svg += `<path class="series" data-name="${esc(s.name)}" d="${path}" fill="none" stroke="${colour}" stroke-width="1.8"`
          + (s.dashed ? ` stroke-dasharray="5,3"` : "") + `/>`;
     if (s.dots) s.points.forEach(p => { svg += `<circle cx="${X(p[0])}" cy="${Y(p[1])}" r="3" fill="${colour}"/>`; });
-    svg += `<text x="${width - pad.right - 4}" y="${pad.top + 14 * (i + 1)}" font-size="12" text-anchor="end" fill="${colour}">${esc(s.name)}</text>`;
   });
-  return svg + `</svg>`;
+  const legend = series.map((s, i) => `<span style="color:${s.colour || COLOURS[i % COLOURS.length]}">`
+    + `${s.dashed ? "┄" : "━"} ${esc(s.name)}</span>`).join(" &nbsp; ");
+  return svg + `</svg><div class="legend">${legend}</div>`;
 }
 
 // The loss series of a run's log.jsonl rows: training loss per step and eval loss per evaluation.
