@@ -92,12 +92,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/runs")
     def list_runs() -> dict:
-        return {"runs": index.summaries(launcher.active_runs(), launcher.ended), "jobs": launcher.state()}
+        return {"runs": index.summaries(launcher.active_runs(), launcher.ended, frozenset(launcher.queued_runs())),
+                "jobs": launcher.state()}
 
     @app.get("/api/run")
     def run_detail(name: str) -> dict:
         try:
-            return index.detail(name, launcher.active_runs(), launcher.ended)
+            return index.detail(name, launcher.active_runs(), launcher.ended, frozenset(launcher.queued_runs()))
         except TunelabError as exc:
             raise HTTPException(404, str(exc)) from None
 

@@ -117,6 +117,11 @@ class Launcher:
         current = self.current
         return {current.run_dir} if current and current.state == "running" else set()
 
+    def queued_runs(self) -> set[Path]:
+        """Run folders waiting for their turn."""
+        with self._lock:
+            return {job.run_dir for job in self.jobs}
+
     def stop(self, run_dir: Path) -> Job:
         """Take a queued run off the queue, or interrupt the running one so that it can be resumed."""
         job = self.job_for(run_dir)

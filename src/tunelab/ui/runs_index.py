@@ -2,8 +2,9 @@
 
 Status comes from the folder's files and the board's own processes:
 finished = metrics.json; running = the board's own `tunelab train` works on it, or the folder was written in the
-last minute (a run started from a terminal); failed = the board saw its process end with an error (ui_error.txt);
-interrupted = anything else (killed, stopped, machine restarted): `tunelab train … --resume` finishes it.
+last minute (a run started from a terminal); queued = the board resumes it when the running job ends;
+failed = the board saw its process end with an error (ui_error.txt); interrupted = anything else (killed,
+stopped, machine restarted): `tunelab train … --resume` finishes it.
 """
 
 from __future__ import annotations
@@ -55,26 +56,29 @@ class RunsIndex:
             raise TunelabError(f"no run '{name}' in {self.root}")
         return path
 
-    def summaries(self, active: set[Path], ended: dict[Path, float]) -> list[dict]:
+    def summaries(self, active: set[Path], ended: dict[Path, float],
+                  queued: frozenset[Path] = frozenset()) -> list[dict]:
         """One summary per run folder, newest first."""
-        rows = [self.summary(path, active, ended) for path in self.run_dirs()]
+        rows = [self.summary(path, active, ended, queued) for path in self.run_dirs()]
         return sorted(rows, key=lambda row: row["started"] or 0, reverse=True)
 
-    def summary(self, run_dir: Path, active: set[Path], ended: dict[Path, float]) -> dict:
+    def summary(self, run_dir: Path, active: set[Path], ended: dict[Path, float],
+                queued: frozenset[Path] = frozenset()) -> dict:
         """Name, task, model, method, status, headline metric before → after, samples/s, start time."""
         stamps = file_stamps(run_dir)
         cached = self._cache.get(run_dir)
         if cached is None or cached[0] != stamps:
             cached = (stamps, static_summary(run_dir, self.name_of(run_dir)))
             self._cache[run_dir] = cached
-        return {**cached[1], "status": status(run_dir, stamps, active, ended)}
+        return {**cached[1], "status": status(run_dir, stamps, active, ended, queued)}
 
-    def detail(self, name: str, active: set[Path], ended: dict[Path, float]) -> dict:
+    def detail(self, name: str, active: set[Path], ended: dict[Path, float],
+               queued: frozenset[Path] = frozenset()) -> dict:
         """A run's summary plus its log, progress, metrics, recipe text and files."""
         run_dir = self.resolve(name)
         log = read_log(run_dir)
         error = run_dir / UI_ERROR_FILE
-        return {**self.summary(run_dir, active, ended), "log": log, "progress": progress(log),
+        return {**self.summary(run_dir, active, ended, queued), "log": log, "progress": progress(log),
                 "metrics": read_metrics(run_dir), "recipe": read_recipe(run_dir),
                 "recipe_text": (run_dir / RECIPE_FILE).read_text(encoding="utf-8"),
                 "error": error.read_text(encoding="utf-8") if error.is_file() else None,
@@ -113,13 +117,16 @@ def static_summary(run_dir: Path, name: str) -> dict:
             "started": os.stat(run_dir / RECIPE_FILE).st_mtime}
 
 
-def status(run_dir: Path, stamps: tuple, active: set[Path], ended: dict[Path, float]) -> str:
-    """finished, running, failed or interrupted (see the module docstring)."""
+def status(run_dir: Path, stamps: tuple, active: set[Path], ended: dict[Path, float],
+           queued: frozenset[Path] = frozenset()) -> str:
+    """finished, running, queued, failed or interrupted (see the module docstring)."""
     _, metrics, *written, ui_error = stamps
     if metrics is not None:
         return "finished"
     if run_dir in active:
         return "running"
+    if run_dir in queued:
+        return "queued"
     latest = max((stamp for stamp in written if stamp is not None), default=0.0)
     if latest > ended.get(run_dir, 0.0) and time.time() - latest < RECENT_SECONDS:
         return "running"

@@ -32,7 +32,7 @@ function render(run) {
     .filter(s => s.points.length);
   document.getElementById("evalchart").innerHTML = metricSeries.length
     ? "<h2>Eval metrics per epoch</h2>" + lineChart(metricSeries, {xLabel: "epoch"}) : "";
-  document.getElementById("stop").hidden = run.status !== "running";
+  document.getElementById("stop").hidden = !["running", "queued"].includes(run.status);
   document.getElementById("resume").hidden = !["interrupted", "failed"].includes(run.status);
   const tryLink = document.getElementById("try");
   tryLink.hidden = run.status !== "finished";
