@@ -60,7 +60,7 @@ def server(runs):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(server):  # after the server, so that the browser's connections close before the server stops
     with playwright_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield chromium
@@ -68,7 +68,15 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, server, request, tmp_path):
+def shots(tmp_path) -> Path:
+    """Where screenshots go: $TUNELAB_SCREENSHOTS (docs/studio for the README), else the test's tmp folder."""
+    folder = Path(os.environ.get("TUNELAB_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def page(browser, server, request, shots):
     """A fresh page; afterwards its screenshot is saved and every request it made is checked to be the board's."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
@@ -76,9 +84,7 @@ def page(browser, server, request, tmp_path):
     page.on("request", lambda r: requests.append(r.url))
     page.set_default_timeout(30_000)
     yield page
-    folder = Path(os.environ.get("TUNELAB_SCREENSHOTS") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(folder / f"{request.node.name.removeprefix('test_')}.png"))
+    page.screenshot(path=str(shots / f"{request.node.name.removeprefix('test_')}.png"))
     context.close()
     outside = [url for url in requests if not url.startswith(server.url + "/") and not url.startswith("data:")]
     assert requests and not outside, f"requests outside the board: {outside}"
@@ -148,8 +154,8 @@ def wait_for_status(page, status: str, timeout_s: float = 240) -> None:
                            timeout=timeout_s * 1000)
 
 
-def test_new_run_from_the_form_shows_live_progress_and_finishes(page, server):
-    run = start_from_form(page, server, "toy-new", **{"train.epochs": "30"})
+def test_new_run_from_the_form_shows_live_progress_and_finishes(page, server, shots):
+    run = start_from_form(page, server, "toy-new", **{"train.epochs": "20"})
     page.goto(f"{server.url}/run?name={run}")
     # live: the step counter moves on a page that is not reloaded, under a loss curve drawn from log.jsonl
     page.wait_for_function("/^[1-9]\\d* \\/ \\d+$/.test((document.querySelector('#step .value')?.textContent || ''))",
@@ -159,6 +165,7 @@ def test_new_run_from_the_form_shows_live_progress_and_finishes(page, server):
     page.wait_for_function(f"(document.querySelector('#step .value')?.textContent || '') !== '{first}'",
                            timeout=120_000)
     assert page.locator("#loss path.series").count() >= 1
+    page.screenshot(path=str(shots / "run_page_while_training.png"))
     wait_for_status(page, "finished")
     metrics = json.loads((server_runs(server) / run / "metrics.json").read_text())
     assert metrics["after"]["accuracy"] > metrics["before"]["accuracy"]
@@ -168,12 +175,12 @@ def test_new_run_from_the_form_shows_live_progress_and_finishes(page, server):
     page.goto(f"{server.url}/run?name={run}")  # finished: the report's content, the recipe and the files
     page.wait_for_selector("iframe.report")
     assert page.frame_locator("iframe.report").locator("h2", has_text="Before and after training").count() == 1
-    assert "epochs: 30" in page.locator("#recipe").inner_text()
+    assert "epochs: 20" in page.locator("#recipe").inner_text()
     assert page.locator("#files a", has_text="metrics.json").count() == 1
 
 
 def test_stop_then_resume_finishes_the_run(page, server):
-    run = start_from_form(page, server, "toy-stopped", **{"train.epochs": "40"})
+    run = start_from_form(page, server, "toy-stopped", **{"train.epochs": "24"})
     folder = server_runs(server) / run
     page.goto(f"{server.url}/run?name={run}")
     page.locator("#stop").wait_for(state="visible", timeout=240_000)
@@ -188,7 +195,7 @@ def test_stop_then_resume_finishes_the_run(page, server):
     wait_for_status(page, "finished", 300)
     steps = [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()]
     assert steps.count(1) == 1, "the resumed run must continue from its checkpoint, not start again"
-    assert max(steps) == 40 * 12 > stopped_at
+    assert max(steps) == 24 * 12 > stopped_at
     assert not (folder / "ui_error.txt").exists()
 
 

@@ -47,6 +47,13 @@ def test_file_urls_outside_the_runs_folder_are_404(server, path):
     assert b"not for the board" not in body and b"root:" not in body
 
 
+@pytest.mark.parametrize("path", ["/api/run?name=..", "/api/run?name=../..", "/api/run?name=%2Fetc",
+                                  "/api/form/values?kind=run&name=.."])
+def test_run_names_outside_the_runs_folder_are_refused(server, path):
+    status, _ = request(server, "GET", path)
+    assert status in (400, 404)
+
+
 def test_files_inside_the_runs_folder_are_served(server):
     status, body = request(server, "GET", "/files/toy-run/recipe.yaml")
     assert status == 200 and b"task: classify" in body

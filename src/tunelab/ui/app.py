@@ -189,4 +189,5 @@ def serve(runs_dir: str, host: str, port: int) -> None:
     app = create_app(settings)
     print(f"tunelab ui: http://{'[' + host + ']' if ':' in host else host}:{port}/ (runs: {settings.runs_dir}); "
           f"Ctrl-C stops it", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # An open page keeps connections alive; after a few seconds shutting down does not wait for them any more.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
