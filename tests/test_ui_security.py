@@ -54,9 +54,20 @@ def test_run_names_outside_the_runs_folder_are_refused(server, path):
     assert status in (400, 404)
 
 
-def test_files_inside_the_runs_folder_are_served(server):
-    status, body = request(server, "GET", "/files/toy-run/recipe.yaml")
-    assert status == 200 and b"task: classify" in body
+def test_files_inside_the_runs_folder_are_served_sandboxed(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("GET", "/files/toy-run/recipe.yaml")
+    response = connection.getresponse()
+    assert response.status == 200 and b"task: classify" in response.read()
+    assert response.getheader("Content-Security-Policy").startswith("sandbox")  # a run's HTML runs no scripts
+
+
+def test_pages_may_load_only_from_the_board(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("GET", "/")
+    response = connection.getresponse()
+    assert response.status == 200 and b"<table id=\"runs\">" in response.read()
+    assert "default-src 'self'" in response.getheader("Content-Security-Policy")
 
 
 @pytest.mark.parametrize("endpoint", ["/api/start", "/api/stop", "/api/resume"])

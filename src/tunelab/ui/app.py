@@ -26,6 +26,11 @@ from tunelab.ui.runs_index import RunsIndex
 from tunelab.ui.security import file_inside, same_origin
 
 STATIC = Path(__file__).parent / "static"
+# The pages may load only what this server serves (a second line of defence behind having no outside URLs at all).
+PAGE_POLICY = ("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-src 'self'; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'")
+# Files from run folders (report.html) render, but run no scripts and get an origin of their own.
+FILE_POLICY = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 PAGES = {"/": "runs.html", "/run": "run.html", "/compare": "compare.html", "/new": "new.html",
          "/playground": "playground.html"}
 
@@ -107,7 +112,8 @@ def create_app(settings: Settings) -> FastAPI:
         path = file_inside(runs_dir, relative)
         if path is None:
             raise HTTPException(404, "no such file in the runs folder")
-        return FileResponse(path)
+        return FileResponse(path, headers={"Content-Security-Policy": FILE_POLICY,
+                                           "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/form")
     def form() -> dict:
@@ -159,7 +165,7 @@ def create_app(settings: Settings) -> FastAPI:
 def page_handler(path: Path):
     """A route returning one of the static pages."""
     def handler() -> FileResponse:
-        return FileResponse(path, media_type="text/html")
+        return FileResponse(path, media_type="text/html", headers={"Content-Security-Policy": PAGE_POLICY})
     return handler
 
 

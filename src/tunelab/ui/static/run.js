@@ -54,9 +54,10 @@ async function refresh() {
   try {
     const run = await getJSON(`/api/run?name=${encodeURIComponent(name)}`);
     render(run);
+    document.getElementById("loading").textContent = "";
     finished = run.status === "finished";
-  } catch (error) {
-    document.getElementById("message").textContent = error.message;
+  } catch (error) {  // a queued run has no folder until its process starts: keep asking
+    document.getElementById("loading").textContent = `waiting for the run folder (${error.message})`;
   }
   if (!finished) setTimeout(refresh, 1500);
 }
