@@ -32,7 +32,8 @@ class StudioServer:
         with open(self.log, "wb") as output:  # the child keeps its own copy of the file handle
             self.process = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--runs", str(runs), "--port",
                                              str(self.port), *(extra or [])], stdout=output,
-                                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                            stderr=subprocess.STDOUT,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
         deadline = time.time() + 60
         while True:
             try:

@@ -98,3 +98,17 @@ def test_a_folder_written_a_moment_ago_by_another_process_counts_as_running(tmp_
     (runs / ".studio").mkdir()  # the board's own folder is not a run
     statuses = {row["name"]: row["status"] for row in RunsIndex(runs).summaries(set(), {})}
     assert statuses == {"fresh": "running", "old": "interrupted"}
+
+
+def test_a_taken_port_is_one_error_line():
+    import socket
+
+    import pytest
+
+    from tunelab.errors import TunelabError
+    from tunelab.ui.app import check_port_free
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(TunelabError, match=f"cannot listen on 127.0.0.1:{port}.*pass another --port"):
+            check_port_free("127.0.0.1", port)

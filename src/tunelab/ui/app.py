@@ -187,10 +187,22 @@ def default_examples_dir() -> Path:
     return checkout if checkout.is_dir() else Path("examples")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A one-line error instead of uvicorn's log when the address is taken (or cannot be bound)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise TunelabError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host") from None
+
+
 def serve(runs_dir: str, host: str, port: int) -> None:
     """Run the board until Ctrl-C (a run it started is interrupted so that it can be resumed)."""
     import uvicorn
 
+    check_port_free(host, port)
     settings = Settings(Path(runs_dir), default_examples_dir(), host, port)
     app = create_app(settings)
     print(f"tunelab ui: http://{'[' + host + ']' if ':' in host else host}:{port}/ (runs: {settings.runs_dir}); "
