@@ -34,6 +34,15 @@ def test_every_recipe_option_is_in_the_form_with_its_help():
     assert fields["train.epochs"]["default"] == "3" and fields["task"]["choices"][0] == "classify"
 
 
+def test_every_example_recipe_fills_the_form_and_pipelines_are_left_out():
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    names = forms.example_names(examples)
+    assert "symptom_to_diagnosis" in names and "rlhf_pipeline" not in names
+    for name in names:
+        values = forms.template_values(examples, None, "example", name)
+        assert values["task"] and values["model.name"] and values["data.source"]
+
+
 def test_errors_are_placed_by_the_field_they_name():
     paths = list(forms.all_fields())
     assert forms.field_of("recipe: 'train.epochs' = -1 is invalid: Input should be greater than 0", paths) == \

@@ -117,7 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/form")
     def form() -> dict:
-        examples = sorted(path.stem for path in settings.examples_dir.glob("*.yaml"))
+        examples = forms.example_names(settings.examples_dir)
         runs = [row["name"] for row in index.summaries(set(), launcher.ended)]
         return {**forms.form_schema(), "examples": examples, "runs": runs}
 

@@ -174,6 +174,19 @@ def check_form(values: dict[str, str]) -> tuple[Recipe | None, dict]:
                                            f"{source.location}"}
 
 
+def example_names(examples_dir: Path) -> list[str]:
+    """The recipes in examples/ (pipeline files, which hold stages rather than one recipe, are left out)."""
+    names = []
+    for path in sorted(examples_dir.glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(raw, dict) and "task" in raw:
+            names.append(path.stem)
+    return names
+
+
 def template_values(examples_dir: Path, runs_index, kind: str, name: str) -> dict[str, str]:
     """The form's texts from an example recipe (examples/NAME.yaml) or an earlier run's recipe.yaml."""
     if kind == "example":
