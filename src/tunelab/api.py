@@ -24,6 +24,7 @@ from tunelab.models.trained import earlier_run_labels, load_trained
 from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe, RewardSource
 from tunelab.rewards import load_reward_function
 from tunelab.runs.folder import open_run_folder
+from tunelab.runs.tracking import check_trackers
 from tunelab.stages.classify import run_classification
 from tunelab.stages.dpo import run_dpo
 from tunelab.stages.fewshot import run_fewshot
@@ -40,6 +41,7 @@ STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft
 
 def check_recipe(recipe: Recipe):
     """Everything that can be checked before a run folder exists: data, labels, model. Returns (data, model)."""
+    check_trackers(recipe.train.report_to)
     if recipe.eval.judge is not None:
         check_reward_source(recipe.eval.judge, "eval.judge")
     if recipe.task in GENERATIVE_TASKS:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tunelab.bench import add_arguments as add_bench_arguments  # stdlib-only at import time
 from tunelab.errors import TunelabError
+from tunelab.runs.reading import HEADLINE_METRICS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("pipeline", help="pipeline YAML file (see examples/rlhf_pipeline.yaml)")
     pipeline.add_argument("--output", help="folder holding one run folder per stage (default: runs/<name>); the "
                                            "same command into the same folder skips finished stages")
+
+    ui = commands.add_parser("ui", help="the web board: list, launch, watch, compare and try runs in a browser")
+    ui.add_argument("--runs", default="runs", help="folder holding the run folders (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                                                        "only)")
+    ui.add_argument("--port", type=positive_int, default=7860, help="port (default: %(default)s)")
 
     add_bench_arguments(commands.add_parser("bench", help="speed/memory suite: each example job three ways "
                                                           "(tutorial, hand-written, tunelab), side by side"))
@@ -177,8 +184,6 @@ def headline_changes(metrics: dict) -> str:
     return "; ".join(changes)
 
 
-HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
-                    "preference_accuracy", "label_accuracy", "reward_margin", "mean_reward")
 
 
 def cmd_validate(args) -> int:
@@ -321,6 +326,13 @@ def cmd_curve(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from tunelab.ui.app import serve
+
+    serve(args.runs, args.host, args.port)
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from tunelab.pipeline import run_pipeline
 
@@ -332,4 +344,4 @@ def cmd_pipeline(args) -> int:
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat,
-            "pipeline": cmd_pipeline}
+            "pipeline": cmd_pipeline, "ui": cmd_ui}

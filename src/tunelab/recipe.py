@@ -186,6 +186,10 @@ class TrainConfig(Section):
                                                  "tuning train padded (peft drops position ids for them)")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                             "memory, about a third more compute")
+    report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that get the training logs, the before/after metrics "
+                                          "and the resolved recipe (MLflow: a local store in the run folder unless "
+                                          "MLFLOW_TRACKING_URI is set; TensorBoard: <run>/tensorboard). [] = none")
 
 
 class GenerateConfig(Section):
@@ -330,6 +334,9 @@ class Recipe(Section):
                              "(without options), or task: classify for other methods")
         if self.data.text_pair is not None:
             raise ValueError("task fewshot classifies single texts; drop data.text_pair or use task: classify")
+        if self.train.report_to:
+            raise ValueError("train.report_to hands the Trainer's logs to trackers, and task fewshot trains through "
+                             "SetFit without them; drop train.report_to or use task: classify")
         if self.train.precision == "bf16":
             raise ValueError("task fewshot trains in fp32 (bf16 stalls its contrastive loss); set train.precision "
                              "to auto or fp32")

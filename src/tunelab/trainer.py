@@ -18,6 +18,7 @@ from tunelab.heap import heap_kept_for_training
 from tunelab.recipe import EvalConfig, TrainConfig
 from tunelab.runs.folder import append_jsonl
 from tunelab.runs.lineage import run_chain
+from tunelab.runs.tracking import prepare_trackers
 from tunelab.sampling import ShuffledLengthBatches
 
 CHECKPOINTS = "checkpoints"
@@ -47,6 +48,8 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
                        args_class: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
     """HF TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` options, which override
     these) for a recipe: evaluate and checkpoint each epoch (or N steps), keep the best or the last checkpoint."""
+    # Every Trainer stage builds its arguments here, so this is where trackers are pointed at the run folder.
+    prepare_trackers(run_dir, train.report_to)
     every_steps = train.checkpoint_every is not None
     strategy = "steps" if every_steps else "epoch"
     options = dict(
@@ -74,7 +77,7 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         logging_steps=train.logging_steps,
         logging_first_step=True,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
-        report_to="none",
+        report_to=list(train.report_to) or "none",
         disable_tqdm=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
@@ -95,7 +98,8 @@ def last_checkpoint(run_dir: Path) -> str | None:
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append every Trainer log event (loss, lr, eval metrics) to the run's log.jsonl."""
+    """Append every Trainer log event (loss, lr, eval metrics) to the run's log.jsonl, with the run's total steps
+    so that a reader (the web board) can show progress and an ETA."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -104,7 +108,7 @@ class JsonlLogCallback(TrainerCallback):
         """Write one line per log event, stamped with time, step and epoch."""
         if logs:
             append_jsonl(self.path, {"time": round(time.time(), 3), "step": state.global_step,
-                                     "epoch": round(state.epoch or 0.0, 4), **logs})
+                                     "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps, **logs})
 
 
 def history_from(log_history: list[dict]) -> list[dict]:

@@ -13,6 +13,7 @@ from tunelab.data.labelled import LabelledData
 from tunelab.recipe import Recipe
 from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
 from tunelab.runs.report import samples_table, write_report
+from tunelab.runs.tracking import log_summary
 from tunelab.trainer import CHECKPOINTS
 
 BASELINE_FILE = "baseline.json"
@@ -54,9 +55,11 @@ def write_samples(run_dir: Path, prompts: list[str], references: list[str], befo
 
 def finish_run(run_dir: Path, recipe: Recipe, metrics: dict, title: str, labels: list[str] | None = None,
                extra_sections: list[tuple[str, str]] | None = None) -> dict:
-    """Write report.html, then metrics.json (last: its presence marks a finished run); drop checkpoints unless kept."""
+    """Write report.html, then metrics.json (last: its presence marks a finished run); drop checkpoints unless kept;
+    hand the results to the recipe's trackers (train.report_to)."""
     write_report(run_dir, title, metrics, recipe.to_yaml(), labels, extra_sections)
     write_json_atomic(run_dir / METRICS_FILE, metrics)
+    log_summary(run_dir, recipe, metrics)
     if not recipe.output.keep_checkpoints:
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     return metrics

@@ -1,0 +1,198 @@
+"""The New-run form, built from the recipe schema (src/tunelab/recipe.py: every field's default and help), and its
+checking by tunelab's own validation, so the form and `tunelab validate` can never disagree.
+
+The page sends every field as text; text is read the way a `dotted.key=value` override is (YAML: `3`, `1e-4`,
+`[q, v]`, `null`), except plain-string fields, which are taken as typed (a run named `2024` stays a string).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel
+
+from tunelab.errors import TunelabError
+from tunelab.recipe import METHOD_CLASSES, Recipe, load_recipe, validate_recipe
+
+SECTION_TITLES = {"": "Run", "model": "Model", "data": "Data", "method": "Method", "train": "Training",
+                  "eval": "Evaluation", "fewshot": "Few-shot (task fewshot)", "preference": "Preference (dpo, kto)",
+                  "reward": "Reward (task grpo)", "grpo": "GRPO (task grpo)", "output": "Output"}
+
+
+def field_kind(annotation: Any) -> tuple[str, list[str] | None]:
+    """How a field is edited: choice (with its choices), bool, text (a string) or yaml (numbers, lists, unions)."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] \
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
+    if len(options) == 1 and typing.get_origin(options[0]) is Literal:
+        return "choice", [str(choice) for choice in typing.get_args(options[0])]
+    if options == [bool]:
+        return "bool", None
+    if options == [str]:
+        return "text", None
+    return "yaml", None
+
+
+def model_class(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a field that holds a section (directly or as `Section | None`)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def section_fields(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[dict]:
+    """The editable fields of a section, sub-sections flattened into dotted paths."""
+    fields = []
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        path = f"{prefix}{name}"
+        nested = model_class(info.annotation)
+        if nested is not None:
+            optional = not info.is_required() and info.default is None
+            for sub in section_fields(nested, f"{path}."):
+                fields.append({**sub, "optional_section": path if optional else sub.get("optional_section")})
+            continue
+        kind, choices = field_kind(info.annotation)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        fields.append({"path": path, "kind": kind, "choices": choices, "required": info.is_required(),
+                       "default": to_text(default, kind), "description": info.description or ""})
+    return fields
+
+
+def form_schema() -> dict:
+    """Sections of fields (top-level run fields first) and the fields of each method, for the page to render."""
+    sections = [{"name": "", "title": SECTION_TITLES[""], "fields": section_fields(Recipe, "", skip=tuple(
+        name for name, info in Recipe.model_fields.items() if model_class(info.annotation) or name == "method"))}]
+    for name, info in Recipe.model_fields.items():
+        if name == "method":
+            sections.append({"name": "method", "title": SECTION_TITLES["method"], "fields": [
+                {"path": "method.name", "kind": "choice", "choices": list(METHOD_CLASSES), "required": False,
+                 "default": "full", "description": "How weights are trained"}]})
+        elif model_class(info.annotation):
+            sections.append({"name": name, "title": SECTION_TITLES.get(name, name), "description": info.description,
+                             "fields": section_fields(model_class(info.annotation), f"{name}.")})
+    methods = {name: section_fields(cls, "method.", skip=("name",)) for name, cls in METHOD_CLASSES.items()}
+    return {"sections": sections, "methods": methods}
+
+
+def all_fields() -> dict[str, dict]:
+    """Every field of the schema by path (each method's fields included)."""
+    schema = form_schema()
+    fields = {field["path"]: field for section in schema["sections"] for field in section["fields"]}
+    for method_fields in schema["methods"].values():
+        fields.update({field["path"]: field for field in method_fields})
+    return fields
+
+
+def to_text(value: Any, kind: str) -> str:
+    """A value as the form shows it."""
+    if value is None:
+        return ""
+    if kind in ("text", "choice"):
+        return str(value)
+    if kind == "bool":
+        return "true" if value else "false"
+    return json.dumps(value, ensure_ascii=False)  # JSON is YAML: 3, 0.001, ["q", "v"]
+
+
+def from_text(text: str, kind: str) -> Any:
+    """A form value read back (None: left empty)."""
+    text = text.strip()
+    if text == "":
+        return None
+    if kind in ("text", "choice"):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the schema then names the field and what it expects
+
+
+def recipe_values(recipe: dict) -> dict[str, str]:
+    """A resolved recipe (as a dict) as the form's field texts."""
+    values = {}
+    for path, field in all_fields().items():
+        node: Any = recipe
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None or path.startswith("method."):
+            values[path] = to_text(node, field["kind"])
+    return values
+
+
+def raw_recipe(values: dict[str, str]) -> dict:
+    """The recipe dict the form's texts describe: only the chosen method's fields; an optional section left empty
+    is left out (e.g. eval.judge); an empty required field is left out, so the schema names it as missing."""
+    fields = all_fields()
+    method = (values.get("method.name") or "full").strip()
+    method_paths = {f["path"] for f in form_schema()["methods"].get(method, [])} | {"method.name"}
+    raw: dict = {}
+    for path, text in values.items():
+        field = fields.get(path)
+        if field is None:
+            raise TunelabError(f"the form sent an unknown field '{path}'")
+        if path.startswith("method.") and path not in method_paths:
+            continue
+        value = from_text(text, field["kind"])
+        if value is None and (field["required"] or field.get("optional_section")):
+            continue
+        node = raw
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def field_of(message: str, paths: list[str]) -> str | None:
+    """The form field an error message names: the longest dotted path mentioned in it, or, when it names a whole
+    section ('model' is required), that section's first field."""
+    named = [path for path in paths if f"'{path}'" in message or f"{path} " in message or f"{path}:" in message
+             or f"{path}." in message or message.rstrip().endswith(path)]
+    if named:
+        return max(named, key=len)
+    return next((path for path in paths if "." in path and f"'{path.split('.')[0]}'" in message), None)
+
+
+def check_form(values: dict[str, str]) -> tuple[Recipe | None, dict]:
+    """Validate the form as `tunelab validate` would (schema, then data and model); (recipe, result for the page)."""
+    from tunelab import api
+
+    try:
+        recipe = validate_recipe(raw_recipe(values), source="recipe")
+        data, source = api.check_recipe(recipe)
+    except TunelabError as exc:
+        message = str(exc)
+        return None, {"ok": False, "error": message, "field": field_of(message, list(all_fields()))}
+    return recipe, {"ok": True, "summary": f"{len(data.train)} train rows, {len(data.eval)} eval rows; model "
+                                           f"{source.location}"}
+
+
+def example_names(examples_dir: Path) -> list[str]:
+    """The recipes in examples/ (pipeline files, which hold stages rather than one recipe, are left out)."""
+    names = []
+    for path in sorted(examples_dir.glob("*.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(raw, dict) and "task" in raw:
+            names.append(path.stem)
+    return names
+
+
+def template_values(examples_dir: Path, runs_index, kind: str, name: str) -> dict[str, str]:
+    """The form's texts from an example recipe (examples/NAME.yaml) or an earlier run's recipe.yaml."""
+    if kind == "example":
+        path = (examples_dir / f"{name}.yaml").resolve()
+        if not path.is_relative_to(examples_dir.resolve()):
+            raise TunelabError(f"no example '{name}'")
+        return recipe_values(load_recipe(path).model_dump(mode="json"))
+    run_dir = runs_index.resolve(name)
+    return recipe_values(load_recipe(run_dir / "recipe.yaml").model_dump(mode="json"))

@@ -1,0 +1,120 @@
+"""Try a finished run: label texts with a classifier, or stream a generative run's answer beside its base model's
+(the recipe's model.name, resolved as training resolved it), so the difference training made shows live.
+
+Loaded models are kept (a few at a time) so that the second question does not load them again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.recipe import GenerateConfig
+from tunelab.runs.reading import read_recipe
+
+KEPT_MODELS = 4
+CLASSIFY_TASKS = ("classify", "fewshot")
+BASE_TASKS = ("sft", "pretrain")  # a seq2seq base warm-started from an encoder cannot answer on its own
+
+
+class Playground:
+    """Loads runs' models on first use and answers with them."""
+
+    def __init__(self) -> None:
+        self._models: OrderedDict[tuple[Path, str], object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _load(self, key: tuple[Path, str], load) -> object:
+        with self._lock:  # one load at a time: two copies of one model would only cost memory
+            if key not in self._models:
+                self._models[key] = load()
+                while len(self._models) > KEPT_MODELS:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return self._models[key]
+
+    def predict(self, run_dir: Path, text: str, top_k: int = 5) -> dict:
+        """Labels with probabilities, most likely first."""
+        task = (read_recipe(run_dir) or {}).get("task")
+        if task not in CLASSIFY_TASKS:
+            raise TunelabError(f"run '{run_dir.name}' is a {task} run; label texts with a classify or fewshot run")
+        from tunelab.models.trained import load_trained
+
+        trained = self._load((run_dir, "classifier"), lambda: load_trained(run_dir))
+        row = trained.probabilities([text])[0]
+        order = row.argsort()[::-1][:top_k]
+        return {"text": text, "labels": [{"label": trained.labels[i], "probability": round(float(row[i]), 6)}
+                                         for i in order]}
+
+    def stream(self, run_dir: Path, which: str, text: str, settings: GenerateConfig) -> Iterator[str]:
+        """The tuned run's (or its base model's) answer to `text`, piece by piece."""
+        recipe = read_recipe(run_dir) or {}
+        if recipe.get("task") not in ("sft", "pretrain", "seq2seq"):
+            raise TunelabError(f"run '{run_dir.name}' is a {recipe.get('task')} run; chat with an sft, pretrain or "
+                               f"seq2seq run")
+        from tunelab.models.generator import load_generator
+
+        tuned = self._load((run_dir, "tuned"), lambda: load_generator(run_dir))
+        if which == "base":
+            if recipe["task"] not in BASE_TASKS:
+                raise TunelabError(f"the base of a {recipe['task']} run cannot answer on its own")
+            generator = self._load((run_dir, "base"), lambda: base_generator(tuned, recipe["model"]["name"]))
+        elif which == "tuned":
+            generator = tuned
+        else:
+            raise TunelabError(f"model must be 'tuned' or 'base', not {which!r}")
+        return stream_answer(generator, text, settings)
+
+
+def base_generator(tuned, model_name: str):
+    """The run's starting model with the run's own prompt format, so both see the very same prompt."""
+    from tunelab.data.sft_encoding import PromptFormat
+    from tunelab.models.generator import Generator
+    from tunelab.models.loading import load_causal_lm, load_tokenizer, resolve_model
+
+    location = resolve_model(model_name).location
+    tokenizer = load_tokenizer(location)
+    prompt = PromptFormat(tokenizer, tuned.prompt.chat_template) if tuned.prompt is not None else None
+    return Generator(model=load_causal_lm(location).eval(), tokenizer=tokenizer, task=tuned.task, data=tuned.data,
+                     data_format=tuned.data_format, prompt=prompt)
+
+
+def stream_answer(generator, text: str, settings: GenerateConfig) -> Iterator[str]:
+    """Through the chat template (`stream_chat`, with the text put into the prompt shape training used), or, for a
+    model trained on plain text, the rendered prompt continued token by token."""
+    from tunelab.data.generative import prompt_row
+
+    if generator.prompt is not None and generator.prompt.uses_chat_template:
+        messages = prompt_row(generator.data, generator.data_format, text)["messages"][:-1]
+        yield from generator.stream_chat(messages, settings)
+        return
+    yield from stream_plain(generator, generator.render(text), settings)
+
+
+def stream_plain(generator, prompt: str, settings: GenerateConfig) -> Iterator[str]:
+    """Generate in a thread and hand the decoded pieces over as they come."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    from tunelab.evaluation.generation import autocast
+    from tunelab.trainer import bf16_supported
+
+    inputs = generator.tokenizer(prompt, return_tensors="pt")
+    streamer = TextIteratorStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {
+        "do_sample": False}
+    pad = generator.tokenizer.pad_token_id if generator.tokenizer.pad_token_id is not None else \
+        generator.tokenizer.eos_token_id
+
+    def work() -> None:
+        with torch.no_grad(), autocast(bf16_supported()):
+            generator.model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
+                                     pad_token_id=pad, **sampling)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()

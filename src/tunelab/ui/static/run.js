@@ -1,0 +1,76 @@
+// Run page: live progress while training (polled every two seconds), the report once finished, stop and resume.
+"use strict";
+navigation("");
+const name = param("name");
+let shownReport = false;
+
+function card(label, value, id) {
+  return `<div class="card" id="${id}"><div>${esc(label)}</div><div class="value">${value}</div></div>`;
+}
+
+function render(run) {
+  document.getElementById("title").textContent = run.name;
+  const status = document.getElementById("status");
+  status.textContent = run.status;
+  status.className = `status ${run.status}`;
+  document.getElementById("what").textContent = `${run.task} · ${run.model} · ${run.method}`;
+  const p = run.progress;
+  const evals = Object.entries(p.latest_eval).filter(([k]) => !/runtime|per_second/.test(k))
+    .map(([k, v]) => `${esc(k)} ${num(v)}`).join("<br>") || "–";
+  let cards = card("step", `${p.step}${p.max_steps ? " / " + p.max_steps : ""}`, "step")
+    + card("epoch", num(p.epoch, 2), "epoch")
+    + card("ETA", run.status === "running" ? duration(p.eta_seconds) : "–", "eta")
+    + card("latest eval", `<span style="font-size:0.7em">${evals}</span>`, "latest-eval");
+  if (run.headline) {
+    const h = run.headline;
+    cards += card(`${h.metric} before → after`, `${num(h.before)} → ${num(h.after)}`, "headline");
+  }
+  document.getElementById("cards").innerHTML = cards;
+  document.getElementById("loss").innerHTML = lineChart(lossSeries(run.log), {yLabel: "loss"});
+  const metricSeries = ["accuracy", "macro_f1"].map(m => ({name: m, dots: true,
+    points: run.log.filter(r => typeof r[`eval_${m}`] === "number").map(r => [r.epoch, r[`eval_${m}`]])}))
+    .filter(s => s.points.length);
+  document.getElementById("evalchart").innerHTML = metricSeries.length
+    ? "<h2>Eval metrics per epoch</h2>" + lineChart(metricSeries, {xLabel: "epoch"}) : "";
+  document.getElementById("stop").hidden = !["running", "queued"].includes(run.status);
+  document.getElementById("resume").hidden = !["interrupted", "failed"].includes(run.status);
+  const tryLink = document.getElementById("try");
+  tryLink.hidden = run.status !== "finished";
+  tryLink.href = `/playground?run=${encodeURIComponent(run.name)}`;
+  document.getElementById("failure").innerHTML = run.status === "failed" && run.error
+    ? `<h2>Why it failed</h2><pre class="error">${esc(run.error)}</pre>` : "";
+  document.getElementById("recipe").textContent = run.recipe_text;
+  document.getElementById("files").innerHTML = run.files.map(f =>
+    `<li><a href="/files/${encodeURI(run.name)}/${encodeURI(f.path)}">${esc(f.path)}</a> (${f.bytes.toLocaleString()} bytes)</li>`).join("");
+  if (run.status === "finished" && !shownReport && run.files.some(f => f.path === "report.html")) {
+    shownReport = true;
+    document.getElementById("report").innerHTML = `<h2>Report</h2>`
+      + `<iframe class="report" src="/files/${encodeURI(run.name)}/report.html" title="report"></iframe>`;
+  }
+}
+
+async function refresh() {
+  let finished = false;
+  try {
+    const run = await getJSON(`/api/run?name=${encodeURIComponent(name)}`);
+    render(run);
+    document.getElementById("loading").textContent = "";
+    finished = run.status === "finished";
+  } catch (error) {  // a queued run has no folder until its process starts: keep asking
+    document.getElementById("loading").textContent = `waiting for the run folder (${error.message})`;
+  }
+  if (!finished) setTimeout(refresh, 1500);
+}
+
+async function act(url) {
+  document.getElementById("message").textContent = "";
+  try {
+    await postJSON(url, {run: name});
+  } catch (error) {
+    document.getElementById("message").textContent = error.message;
+  }
+}
+
+document.getElementById("stop").addEventListener("click", () => act("/api/stop"));
+document.getElementById("resume").addEventListener("click", () => act("/api/resume"));
+refresh();
