@@ -23,6 +23,8 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from tunelab import api
@@ -139,16 +141,25 @@ def byte_level_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-@pytest.fixture(scope="module")
-def bpe_llama_run(qa_data, tmp_path_factory):
-    """A LoRA SFT run on a tiny Llama (grouped-query attention) with a byte-level BPE tokenizer and ChatML."""
-    base = tmp_path_factory.mktemp("bpe-llama")
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def bpe_decoder_run(request, qa_data, tmp_path_factory):
+    """A LoRA SFT run on a tiny decoder with a byte-level BPE tokenizer and ChatML: a Llama with grouped-query
+    attention, or a Qwen2 (q/k/v biases) with its output head tied to the embeddings."""
+    base = tmp_path_factory.mktemp(f"bpe-{request.param}")
     lines = [json.loads(line) for line in (qa_data / "train.jsonl").read_text().splitlines()]
     tokenizer = byte_level_tokenizer([f"{row['sentence']} is {row['answer']}" for row in lines] * 3)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    seeded_random_weights(LlamaForCausalLM, config).save_pretrained(base)
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[request.param]
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
+                          tie_word_embeddings=request.param == "qwen2", eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model = seeded_random_weights(model_class, config)
+    with torch.no_grad():  # sharp attention, so that rotary positions (Llama's permuted q/k rows) show in logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(16)
+            layer.self_attn.k_proj.weight.mul_(16)
+    model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     recipe = sft_recipe(base, qa_data, train={"max_steps": 3})
     return api.train(validate_recipe(recipe), str(tmp_path_factory.mktemp("runs") / "bpe-sft"))[0]
@@ -170,10 +181,10 @@ def gguf_logits(folder, gguf_file: str | None, prompts: list[str]) -> tuple[list
     return ids, np.concatenate(logits)
 
 
-def test_gguf_export_reads_back_in_transformers_with_the_same_logits(bpe_llama_run, tmp_path):
-    hf = api.export(str(bpe_llama_run), str(tmp_path / "hf"))
-    f16 = api.export(str(bpe_llama_run), str(tmp_path / "gguf"), "gguf", "f16")
-    q8 = api.export(str(bpe_llama_run), str(tmp_path / "gguf-q8"), "gguf", "q8_0")
+def test_gguf_export_reads_back_in_transformers_with_the_same_logits(bpe_decoder_run, tmp_path):
+    hf = api.export(str(bpe_decoder_run), str(tmp_path / "hf"))
+    f16 = api.export(str(bpe_decoder_run), str(tmp_path / "gguf"), "gguf", "f16")
+    q8 = api.export(str(bpe_decoder_run), str(tmp_path / "gguf-q8"), "gguf", "q8_0")
     assert sorted(path.name for path in f16.iterdir()) == ["Modelfile", "README.md", "toy-sft-f16.gguf"]
     assert "FROM ./toy-sft-f16.gguf" in (f16 / "Modelfile").read_text()
     prompts = [f"{text} is" for text in TEXTS]

@@ -17,6 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_PRETOKENIZE_REGEX
 
 from tunelab.errors import TunelabError
 from tunelab.export.model_card import model_card
@@ -53,6 +54,7 @@ PRE_TOKENIZER_HASHES = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
 }
 GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "use_regex": True}
+QWEN2_SPLIT = QWEN2_PRETOKENIZE_REGEX  # Qwen2's split rule (digits one by one), as transformers' Qwen2 tokenizer has it
 
 
 def check_gguf_exportable(run: FinishedRun, quantize: str | None) -> str:
@@ -168,13 +170,18 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 def pre_tokenizer_name(tokenizer, backend: dict) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer: by llama.cpp's hash, else plain GPT-2 byte-level."""
+    """llama.cpp's name for the tokenizer's pre-tokenizer: by llama.cpp's hash of the check text's token ids, else
+    (a vocabulary llama.cpp never hashed, e.g. a retrained one) by the pre-tokenizer's own split rule."""
     digest = sha256(str(tokenizer.encode(PRE_TOKENIZER_CHECK_TEXT)).encode()).hexdigest()
     if digest in PRE_TOKENIZER_HASHES:
         return PRE_TOKENIZER_HASHES[digest]
     pre = backend.get("pre_tokenizer") or {}
     if {key: pre.get(key) for key in GPT2_PRE_TOKENIZER} == GPT2_PRE_TOKENIZER:
-        return "gpt-2"  # exactly GPT-2's byte-level split, whatever the vocabulary
+        return "gpt-2"  # exactly GPT-2's byte-level split
+    patterns = [step.get("pattern", {}).get("Regex") for step in pre.get("pretokenizers", [])
+                if step.get("type") == "Split"]
+    if patterns == [QWEN2_SPLIT]:
+        return "qwen2"
     raise TunelabError(f"export: llama.cpp knows no pre-tokenizer for this run's tokenizer (check hash "
                        f"{digest[:12]}…); the gguf export supports SmolLM, Qwen2, Llama-3 and GPT-2 tokenizers")
 
