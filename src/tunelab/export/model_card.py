@@ -24,7 +24,7 @@ def model_card(run: FinishedRun, fmt: str, how_to_load: str, notes: list[str] | 
              f"Trained with tunelab: task **{run.task}**, method **{run.method}**, exported from run folder "
              f"`{run.path}`.", "",
              "| | |", "|---|---|",
-             f"| base model and chain | {' → '.join(f'`{step}`' for step in chain)} |",
+             f"| base model and chain | {' → '.join(f'`{step}`' for step in chain)}{alias_note(chain[0])} |",
              f"| task / method | {run.task} / {run.method} |",
              f"| data | `{data.get('source')}` ({run.metrics.get('train_rows', '?')} train rows, "
              f"{run.metrics.get('eval_rows', '?')} eval rows, split `{run.metrics.get('eval_split', '?')}`) |"]
@@ -46,6 +46,13 @@ def model_card(run: FinishedRun, fmt: str, how_to_load: str, notes: list[str] | 
     lines += ["## Recipe (resolved: every default written out)", "", "```yaml",
               yaml.safe_dump(run.recipe, sort_keys=False, allow_unicode=True).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def alias_note(name: str) -> str:
+    """What a tunelab model alias stands for (the card is read where tunelab's aliases are unknown)."""
+    from tunelab.models.aliases import OFFLINE_MODELS
+
+    return f" (`{name}` = {OFFLINE_MODELS[name].description})" if name in OFFLINE_MODELS else ""
 
 
 def format_number(value) -> str:
