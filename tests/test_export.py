@@ -263,3 +263,34 @@ def test_gguf_refuses_other_architectures_naming_the_supported_ones(qa_data, tmp
     assert "LlamaForCausalLM" in line and "Qwen2ForCausalLM" in line and "MistralForCausalLM" in line
     assert "q4_0" in refusal(["export", str(run), "--output", str(tmp_path / "out"), "--format", "gguf",
                               "--quantize", "q4_k_m"], capsys)
+
+
+def test_reward_run_exports_one_output_that_scores_like_tunelabs_judge(tiny_bert, tmp_path):
+    import onnxruntime
+
+    from tunelab.evaluation.judge import load_reward, reward_texts
+    from tunelab.recipe import RewardSource
+
+    rows = [{"prompt": " ".join(row["sentence"].split()[:3]), "chosen": " good", "rejected": " awful"}
+            for row in toy_rows(40, seed=3)]
+    write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    write_jsonl(tmp_path / "test.jsonl", rows[32:])
+    recipe = {"name": "toy-reward", "task": "reward", "model": {"name": str(tiny_bert), "max_length": 8},
+              "data": {"source": str(tmp_path)}, "method": {"name": "lora", "r": 4},
+              "train": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"}}
+    run = api.train(validate_recipe(recipe), str(tmp_path / "reward-run"))[0]
+    hf = api.export(str(run), str(tmp_path / "hf"))
+    assert json.loads((hf / "config.json").read_text())["id2label"] == {"0": "reward"}
+    folder = api.export(str(run), str(tmp_path / "onnx"), "onnx")
+    prompts = ["the day was very very long and it was a day", "a door"]  # the first is cut to its last 8 tokens
+    completions = [" good", " awful"]
+    want = load_reward(RewardSource(model=str(run)), batch_size=8, bf16=False)(prompts=prompts,
+                                                                                completions=completions)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.truncation_side == "left"  # a reward model is trained on the end of long transcripts
+    batch = tokenizer(reward_texts(prompts, completions), padding=True, truncation=True, max_length=8,
+                      return_tensors="np")
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    inputs = json.loads((folder / "labels.json").read_text())["inputs"]
+    got = session.run(["logits"], {name: batch[name] for name in inputs})
+    assert got[0][:, 0] == pytest.approx(want, abs=1e-4)

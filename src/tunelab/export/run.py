@@ -89,6 +89,8 @@ def load_merged(run: FinishedRun) -> tuple[torch.nn.Module, object]:
     if run.task in CLASSIFIER_TASKS:
         model = load_merged_classifier(location)
         model.config.pad_token_id = tokenizer.pad_token_id
+        if run.task == "reward":
+            tokenizer.truncation_side = "left"  # reward models score a transcript's end (the response), as trained
     elif run.task in DECODER_TASKS:
         model = load_causal_lm(location)
     elif run.task == "seq2seq":
