@@ -8,7 +8,10 @@
    (same batch, same bf16 autocast where tunelab uses it), its class probabilities on 20 test texts equal
    `tunelab predict` within 1e-4.
 2. gguf: the sft run is exported at f16 and q8_0 and read back by transformers' GGUF loader (in a fresh process);
-   next-token top-1 over every position of the 5 prompts is compared with the hf export.
+   next-token top-1 over every position of the 5 prompts is compared with the hf export. When llama-cpp-python is
+   importable (it builds llama.cpp from source: ~20 min on 2 cores; `pip install --target DIR llama-cpp-python
+   diskcache` and put DIR on PYTHONPATH), llama.cpp also answers the 5 prompts greedily from each file, through
+   the chat template inside it.
 Prints one JSON object with every number.
 """
 
@@ -125,8 +128,23 @@ def check_sft(run: Path, work: Path, prompts: list[str]) -> dict:
         positions = sum(len(row["top1"]) for row in reference)
         result[f"gguf_{quantize}"] = {"file": gguf_file.name, "mib": round(gguf_file.stat().st_size / 2**20, 1),
                                       "same_token_ids_from_gguf_tokenizer": same_ids, "positions": positions,
-                                      "top1_agreement": round(agree / positions, 4)}
+                                      "top1_agreement": round(agree / positions, 4),
+                                      **llama_cpp_answers(gguf_file, rendered, tunelab_answers)}
     return result
+
+
+def llama_cpp_answers(gguf_file: Path, prompts: list[str], want: list[str]) -> dict:
+    """Greedy answers of llama.cpp (llama-cpp-python) from the file, through its own chat template; {} without it."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {}
+    llm = Llama(model_path=str(gguf_file), n_ctx=1024, n_threads=1, verbose=False)
+    answers = [llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0,
+                                          top_k=1)["choices"][0]["message"]["content"].strip() for prompt in prompts]
+    return {"llama_cpp_pre_tokenizer": llm.metadata.get("tokenizer.ggml.pre"),
+            "llama_cpp_answers_equal_to_tunelab": sum(a == b for a, b in zip(answers, want, strict=True)),
+            "llama_cpp_answers": answers}
 
 
 def check_classifier(run: Path, work: Path, texts: list[str]) -> dict:
