@@ -164,6 +164,13 @@ def predict(model_path: str, texts: list[str], top_k: int = 1) -> list[dict]:
     return results
 
 
+def export(run_dir: str, output: str, fmt: str = "hf", quantize: str | None = None) -> Path:
+    """Write a finished run as a plain Hugging Face folder, a GGUF file or an ONNX graph into the new `output`."""
+    from tunelab.export import export_run
+
+    return export_run(run_dir, output, fmt, quantize)
+
+
 def generation_settings(max_new_tokens: int = 64, temperature: float = 0.0) -> GenerateConfig:
     """Generation options for `generate` and `chat`."""
     return GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature)

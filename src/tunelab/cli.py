@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list offline model aliases and whether they are installed")
 
+    export = commands.add_parser("export", help="write a finished run as a plain Hugging Face folder, a GGUF file "
+                                                "for llama.cpp / Ollama, or an ONNX Runtime graph")
+    export.add_argument("model", help="finished run folder")
+    export.add_argument("--output", required=True, help="folder to create (never an existing one)")
+    export.add_argument("--format", default="hf", choices=["hf", "gguf", "onnx"],
+                        help="hf: merged safetensors folder (default); gguf: decoder runs (Llama, Qwen2); onnx: "
+                             "encoder classifier and reward runs")
+    export.add_argument("--quantize", help="gguf weight type: f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, f32")
+
     curve = commands.add_parser("curve", help="learning curve: run a recipe at k examples per class × seeds × "
                                               "methods; table, plot and report in one folder")
     curve.add_argument("recipe", help="recipe YAML file")
@@ -300,6 +309,15 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tunelab import api
+
+    folder = api.export(args.model, args.output, args.format, args.quantize)
+    print(f"tunelab: exported {args.model} as {args.format} to {folder}: "
+          f"{', '.join(sorted(path.name for path in folder.iterdir()))}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from tunelab.models.aliases import OFFLINE_MODELS
 
@@ -344,4 +362,4 @@ def cmd_pipeline(args) -> int:
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat,
-            "pipeline": cmd_pipeline, "ui": cmd_ui}
+            "pipeline": cmd_pipeline, "ui": cmd_ui, "export": cmd_export}

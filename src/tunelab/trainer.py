@@ -22,6 +22,7 @@ from tunelab.runs.tracking import prepare_trackers
 from tunelab.sampling import ShuffledLengthBatches
 
 CHECKPOINTS = "checkpoints"
+TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
 # TRL's fused LM head (sft, dpo, kto, grpo) scores the vocabulary in tiles of 4096 tokens, sized for a GPU; on a
 # CPU it works each tile in fp32 copies of 4096 × 32768 logits, over 1.5 GiB at once. 512 gives the same figures.
 CPU_FUSED_HEAD_TOKENS = 512
@@ -275,6 +276,9 @@ def save_model(trainer: Trainer, target: Path) -> None:
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))
+    # Trainer.save_model also pickles the TrainingArguments (training_args.bin); the resolved recipe.yaml already
+    # records how the run trained, and a run folder holds no pickles (an export copies none).
+    (staging / TRAINING_ARGS_FILE).unlink(missing_ok=True)
     if not (staging / "config.json").is_file():  # an adapter: keep the model config (labels, base) beside it
         trainer.model.config.save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)

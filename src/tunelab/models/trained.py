@@ -1,7 +1,8 @@
 """Load a trained classifier back from a run folder or model folder, for `predict` and `eval`.
 
 `load_trained` routes by the run's task: classify runs hold a transformers classifier (or a peft adapter),
-fewshot runs a SetFit model (sentence encoder + logistic-regression head).
+fewshot runs a SetFit model (sentence encoder + logistic-regression head), and a folder written by
+`tunelab export --format onnx` an ONNX graph run by ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import predict_probabilities
 from tunelab.models.loading import load_tokenizer
 from tunelab.models.sentence_encoder import HEAD_FILE, load_trained_setfit, setfit_probabilities
+
+ONNX_MODEL_FILE, ONNX_LABELS_FILE = "model.onnx", "labels.json"  # what `tunelab export --format onnx` writes
 
 
 @dataclass
@@ -52,9 +55,48 @@ class TrainedFewshot:
         return setfit_probabilities(self.model, texts, len(self.labels))
 
 
-def load_trained(path: str | Path) -> TrainedClassifier | TrainedFewshot:
-    """Load a run folder or model folder, whichever task made it."""
+@dataclass
+class TrainedOnnx:
+    """An exported ONNX classifier (`tunelab export --format onnx`) run by ONNX Runtime, with its tokenizer."""
+
+    session: object  # onnxruntime.InferenceSession
+    tokenizer: object
+    labels: list[str]
+    inputs: list[str]
+    max_length: int
+    recipe: dict | None = None
+
+    def probabilities(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities for each text, batched by length as the PyTorch path batches them."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) + (len(pairs[i]) if pairs else 0))
+        logits = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            encoded = self.tokenizer([texts[i] for i in batch], [pairs[i] for i in batch] if pairs else None,
+                                     truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
+            logits[batch] = self.session.run(["logits"], {name: encoded[name].astype(np.int64)
+                                                          for name in self.inputs})[0]
+        return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+
+
+def load_onnx_export(path: Path) -> TrainedOnnx:
+    """A folder written by `tunelab export --format onnx`: model.onnx, labels.json and the tokenizer."""
+    import onnxruntime
+
+    info = json.loads((path / ONNX_LABELS_FILE).read_text(encoding="utf-8"))
+    options = onnxruntime.SessionOptions()
+    threads = torch.get_num_threads()  # the same thread budget torch would use (OMP_NUM_THREADS)
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = onnxruntime.InferenceSession(str(path / ONNX_MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    return TrainedOnnx(session=session, tokenizer=load_tokenizer(str(path)), labels=list(info["labels"]),
+                       inputs=list(info["inputs"]), max_length=int(info["max_length"]))
+
+
+def load_trained(path: str | Path) -> TrainedClassifier | TrainedFewshot | TrainedOnnx:
+    """Load a run folder, model folder or ONNX export, whichever task made it."""
     path = Path(path)
+    if (path / ONNX_MODEL_FILE).is_file() and (path / ONNX_LABELS_FILE).is_file():
+        return load_onnx_export(path)
     recipe = read_run_recipe(path)
     model_dir = path / "model" if recipe is not None else path
     if (recipe or {}).get("task") == "fewshot" or (model_dir / HEAD_FILE).is_file():

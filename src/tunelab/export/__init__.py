@@ -1,0 +1,42 @@
+"""Export a finished run to the formats people run models in: a plain Hugging Face folder (hf), one llama.cpp /
+Ollama file (gguf), or an ONNX Runtime graph (onnx). One module per format; run.py holds what they share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+FORMATS = ("hf", "gguf", "onnx")
+
+
+def export_run(run_dir: str | Path, output: str | Path, fmt: str = "hf", quantize: str | None = None) -> Path:
+    """Write `run_dir`'s model to the new folder `output` in format `fmt`; return the folder.
+
+    Everything is checked before the model loads, and the folder appears only once complete (staged, renamed).
+    """
+    from tunelab.export.run import check_mergeable, check_new_output, load_merged, publish_folder, read_finished_run
+
+    if fmt not in FORMATS:
+        raise TunelabError(f"export: --format '{fmt}' is not one of {', '.join(FORMATS)}")
+    if quantize is not None and fmt != "gguf":
+        raise TunelabError(f"export: --quantize applies to --format gguf only; drop it for --format {fmt}")
+    output = check_new_output(output)
+    run = read_finished_run(run_dir)
+    check_mergeable(run)
+    if fmt == "gguf":
+        from tunelab.export.gguf import check_gguf_exportable, write_gguf
+
+        quantize = check_gguf_exportable(run, quantize)
+        model, tokenizer = load_merged(run)
+        return publish_folder(output, lambda folder: write_gguf(run, model, tokenizer, folder, quantize))
+    if fmt == "onnx":
+        from tunelab.export.onnx import check_onnx_exportable, write_onnx
+
+        check_onnx_exportable(run)
+        model, tokenizer = load_merged(run)
+        return publish_folder(output, lambda folder: write_onnx(run, model, tokenizer, folder))
+    from tunelab.export.hf import write_hf
+
+    model, tokenizer = load_merged(run)
+    return publish_folder(output, lambda folder: write_hf(run, model, tokenizer, folder))

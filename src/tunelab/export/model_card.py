@@ -1,0 +1,60 @@
+"""The README.md model card every export carries: where the model came from, how it was trained, what it scored
+before and after, the resolved recipe that repeats the run, and how to load the exported files."""
+
+from __future__ import annotations
+
+import yaml
+
+from tunelab.export.run import FinishedRun
+
+HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
+                    "preference_accuracy", "label_accuracy", "reward_margin", "mean_reward")
+PIPELINE_TAGS = {"classify": "text-classification", "reward": "text-classification", "seq2seq": "text2text-generation"}
+
+
+def model_card(run: FinishedRun, fmt: str, how_to_load: str, notes: list[str] | None = None) -> str:
+    """README.md text for an export of `run` in format `fmt`; `how_to_load` is a fenced code snippet."""
+    chain = [str(step) for step in run.metrics.get("chain") or [run.recipe.get("model", {}).get("name", "?")]]
+    data = run.recipe.get("data") or {}
+    front = {"base_model": chain[0], "library_name": "transformers" if fmt == "hf" else fmt,
+             "pipeline_tag": PIPELINE_TAGS.get(run.task, "text-generation"),
+             "tags": ["tunelab", run.task, run.method], "datasets": [str(data.get("source"))]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {run.recipe.get('name', run.path.name)} ({fmt} export)", "",
+             f"Trained with tunelab: task **{run.task}**, method **{run.method}**, exported from run folder "
+             f"`{run.path}`.", "",
+             "| | |", "|---|---|",
+             f"| base model and chain | {' → '.join(f'`{step}`' for step in chain)}{alias_note(chain[0])} |",
+             f"| task / method | {run.task} / {run.method} |",
+             f"| data | `{data.get('source')}` ({run.metrics.get('train_rows', '?')} train rows, "
+             f"{run.metrics.get('eval_rows', '?')} eval rows, split `{run.metrics.get('eval_split', '?')}`) |"]
+    if run.metrics.get("labels"):
+        lines.append(f"| labels | {len(run.metrics['labels'])}: {', '.join(run.metrics['labels'])} |")
+    if data.get("prompt_template"):
+        lines.append(f"| prompt format | `{data['prompt_template']}` (put the text into this template"
+                     f"{', then into the chat template as the user turn' if run.metrics.get('chat_template') else ''})"
+                     f" |")
+    lines += ["", "## Evaluation (same eval rows before and after training)", "", "| metric | before | after |",
+              "|---|---|---|"]
+    before, after = run.metrics.get("before") or {}, run.metrics.get("after") or {}
+    for key in HEADLINE_METRICS:
+        if isinstance(after.get(key), int | float):
+            lines.append(f"| {key} | {format_number(before.get(key))} | {format_number(after[key])} |")
+    lines += ["", "## How to load", "", how_to_load.strip(), ""]
+    for note in notes or []:
+        lines += [note, ""]
+    lines += ["## Recipe (resolved: every default written out)", "", "```yaml",
+              yaml.safe_dump(run.recipe, sort_keys=False, allow_unicode=True).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def alias_note(name: str) -> str:
+    """What a tunelab model alias stands for (the card is read where tunelab's aliases are unknown)."""
+    from tunelab.models.aliases import OFFLINE_MODELS
+
+    return f" (`{name}` = {OFFLINE_MODELS[name].description})" if name in OFFLINE_MODELS else ""
+
+
+def format_number(value) -> str:
+    """A metric for the table: four decimals, or a dash when missing."""
+    return f"{value:.4f}" if isinstance(value, int | float) else "–"

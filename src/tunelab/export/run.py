@@ -1,0 +1,162 @@
+"""What every export format shares: a finished run read back, its model with any adapter merged, and an output
+folder that is staged beside its target and renamed into place, never over something that exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from tunelab.errors import TunelabError
+from tunelab.models.loading import load_causal_lm, load_tokenizer, merged_adapter_base
+from tunelab.recipe import GENERATIVE_TASKS
+
+CLASSIFIER_TASKS = ("classify", "reward")  # a sequence-classification head: labels, or one reward output
+DECODER_TASKS = ("sft", "pretrain", "dpo", "kto", "grpo")
+UNMERGEABLE_PEFT = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run folder whose metrics.json exists (the run finished), with its resolved recipe and metrics."""
+
+    path: Path
+    recipe: dict
+    metrics: dict
+
+    @property
+    def model_dir(self) -> Path:
+        """The run's saved weights (or adapter) and tokenizer."""
+        return self.path / "model"
+
+    @property
+    def task(self) -> str:
+        """The recipe's task (classify, sft, reward, …)."""
+        return str(self.recipe.get("task"))
+
+    @property
+    def method(self) -> str:
+        """The recipe's method name (full, lora, …)."""
+        method = self.recipe.get("method", "full")
+        return str(method.get("name") if isinstance(method, dict) else method)
+
+    @property
+    def adapter(self) -> bool:
+        """Whether model/ holds a peft adapter rather than full weights."""
+        return (self.model_dir / "adapter_config.json").is_file()
+
+
+def read_finished_run(run_dir: str | Path) -> FinishedRun:
+    """The run folder read back; unfinished runs and folders that are no run are refused."""
+    path = Path(run_dir)
+    if not (path / "recipe.yaml").is_file() or not (path / "model").is_dir():
+        raise TunelabError(f"export: '{path}' is not a run folder (no recipe.yaml and model/); give a folder that "
+                           f"`tunelab train` wrote")
+    if not (path / "metrics.json").is_file():
+        raise TunelabError(f"export: run '{path}' has not finished (no metrics.json); finish it with `tunelab train "
+                           f"RECIPE --output {path} --resume` first")
+    recipe = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    return FinishedRun(path=path, recipe=recipe, metrics=metrics)
+
+
+def check_mergeable(run: FinishedRun) -> None:
+    """Refuse what cannot become plain weights: prompt/prefix tuning, and few-shot runs' scikit-learn head."""
+    if run.task == "fewshot":
+        raise TunelabError(f"export: '{run.path}' is a fewshot run, whose head is a pickled scikit-learn logistic "
+                           f"regression that no transformers class loads; export a task classify run instead")
+    if run.adapter:
+        peft_type = json.loads((run.model_dir / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
+        if str(peft_type).upper() in UNMERGEABLE_PEFT:
+            raise TunelabError(f"export: run '{run.path}' uses method {run.method} ({peft_type}): its learned virtual "
+                               f"tokens cannot be merged into the base weights, so no plain model folder can hold "
+                               f"it; export a full, freeze, lora, dora or ia3 run")
+
+
+def load_merged(run: FinishedRun) -> tuple[torch.nn.Module, object]:
+    """The run's model in fp32 with any adapter merged into its base, and its tokenizer (pad token set)."""
+    check_mergeable(run)
+    location = str(run.model_dir)
+    tokenizer = load_tokenizer(location)
+    if run.task in CLASSIFIER_TASKS:
+        model = load_merged_classifier(location)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if run.task == "reward":
+            tokenizer.truncation_side = "left"  # reward models score a transcript's end (the response), as trained
+    elif run.task in DECODER_TASKS:
+        model = load_causal_lm(location)
+    elif run.task == "seq2seq":
+        model = load_merged_seq2seq(run, tokenizer)
+    else:
+        raise TunelabError(f"export: task '{run.task}' of run '{run.path}' is not exportable; tasks: "
+                           f"{', '.join(CLASSIFIER_TASKS + DECODER_TASKS)}, seq2seq")
+    template = (run.recipe.get("data") or {}).get("chat_template", "auto")
+    if run.task in GENERATIVE_TASKS and template not in ("auto", "none", None):
+        tokenizer.chat_template = template  # the run trained with its own template: users must render with it
+    return model.eval(), tokenizer
+
+
+def load_merged_classifier(location: str) -> torch.nn.Module:
+    """A sequence classifier as `tunelab predict` loads it, with a peft adapter merged into the base."""
+    config = AutoConfig.from_pretrained(location)
+    if not (Path(location) / "adapter_config.json").is_file():
+        return AutoModelForSequenceClassification.from_pretrained(location, dtype=torch.float32)
+    from peft import PeftModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(merged_adapter_base(location), config=config,
+                                                              dtype=torch.float32)
+    return PeftModel.from_pretrained(base, location).merge_and_unload()
+
+
+def load_merged_seq2seq(run: FinishedRun, tokenizer) -> torch.nn.Module:
+    """An encoder-decoder run (T5/BART, or BERT2BERT warm-started), as `tunelab generate` loads it."""
+    from tunelab.stages.seq2seq import load_seq2seq
+
+    if run.adapter:
+        raise TunelabError(f"export: run '{run.path}' is a seq2seq run with a {run.method} adapter; only full and "
+                           f"freeze seq2seq runs are exportable")
+    return load_seq2seq(str(run.model_dir), tokenizer)
+
+
+def check_new_output(output: str | Path) -> Path:
+    """The output path, refused when anything (folder or file) is already there: exports never overwrite."""
+    path = Path(output)
+    if path.exists() or path.is_symlink():
+        raise TunelabError(f"export: --output '{path}' already exists; choose a new path (exports never overwrite)")
+    return path
+
+
+def publish_folder(output: Path, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a hidden staging folder beside `output`, then rename it into place (atomic on one file
+    system); a failed export leaves nothing behind, and an output that appeared meanwhile is not replaced."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the export is an ordinary folder
+        write(staging)
+        check_new_output(output)
+        os.rename(staging, output)  # a rename onto an existing non-empty folder fails instead of replacing it
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, data: object) -> None:
+    """A JSON file inside a staging folder (the whole folder is published atomically)."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
