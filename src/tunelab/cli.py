@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(chat, default_tokens=256)
 
     commands.add_parser("models", help="list offline model aliases and whether they are installed")
+
+    serve = commands.add_parser("serve", help="serve a run, model folder or alias behind an OpenAI-compatible HTTP "
+                                              "API (chat/completions, embeddings, classify)")
+    serve.add_argument("model", help="run folder (sft/pretrain/classify/fewshot), Hugging Face model folder (e.g. "
+                                     "an export), .gguf file or alias")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
+                                                           "machine only)")
+    serve.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every request (default: env TUNELAB_API_KEY)")
+    serve.add_argument("--max-batch", type=positive_int, default=16,
+                       help="most answers generated together in one batch (default: %(default)s)")
 
     curve = commands.add_parser("curve", help="learning curve: run a recipe at k examples per class × seeds × "
                                               "methods; table, plot and report in one folder")
@@ -306,6 +319,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tunelab.serve.app import serve
+
+    return serve(args.model, args.host, args.port, args.api_key or None, args.max_batch)
+
+
 def cmd_bench(args) -> int:
     from tunelab import bench
 
@@ -332,4 +351,4 @@ def cmd_pipeline(args) -> int:
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat,
-            "pipeline": cmd_pipeline}
+            "pipeline": cmd_pipeline, "serve": cmd_serve}
