@@ -46,6 +46,7 @@ from tunelab.serve.protocol import (
 
 ENDPOINTS = {"generate": ("/v1/chat/completions", "/v1/completions"), "embed": ("/v1/embeddings",),
              "classify": ("/v1/classify",)}
+UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
 KIND_NAMES = {"generate": "a text generator", "embed": "an encoder", "classify": "a classifier"}
 
 
@@ -184,7 +185,7 @@ def create_app(engine, model_id: str, names: set[str], api_key: str | None = Non
     async def embeddings(body: EmbeddingRequest) -> dict:
         check(body.model, "embed", "/v1/embeddings")
         vectors, tokens = await run_in_threadpool(engine.embed, body.input)
-        return embedding_response(model_id, vectors, tokens)
+        return embedding_response(model_id, vectors, tokens, body.encoding_format)
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest) -> dict:
@@ -198,7 +199,9 @@ def create_app(engine, model_id: str, names: set[str], api_key: str | None = Non
 def validation_error(error: RequestValidationError) -> APIError:
     """FastAPI/pydantic's first complaint as a 400 that names the field (`messages.0.role`) and what was wrong."""
     first = error.errors()[0]
-    path = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # pydantic names the branch of a union it tried (`content.str`, `input.list[str]`): the field is what is left
+    path = [str(part) for part in first.get("loc", ()) if part != "body" and str(part) not in UNION_BRANCHES
+            and not any(mark in str(part) for mark in "[-")]
     param = ".".join(path) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -217,8 +220,8 @@ def validation_error(error: RequestValidationError) -> APIError:
 async def generate(engine: GenerationEngine, request: Request, body: Sampling, prompt: list[int], model_id: str,
                    chat: bool):
     """Queue the request's choices; stream them as server-sent events, or wait for them and answer once."""
-    temperature = body.temperature
-    choices = engine.submit(prompt, body.token_budget(), temperature, body.top_p, body.stop, body.seed, body.n)
+    choices = engine.submit(prompt, max_tokens=body.token_budget(), temperature=body.temperature, top_p=body.top_p,
+                            stops=body.stop, seed=body.seed, n=body.n, ignore_eos=body.ignore_eos)
     request_id = new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -28,6 +28,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import (
     AutoConfig,
@@ -57,6 +58,7 @@ class Choice:
     temperature: float
     top_p: float
     stops: list[str]
+    ignore_eos: bool
     generator: torch.Generator | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -84,13 +86,16 @@ class Choice:
 
 class RowSampler(LogitsProcessor):
     """Per-row sampling inside a greedy `generate`: a sampling row's token is drawn here (temperature, top_p, the
-    row's seeded generator) and its scores become one-hot, so the greedy argmax picks it; greedy rows pass as is."""
+    row's seeded generator) and its scores become one-hot, so the greedy argmax picks it; greedy rows pass as is
+    (an ignore_eos row with its end-of-sequence tokens masked)."""
 
-    def __init__(self, rows: list[Choice]) -> None:
-        self.rows = rows
+    def __init__(self, rows: list[Choice], eos_ids: set[int]) -> None:
+        self.rows, self.eos_ids = rows, sorted(eos_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for i, row in enumerate(self.rows):
+            if row.ignore_eos:
+                scores[i, self.eos_ids] = float("-inf")
             if row.temperature == 0 or row.finished:
                 continue
             probabilities = torch.softmax(scores[i].float() / row.temperature, dim=-1)
@@ -184,8 +189,8 @@ class GenerationEngine:
         """Token ids of a plain prompt (with the tokenizer's own start token, as `tunelab generate` encodes it)."""
         return self.tokenizer(text)["input_ids"]
 
-    def submit(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float, stops: list[str],
-               seed: int | None, n: int) -> list[Choice]:
+    def submit(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float, stops: list[str],
+               seed: int | None, n: int, ignore_eos: bool = False) -> list[Choice]:
         """Queue `n` choices for one prompt; their events arrive on each choice's queue."""
         if self.context is not None and len(prompt) + max_tokens > self.context:
             raise APIError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}: together over "
@@ -200,7 +205,7 @@ class GenerationEngine:
             generator = None
             if temperature > 0:
                 generator = torch.Generator().manual_seed(seed + i if seed is not None else random.getrandbits(63))
-            choices.append(Choice(prompt, max_tokens, temperature, top_p, stops, generator, loop))
+            choices.append(Choice(prompt, max_tokens, temperature, top_p, stops, ignore_eos, generator, loop))
         for choice in choices:
             self.waiting.put(choice)
         return choices
@@ -246,7 +251,8 @@ class GenerationEngine:
         attention_mask = torch.tensor([[0] * (width - len(c.prompt)) + [1] * len(c.prompt) for c in batch])
         settings = GenerationConfig(max_new_tokens=max(c.max_tokens for c in batch), do_sample=False,
                                     pad_token_id=pad, eos_token_id=sorted(self.eos_ids) or None)
-        processors = LogitsProcessorList([RowSampler(batch)] if any(c.temperature > 0 for c in batch) else [])
+        special = any(c.temperature > 0 or c.ignore_eos for c in batch)
+        processors = LogitsProcessorList([RowSampler(batch, self.eos_ids)] if special else [])
         try:
             with torch.inference_mode():
                 self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=settings,
@@ -283,13 +289,13 @@ class EmbeddingEngine:
         self.model = SentenceTransformer(location, device="cpu")
         self.lock = threading.Lock()
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors for the texts and the number of tokens read."""
         with self.lock:
             vectors = self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
                                         show_progress_bar=False)
             tokens = self.model.tokenizer(texts, truncation=True, max_length=self.model.max_seq_length)["input_ids"]
-        return vectors.tolist(), sum(map(len, tokens))
+        return vectors, sum(map(len, tokens))
 
     def start(self) -> None:
         pass

@@ -8,10 +8,12 @@ Every limit a client can hit is a constant here.
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused with 413 before it is parsed
@@ -79,6 +81,7 @@ class Sampling(Request):
     stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension: answers run to max_tokens (load tests)
     stream_options: StreamOptions | None = None
 
     @field_validator("stop")
@@ -129,7 +132,7 @@ def text_list(value: str | list[str]) -> list[str]:
 
 class EmbeddingRequest(Request):
     input: str | list[str]
-    encoding_format: Literal["float"] = "float"  # base64 is not offered
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's default)
     dimensions: None = None  # a fixed-size encoder cannot shorten its vectors
 
     @field_validator("input")
@@ -196,9 +199,12 @@ def usage_chunk(request_id: str, model: str, kind: str, prompt_tokens: int, comp
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def embedding_response(model: str, vectors: list[list[float]], prompt_tokens: int) -> dict:
+def embedding_response(model: str, vectors: np.ndarray, prompt_tokens: int, encoding: str) -> dict:
+    """Vectors as lists of floats, or as base64 of their little-endian float32 bytes (what the client decodes)."""
+    rows = ([base64.b64encode(vector.astype("<f4").tobytes()).decode() for vector in vectors] if encoding == "base64"
+            else vectors.tolist())
     return {"object": "list", "model": model, "usage": usage(prompt_tokens),
-            "data": [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)]}
+            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)]}
 
 
 def classify_response(model: str, rows: list[dict], prompt_tokens: int) -> dict:
