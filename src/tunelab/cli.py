@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on every request (default: env TUNELAB_API_KEY)")
     serve.add_argument("--max-batch", type=positive_int, default=16,
                        help="most answers generated together in one batch (default: %(default)s)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="weights of a text generator: float32 (default: a greedy answer is the same in any "
+                            "batch) or bfloat16 (faster batches, answers may shift with the batch)")
 
     curve = commands.add_parser("curve", help="learning curve: run a recipe at k examples per class × seeds × "
                                               "methods; table, plot and report in one folder")
@@ -322,7 +325,7 @@ def cmd_models(args) -> int:
 def cmd_serve(args) -> int:
     from tunelab.serve.app import serve
 
-    return serve(args.model, args.host, args.port, args.api_key or None, args.max_batch)
+    return serve(args.model, args.host, args.port, args.api_key or None, args.max_batch, args.dtype)
 
 
 def cmd_bench(args) -> int:

@@ -320,7 +320,7 @@ def check_port_free(host: str, port: int) -> None:
                                f"--host") from None
 
 
-def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int) -> int:
+def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "float32") -> int:
     """Load MODEL and serve it until interrupted."""
     import uvicorn
 
@@ -329,6 +329,10 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int)
         print(warning, file=sys.stderr)
     check_port_free(host, port)
     engine = load_engine(model, max_batch)
+    if dtype == "bfloat16":
+        if engine.kind != "generate":
+            raise TunelabError(f"--dtype bfloat16 applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
+        engine.use_bfloat16()
     model_id = model if "/" not in model.rstrip("/") else model.rstrip("/").rsplit("/", 1)[1]
     app = create_app(engine, model_id, {model, model_id}, api_key)
     print(f"tunelab: serving '{model_id}' ({KIND_NAMES[engine.kind]}) on http://{host}:{port} — endpoints "
