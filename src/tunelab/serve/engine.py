@@ -43,7 +43,7 @@ from tunelab.errors import TunelabError, one_line
 from tunelab.serve.protocol import APIError
 
 BATCH_WAIT_S = 0.02  # a batch waits this long after each arrival for one more request ...
-MAX_BATCH_WAIT_S = 0.1  # ... and no longer than this in all
+MAX_BATCH_WAIT_S = 0.15  # ... and no longer than this in all
 MAX_WAITING = 512  # choices queued beyond this are refused (429) rather than piling up
 
 
@@ -169,6 +169,7 @@ class GenerationEngine:
         self.running: list[Choice] = []
         self.batches = 0  # generate calls so far, and the rows they held: the batching, as /health shows it
         self.batched_rows = 0
+        self.last_batch_size = 1
         self.stopping = threading.Event()
         self.worker: threading.Thread | None = None
 
@@ -222,7 +223,10 @@ class GenerationEngine:
         self.worker.start()
 
     def stop(self) -> None:
+        """Shut down: the running batch ends at its next step, and the worker exits."""
         self.stopping.set()
+        for choice in list(self.running):
+            choice.cancel()
         if self.worker is not None:
             self.worker.join(timeout=30)
 
@@ -233,22 +237,26 @@ class GenerationEngine:
                 self.run(batch)
 
     def next_batch(self) -> list[Choice]:
-        """The first waiting choice, plus every choice that arrives less than BATCH_WAIT_S after the one before
-        (at most MAX_BATCH_WAIT_S in all), up to max_batch; cancelled ones are dropped here without running.
+        """The first waiting choice, plus those arriving while the batch gathers, up to max_batch; cancelled ones
+        are dropped here without running.
 
-        The window slides because clients whose answers came back together send their next requests a few
-        milliseconds apart (template, tokenizer, HTTP): a fixed window split them into uneven batches."""
+        Clients whose answers came back together send their next requests tens of milliseconds apart on a busy
+        machine (HTTP, template, tokenizer), so a fixed short window split them into uneven batches. The batch
+        therefore waits (at most MAX_BATCH_WAIT_S) until it is as large as the last one, then as long as arrivals
+        keep coming less than BATCH_WAIT_S apart. A lone client only ever waits BATCH_WAIT_S."""
         try:
             batch = [self.waiting.get(timeout=0.1)]
         except queue.Empty:
             return []
         deadline = time.monotonic() + MAX_BATCH_WAIT_S
         while len(batch) < self.max_batch:
-            wait = min(BATCH_WAIT_S, deadline - time.monotonic())
+            left = deadline - time.monotonic()
+            wait = left if len(batch) < self.last_batch_size else min(BATCH_WAIT_S, left)
             try:
                 batch.append(self.waiting.get(timeout=wait) if wait > 0 else self.waiting.get_nowait())
             except queue.Empty:
                 break
+        self.last_batch_size = len(batch)
         return [choice for choice in batch if not choice.cancelled]
 
     def run(self, batch: list[Choice]) -> None:
