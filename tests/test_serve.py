@@ -28,6 +28,7 @@ from tunelab.serve.app import bind_warning
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}it was{% endif %}")
 API_KEY = "test-key-123"
+KEY_HEADER = {"Authorization": f"Bearer {API_KEY}"}
 LABELS = ["neg", "neu", "pos"]
 TEXTS = ["this day was awful", "a lovely chair", "the window is very poor", "it was fine"]
 
@@ -180,7 +181,7 @@ def test_concurrent_requests_are_batched_and_keep_their_greedy_answers(servers, 
     openai = client(url)
     sequential = [openai.completions.create(model=chat_llama.name, prompt=p, max_tokens=6, temperature=0)
                   .choices[0].text for p in prompts]
-    before = httpx.get(f"{url}/health").json()
+    before = httpx.get(f"{url}/health", timeout=60).json()
     answers: dict[int, str] = {}
 
     def ask(i: int) -> None:
@@ -192,7 +193,7 @@ def test_concurrent_requests_are_batched_and_keep_their_greedy_answers(servers, 
         thread.start()
     for thread in threads:
         thread.join()
-    after = httpx.get(f"{url}/health").json()
+    after = httpx.get(f"{url}/health", timeout=60).json()
     assert [answers[i] for i in range(len(prompts))] == sequential
     batches, rows = after["batches"] - before["batches"], after["batched_requests"] - before["batched_requests"]
     assert rows == len(prompts) and batches < rows  # the model saw batches, not one request at a time
@@ -214,7 +215,7 @@ def test_embeddings_are_normalised_mean_pooled_sentence_transformers_vectors(ser
 
 def test_classify_gives_the_numbers_of_tunelab_predict(servers, tiny_classifier):
     response = httpx.post(f"{servers['classify']}/v1/classify", json={"model": tiny_classifier.name,
-                                                                      "input": TEXTS, "top_k": 3})
+                                                                      "input": TEXTS, "top_k": 3}, timeout=60)
     assert response.status_code == 200
     rows = response.json()["data"]
     expected = api.predict(str(tiny_classifier), TEXTS, top_k=3)
@@ -225,7 +226,7 @@ def test_classify_gives_the_numbers_of_tunelab_predict(servers, tiny_classifier)
 
 def test_models_and_health_name_the_served_model(servers, chat_llama):
     assert [m.id for m in client(servers["generate"]).models.list().data] == [chat_llama.name]
-    health = httpx.get(f"{servers['generate']}/health").json()
+    health = httpx.get(f"{servers['generate']}/health", timeout=60).json()
     assert health["status"] == "ok" and health["kind"] == "generate"
 
 
@@ -299,8 +300,8 @@ def test_bad_request_gets_an_openai_shaped_4xx(servers, request, server, method,
 
 def test_servers_stay_healthy_after_the_bad_requests(servers):
     for name in (G, C):
-        assert httpx.get(f"{servers[name]}/health").json()["status"] == "ok"
-    assert httpx.get(f"{servers[E]}/health", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+        assert httpx.get(f"{servers[name]}/health", timeout=60).json()["status"] == "ok"
+    assert httpx.get(f"{servers[E]}/health", headers=KEY_HEADER, timeout=60).status_code == 200
     for name in (G, E, C):
         assert "Traceback" not in servers[f"{name}_log"].read_text()
 
@@ -308,9 +309,9 @@ def test_servers_stay_healthy_after_the_bad_requests(servers):
 def test_api_key_is_enforced_when_set(servers, tiny_bert):
     with pytest.raises(AuthenticationError):
         client(servers[E], "wrong").embeddings.create(model=tiny_bert.name, input="hi")
-    assert httpx.get(f"{servers[E]}/health").status_code == 401
-    assert httpx.get(f"{servers[E]}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
-    assert httpx.get(f"{servers[G]}/health").status_code == 200  # no key set: open (on loopback)
+    assert httpx.get(f"{servers[E]}/health", timeout=60).status_code == 401
+    assert httpx.get(f"{servers[E]}/v1/models", headers=KEY_HEADER, timeout=60).status_code == 200
+    assert httpx.get(f"{servers[G]}/health", timeout=60).status_code == 200  # no key set: open (on loopback)
 
 
 def test_openai_client_raises_the_servers_errors(servers, chat_llama):
@@ -329,7 +330,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(servers, chat_llama):
         first = next(response.iter_lines())
         assert first.startswith("data: {")
     deadline = time.monotonic() + 10
-    while (health := httpx.get(f"{url}/health").json())["running"] or health["waiting"]:
+    while (health := httpx.get(f"{url}/health", timeout=60).json())["running"] or health["waiting"]:
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
     answer = client(url).completions.create(model=chat_llama.name, prompt="the day", max_tokens=3, temperature=0)

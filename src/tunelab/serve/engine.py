@@ -331,15 +331,15 @@ class ClassifierEngine:
     kind = "classify"
 
     def __init__(self, trained) -> None:
-        self.trained = trained
+        from tunelab.api import label_texts  # imported at start-up: tunelab.api pulls in every stage (seconds)
+
+        self.trained, self.label_texts = trained, label_texts
         self.lock = threading.Lock()
 
     def classify(self, texts: list[str], top_k: int) -> tuple[list[dict], int]:
         """`tunelab predict`'s rows for the texts (the same code) and the number of tokens read."""
-        from tunelab.api import label_texts
-
         with self.lock:
-            rows = label_texts(self.trained, texts, min(top_k, len(self.trained.labels)))
+            rows = self.label_texts(self.trained, texts, min(top_k, len(self.trained.labels)))
         tokenizer = getattr(self.trained, "tokenizer", None) or getattr(
             getattr(self.trained.model, "model_body", None), "tokenizer", None)
         tokens = sum(map(len, tokenizer(texts, truncation=True)["input_ids"])) if tokenizer is not None else 0
