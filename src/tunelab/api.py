@@ -153,7 +153,11 @@ def evaluate_in_context(model_name: str, data: DataConfig, shots: int) -> dict:
 
 def predict(model_path: str, texts: list[str], top_k: int = 1) -> list[dict]:
     """Labels with probabilities for each text, best first."""
-    trained = load_trained(model_path)
+    return label_texts(load_trained(model_path), texts, top_k)
+
+
+def label_texts(trained, texts: list[str], top_k: int = 1) -> list[dict]:
+    """`predict`'s rows for a loaded classifier: the server's /v1/classify answers with these very numbers."""
     probabilities = trained.probabilities(texts)
     results = []
     for text, row in zip(texts, probabilities, strict=True):

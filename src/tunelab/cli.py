@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hf: merged safetensors folder (default); gguf: decoder runs (Llama, Qwen2); onnx: "
                              "encoder classifier and reward runs")
     export.add_argument("--quantize", help="gguf weight type: f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, f32")
+
+    serve = commands.add_parser("serve", help="serve a run, model folder or alias behind an OpenAI-compatible HTTP "
+                                              "API (chat/completions, embeddings, classify)")
+    serve.add_argument("model", help="run folder (sft/pretrain/classify/fewshot), Hugging Face model folder (e.g. "
+                                     "an export), .gguf file or alias")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
+                                                           "machine only)")
+    serve.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every request (default: env TUNELAB_API_KEY)")
+    serve.add_argument("--max-batch", type=positive_int, default=16,
+                       help="most answers generated together in one batch (default: %(default)s)")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="weights of a text generator: float32 (default: a greedy answer is the same in any "
+                            "batch) or bfloat16 (faster batches, answers may shift with the batch)")
 
     curve = commands.add_parser("curve", help="learning curve: run a recipe at k examples per class × seeds × "
                                               "methods; table, plot and report in one folder")
@@ -329,6 +345,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tunelab.serve.app import serve
+
+    return serve(args.model, args.host, args.port, args.api_key or None, args.max_batch, args.dtype)
+
+
 def cmd_bench(args) -> int:
     from tunelab import bench
 
@@ -362,4 +384,4 @@ def cmd_pipeline(args) -> int:
 
 COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat,
-            "pipeline": cmd_pipeline, "ui": cmd_ui, "export": cmd_export}
+            "pipeline": cmd_pipeline, "ui": cmd_ui, "export": cmd_export, "serve": cmd_serve}

@@ -1,0 +1,342 @@
+"""The HTTP app of `tunelab serve`: thin routes between the protocol (protocol.py) and the engine (engine.py).
+
+Every failure a client can cause ends as one `APIError`, written by one handler as OpenAI's error object with a
+4xx status; FastAPI's validation errors become 400s that name the field. The guard in front of the app checks the
+API key and the body size before a byte of the body is parsed. Start-up and shut-down of the batching worker
+live in the lifespan block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from tunelab.errors import TunelabError
+from tunelab.serve.engine import Choice, GenerationEngine, load_engine
+from tunelab.serve.protocol import (
+    MAX_BODY_BYTES,
+    APIError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Sampling,
+    chat_chunk,
+    chat_response,
+    classify_response,
+    completion_chunk,
+    completion_response,
+    embedding_response,
+    model_list,
+    new_id,
+    usage_chunk,
+)
+
+ENDPOINTS = {"generate": ("/v1/chat/completions", "/v1/completions"), "embed": ("/v1/embeddings",),
+             "classify": ("/v1/classify",)}
+UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
+KIND_NAMES = {"generate": "a text generator", "embed": "an encoder", "classify": "a classifier"}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+class Guard:
+    """ASGI middleware in front of everything: the API key (when set), then the body size (413 over the limit).
+
+    Runs before FastAPI reads the body, so an unauthenticated or oversized request costs no parsing. A body sent
+    without Content-Length (chunked) is read here up to the limit and handed on whole.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        refusal = self.check_key(headers.get(b"authorization"))
+        length = headers.get(b"content-length")
+        if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
+            refusal = self.too_large()
+        if refusal is None and length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body = b""
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")
+                if len(body) > self.max_body:
+                    refusal = self.too_large()
+                    break
+                if not message.get("more_body"):
+                    receive = replay(body, receive)
+                    break
+        if refusal is not None:
+            return await error_response(refusal)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def check_key(self, header: bytes | None) -> APIError | None:
+        if self.api_key is None:
+            return None
+        if header is None or not header.startswith(b"Bearer "):
+            return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>' (the server was "
+                                 "started with --api-key / TUNELAB_API_KEY)", None, "invalid_api_key")
+        if not hmac.compare_digest(header[len(b"Bearer "):].strip(), self.api_key.encode()):
+            return APIError(401, "invalid API key in the Authorization header", None, "invalid_api_key")
+        return None
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"the request body is over the limit of {self.max_body} bytes; send fewer or shorter "
+                             f"texts", None, "request_too_large")
+
+
+def replay(body: bytes, receive):
+    """A receive callable that hands over an already-read body first, then listens on (for disconnects)."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
+def create_app(engine, model_id: str, names: set[str], api_key: str | None = None) -> FastAPI:
+    """The app serving `engine` under the model id `model_id` (requests may name any of `names`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="tunelab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            routes = ", ".join(("GET /health", "GET /v1/models", *(f"POST {p}" for p in ENDPOINTS[engine.kind])))
+            return error_response(APIError(404, f"no endpoint {request.method} {request.url.path}; this server "
+                                                f"has {routes}", None, "unknown_url"))
+        if error.status_code == 405:
+            return error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}", None,
+                                           "method_not_allowed"))
+        return error_response(APIError(error.status_code, str(error.detail), None, None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        return error_response(APIError(500, f"internal error: {type(error).__name__}", None, "internal_error"))
+
+    def check(request_model: str, kind: str, path: str) -> None:
+        """The request names this server's model, and the model does what the endpoint needs."""
+        if request_model not in names:
+            raise APIError(404, f"model '{request_model}' is not served here; this server serves '{model_id}'",
+                           "model", "model_not_found")
+        if engine.kind != kind:
+            raise APIError(400, f"model '{model_id}' is {KIND_NAMES[engine.kind]}: it answers "
+                                f"{' and '.join(ENDPOINTS[engine.kind])}, not {path}", "model", "wrong_endpoint")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, "kind": engine.kind, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return model_list(model_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        check(body.model, "generate", "/v1/chat/completions")
+        prompt = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        return await generate(engine, request, body, prompt, model_id, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check(body.model, "generate", "/v1/completions")
+        return await generate(engine, request, body, engine.text_prompt(body.prompt), model_id, chat=False)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        check(body.model, "embed", "/v1/embeddings")
+        vectors, tokens = await run_in_threadpool(engine.embed, body.input)
+        return embedding_response(model_id, vectors, tokens, body.encoding_format)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> dict:
+        check(body.model, "classify", "/v1/classify")
+        rows, tokens = await run_in_threadpool(engine.classify, body.input, body.top_k)
+        return classify_response(model_id, rows, tokens)
+
+    return app
+
+
+def validation_error(error: RequestValidationError) -> APIError:
+    """FastAPI/pydantic's first complaint as a 400 that names the field (`messages.0.role`) and what was wrong."""
+    first = error.errors()[0]
+    # pydantic names the branch of a union it tried (`content.str`, `input.list[str]`): the field is what is left
+    path = [str(part) for part in first.get("loc", ()) if part != "body" and str(part) not in UNION_BRANCHES
+            and not any(mark in str(part) for mark in "[-")]
+    param = ".".join(path) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "the request body is not valid JSON", None, "invalid_json")
+    if param is None:
+        return APIError(400, "the request body must be a JSON object with the endpoint's fields", None,
+                        "invalid_body")
+    if kind == "missing":
+        return APIError(400, f"field '{param}' is required", param, "missing_field")
+    got = json.dumps(first.get("input"), default=str)
+    got = got if len(got) <= 60 else got[:59] + "…"
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return APIError(400, f"field '{param}': {message} (got {got})", param, "invalid_value")
+
+
+async def generate(engine: GenerationEngine, request: Request, body: Sampling, prompt: list[int], model_id: str,
+                   chat: bool):
+    """Queue the request's choices; stream them as server-sent events, or wait for them and answer once."""
+    choices = engine.submit(prompt, max_tokens=body.token_budget(), temperature=body.temperature, top_p=body.top_p,
+                            stops=body.stop, seed=body.seed, n=body.n, ignore_eos=body.ignore_eos)
+    request_id = new_id("chatcmpl" if chat else "cmpl")
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(stream(choices, request_id, model_id, len(prompt), chat, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        answers = [await collect(choice, request) for choice in choices]
+    finally:
+        for choice in choices:
+            choice.cancel()  # no-op for finished ones; frees the rest when the client has gone
+    completion_tokens = sum(len(choice.tokens) for choice in choices)
+    build = chat_response if chat else completion_response
+    return build(request_id, model_id, answers, len(prompt), completion_tokens)
+
+
+async def collect(choice: Choice, request: Request) -> tuple[str, str]:
+    """(text, finish_reason) of a choice, checking every second whether the client is still there."""
+    text = ""
+    while True:
+        try:
+            event = await asyncio.wait_for(choice.events.get(), timeout=1.0)
+        except TimeoutError:
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the connection", None, "client_closed") from None
+            continue
+        if event[0] == "text":
+            text += event[1]
+        elif event[0] == "done":
+            return text, event[1]
+        else:
+            raise APIError(500, event[1], None, "generation_failed")
+
+
+async def stream(choices: list[Choice], request_id: str, model_id: str, prompt_tokens: int, chat: bool,
+                 include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per new piece of text, a last chunk with the finish reason per choice, then
+    `data: [DONE]`. When the client disconnects this generator is closed, and `finally` cancels its choices."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    try:
+        if chat:
+            for index in range(len(choices)):
+                yield sse(chat_chunk(request_id, model_id, index, {"role": "assistant", "content": ""}, None))
+        for index, choice in enumerate(choices):
+            while True:
+                event = await choice.events.get()
+                if event[0] == "error":
+                    yield sse(APIError(500, event[1], None, "generation_failed").body())
+                    return
+                text, reason = (event[1], None) if event[0] == "text" else ("", event[1])
+                if chat:
+                    delta = {"content": text} if text else {}
+                    yield sse(chat_chunk(request_id, model_id, index, delta, reason))
+                else:
+                    yield sse(completion_chunk(request_id, model_id, index, text, reason))
+                if reason is not None:
+                    break
+        if include_usage:
+            yield sse(usage_chunk(request_id, model_id, kind, prompt_tokens, sum(len(c.tokens) for c in choices)))
+        yield "data: [DONE]\n\n"
+    finally:
+        for choice in choices:
+            choice.cancel()
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """The warning printed when the server is reachable from other machines without a key."""
+    if is_loopback(host) or api_key:
+        return None
+    return (f"warning: serving on {host} without an API key: anyone who can reach this machine can use the model; "
+            f"set --api-key or TUNELAB_API_KEY, or bind 127.0.0.1")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Say so in one line, before loading the model, when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise TunelabError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port or "
+                               f"--host") from None
+
+
+def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "float32") -> int:
+    """Load MODEL and serve it until interrupted."""
+    import uvicorn
+
+    warning = bind_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
+    check_port_free(host, port)
+    engine = load_engine(model, max_batch)
+    if dtype == "bfloat16":
+        if engine.kind != "generate":
+            raise TunelabError(f"--dtype bfloat16 applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
+        engine.use_bfloat16()
+    model_id = model if "/" not in model.rstrip("/") else model.rstrip("/").rsplit("/", 1)[1]
+    app = create_app(engine, model_id, {model, model_id}, api_key)
+    print(f"tunelab: serving '{model_id}' ({KIND_NAMES[engine.kind]}) on http://{host}:{port} — endpoints "
+          f"{', '.join(ENDPOINTS[engine.kind])}; API key {'required' if api_key else 'not required'}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return 0
