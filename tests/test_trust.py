@@ -165,3 +165,47 @@ def test_quiet_prints_only_the_result_line(tiny_recipe_file, tmp_path):
                       "train.epochs=1"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 1 and "accuracy" in result.stdout and "report:" in result.stdout
+
+
+# --- errors that answer at once -----------------------------------------------------------------------------------
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("grpo_symptoms.yaml", "train that run first"),
+    ("symptom_rl_pipeline.yaml", "is a pipeline (stages: sft, grpo), not a recipe: run `tunelab pipeline"),
+])
+def test_errors_answer_in_one_line_within_5_seconds_with_the_hub_unreachable(example, expected, tmp_path):
+    import time
+
+    unreachable = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HUB_OFFLINE": "0"}
+    for command in ("validate", "train"):
+        start = time.perf_counter()
+        result = run_cli([command, str(ROOT / "examples" / example)], tmp_path, timeout=60, env=unreachable)
+        assert time.perf_counter() - start < 5
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and expected in result.stderr
+
+
+def test_a_hub_id_while_the_hub_is_unreachable_fails_at_once_with_the_offline_choices(tiny_recipe_file, tmp_path):
+    import time
+
+    start = time.perf_counter()
+    result = run_cli(["validate", str(tiny_recipe_file), "model.name=someone/not-cached-model"], tmp_path,
+                     timeout=60, env={"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"})
+    assert time.perf_counter() - start < 5
+    assert result.returncode == 2 and "the Hub cannot be reached; offline choices: an alias" in result.stderr
+
+
+def test_every_example_that_needs_an_earlier_run_says_so_in_its_first_line():
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        text = path.read_text()
+        if "runs/" in "".join(line.split("#")[0] for line in text.splitlines()):
+            assert text.startswith("# Needs an earlier run:"), path.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,26 +157,36 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def quiet_libraries() -> None:
     """Hide library chatter (load reports, weight-loading and shard-writing bars, map progress, warnings) so
     tunelab's own lines and the training bar stand out; warnings go to the run's log.jsonl instead."""
-    import datasets
-    import transformers
-
     from tunelab.console import capture_warnings
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"; the Hub's too
-    datasets.disable_progress_bars()
-    capture_warnings()
+    # Set before the libraries load (importing them here would slow every command, errors included); a user's own
+    # setting wins. The bars: transformers' "Loading weights" / "Writing model shards", the Hub's, datasets' maps.
     # datasets logs a parse failure as an error before raising it; tunelab reports the raised error itself.
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    for key, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(key, value)
+    if "transformers" in sys.modules:  # already loaded (the CLI called in-process, e.g. by tests)
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity(sys.modules["datasets"].logging.CRITICAL)
+    capture_warnings()
+
+
+QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "critical"}
 
 
 def cmd_train(args) -> int:
-    from tunelab import api
     from tunelab.console import set_quiet
+    from tunelab.models.names import check_model_answers_at_once
     from tunelab.recipe import load_recipe
 
     set_quiet(args.quiet or args.json)
     recipe = load_recipe(args.recipe, args.overrides)
+    check_model_answers_at_once(recipe.model.name)  # before the training stack loads
+
+    from tunelab import api
     if args.seeds > 1:
         return train_seeds(args, recipe)
     run_dir, metrics = api.train(recipe, args.output, args.resume)
@@ -225,10 +236,13 @@ def train_seeds(args, recipe) -> int:
 
 
 def cmd_validate(args) -> int:
-    from tunelab import api
+    from tunelab.models.names import check_model_answers_at_once
     from tunelab.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_model_answers_at_once(recipe.model.name)  # before the training stack loads
+
+    from tunelab import api
     data, source = api.check_recipe(recipe)
     print(recipe.to_yaml(), end="")
     if hasattr(data, "labels"):

@@ -95,7 +95,7 @@ def headline_changes(metrics: dict) -> str:
         if not (isinstance(before.get(key), float | int) and isinstance(after.get(key), float | int)):
             continue
         change = f"{key} {before[key]:.4f} → {after[key]:.4f}"
-        changes.append(f"{change} ({describe_gain(key, gains[key])})" if key in gains else change)
+        changes.append(f"{change}{describe_gain(gains[key])}" if key in gains else change)
     if "win_rate" in metrics:
         span = metrics.get("win_rate_interval")
         changes.append(f"win rate {metrics['win_rate']:.3f}"

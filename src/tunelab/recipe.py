@@ -479,6 +479,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise TunelabError(f"recipe '{path}' must be a mapping of sections (model, data, task, …), "
                            f"not a {type(raw).__name__}")
+    if "stages" in raw and "task" not in raw:
+        raise TunelabError(f"'{path}' is a pipeline (stages: {', '.join(map(str, raw['stages'] or []))}), not a "
+                           f"recipe: run `tunelab pipeline {path}`")
     raw.setdefault("name", path.stem)
     for override in overrides or []:
         apply_override(raw, override)

@@ -136,7 +136,8 @@ def compare(before: dict, after: dict, labels: int | None = None) -> dict:
     return {"intervals": intervals, "gain": gains} if intervals else {}
 
 
-def describe_gain(name: str, gain: dict) -> str:
-    """'+0.0943 [+0.05, +0.14]' or 'no significant change (+0.0047 [-0.02, +0.03])' for the console and report."""
-    text = f"{gain['value']:+.4f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"
-    return text if gain["significant"] else f"no significant change ({text})"
+def describe_gain(gain: dict) -> str:
+    """' (+0.0943 [+0.050, +0.140])', or ', no significant change (+0.0047 [-0.020, +0.030])' when the paired
+    interval includes 0: the words a console line puts after 'before → after'."""
+    text = f"({gain['value']:+.4f} [{gain['low']:+.3f}, {gain['high']:+.3f}])"
+    return f" {text}" if gain["significant"] else f", no significant change {text}"
