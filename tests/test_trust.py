@@ -209,3 +209,17 @@ def test_every_example_that_needs_an_earlier_run_says_so_in_its_first_line():
         text = path.read_text()
         if "runs/" in "".join(line.split("#")[0] for line in text.splitlines()):
             assert text.startswith("# Needs an earlier run:"), path.name
+
+
+def test_seeds_runs_the_recipe_per_seed_into_one_folder_and_prints_mean_and_std(tiny_recipe_file, tmp_path):
+    result = run_cli(["train", str(tiny_recipe_file), "--seeds", "2", "--output", str(tmp_path / "seeds"),
+                      "train.epochs=1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = sorted(path.name for path in (tmp_path / "seeds" / "runs").iterdir())
+    assert runs == ["full-kall-seed0", "full-kall-seed1"]
+    accuracies = [json.loads((tmp_path / "seeds" / "runs" / run / "metrics.json").read_text())["after"]["accuracy"]
+                  for run in runs]
+    table = json.loads((tmp_path / "seeds" / "curve.json").read_text())["table"][0]
+    assert table["accuracy_mean"] == pytest.approx(np.mean(accuracies))
+    assert table["accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert f"accuracy {np.mean(accuracies):.4f} ± {np.std(accuracies, ddof=1):.4f}" in result.stdout.splitlines()[-1]

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from tunelab.bench import add_arguments as add_bench_arguments  # stdlib-only at import time
@@ -215,17 +214,9 @@ def train_seeds(args, recipe) -> int:
     """--seeds N: the recipe N times (seeds + 0 … N-1) as one curve point, runs in one folder, mean ± std."""
     from tunelab import curve
 
-    if recipe.task not in ("classify", "fewshot"):
-        raise TunelabError(f"--seeds averages accuracy and macro-F1 over runs of tasks classify and fewshot; for "
-                           f"task {recipe.task} run `tunelab train` once per train.seed=N instead")
     if args.resume:
         raise TunelabError("--seeds continues an interrupted set by itself: give the same --output, without --resume")
-    output = args.output or str(Path(recipe.output.root) / f"{recipe.name}-seeds-{time.strftime('%Y%m%d-%H%M%S')}")
-    method = "fewshot" if recipe.task == "fewshot" else recipe.method.name
-    folder = curve.run_curve(args.recipe, [recipe.data.shots], args.seeds, [method], output, args.overrides)
-    table = json.loads((folder / "curve.json").read_text(encoding="utf-8"))["table"][0]
-    spread = {name: {"mean": round(table[f"{name}_mean"], 6), "std": round(table[f"{name}_std"], 6)}
-              for name in ("accuracy", "macro_f1")}
+    folder, spread = curve.run_seeds(args.recipe, recipe, args.seeds, args.output, args.overrides)
     if args.json:
         print(json.dumps({"folder": str(folder), "seeds": args.seeds, **spread}))
         return 0
