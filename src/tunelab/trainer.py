@@ -165,7 +165,7 @@ class TrainingProgress(TrainerCallback):
         if is_quiet() or not state.max_steps:
             return
         if interactive():
-            print("\r" + self.line(state), end="", flush=True)
+            print("\r" + self.line(state) + "\033[K", end="", flush=True)  # K: clear what a longer line left
             self.drawn = True
             return
         quarter = 4 * state.global_step // state.max_steps
