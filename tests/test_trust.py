@@ -147,11 +147,26 @@ def test_a_piped_two_epoch_run_prints_a_few_plain_lines(tiny_recipe_file, tmp_pa
     assert set(metrics["gain"]) == {"accuracy", "macro_f1"}
 
 
-def test_json_prints_one_line_of_final_metrics(tiny_recipe_file, tmp_path):
-    result = run_cli(["train", str(tiny_recipe_file), "--output", str(tmp_path / "run"), "--json",
-                      "data.validation_fraction=0.2"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+@pytest.fixture
+def cli(capsys):
+    """The CLI in-process (no interpreter start-up to pay for); the console's quiet switch is reset after."""
+    from tunelab import console
+    from tunelab.cli import main
+
+    def run(args: list[str]) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(args)
+        return code, capsys.readouterr().out
+
+    yield run
+    console.set_quiet(False)
+
+
+def test_json_prints_one_line_of_final_metrics(tiny_recipe_file, tmp_path, cli):
+    code, out = cli(["train", str(tiny_recipe_file), "--output", str(tmp_path / "run"), "--json",
+                     "data.validation_fraction=0.2"])
+    assert code == 0
+    lines = out.splitlines()
     assert len(lines) == 1
     record = json.loads(lines[-1])
     assert set(record["before"]) >= {"accuracy", "macro_f1"} and set(record["after"]) >= {"accuracy", "macro_f1"}
@@ -160,11 +175,10 @@ def test_json_prints_one_line_of_final_metrics(tiny_recipe_file, tmp_path):
     assert isinstance(record["gain"]["accuracy"]["significant"], bool)
 
 
-def test_quiet_prints_only_the_result_line(tiny_recipe_file, tmp_path):
-    result = run_cli(["train", str(tiny_recipe_file), "--output", str(tmp_path / "run"), "--quiet",
-                      "train.epochs=1"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 1 and "accuracy" in result.stdout and "report:" in result.stdout
+def test_quiet_prints_only_the_result_line(tiny_recipe_file, tmp_path, cli):
+    code, out = cli(["train", str(tiny_recipe_file), "--output", str(tmp_path / "run"), "--quiet", "train.epochs=1"])
+    assert code == 0
+    assert len(out.splitlines()) == 1 and "accuracy" in out and "report:" in out
 
 
 # --- errors that answer at once -----------------------------------------------------------------------------------
@@ -211,10 +225,10 @@ def test_every_example_that_needs_an_earlier_run_says_so_in_its_first_line():
             assert text.startswith("# Needs an earlier run:"), path.name
 
 
-def test_seeds_runs_the_recipe_per_seed_into_one_folder_and_prints_mean_and_std(tiny_recipe_file, tmp_path):
-    result = run_cli(["train", str(tiny_recipe_file), "--seeds", "2", "--output", str(tmp_path / "seeds"),
-                      "train.epochs=1"], tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_seeds_runs_the_recipe_per_seed_into_one_folder_and_prints_mean_and_std(tiny_recipe_file, tmp_path, cli):
+    code, out = cli(["train", str(tiny_recipe_file), "--seeds", "2", "--output", str(tmp_path / "seeds"),
+                     "train.epochs=1"])
+    assert code == 0
     runs = sorted(path.name for path in (tmp_path / "seeds" / "runs").iterdir())
     assert runs == ["full-kall-seed0", "full-kall-seed1"]
     accuracies = [json.loads((tmp_path / "seeds" / "runs" / run / "metrics.json").read_text())["after"]["accuracy"]
@@ -222,4 +236,4 @@ def test_seeds_runs_the_recipe_per_seed_into_one_folder_and_prints_mean_and_std(
     table = json.loads((tmp_path / "seeds" / "curve.json").read_text())["table"][0]
     assert table["accuracy_mean"] == pytest.approx(np.mean(accuracies))
     assert table["accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
-    assert f"accuracy {np.mean(accuracies):.4f} ± {np.std(accuracies, ddof=1):.4f}" in result.stdout.splitlines()[-1]
+    assert f"accuracy {np.mean(accuracies):.4f} ± {np.std(accuracies, ddof=1):.4f}" in out.splitlines()[-1]
