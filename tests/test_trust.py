@@ -170,6 +170,7 @@ def test_json_prints_one_line_of_final_metrics(tiny_recipe_file, tmp_path, cli):
     assert len(lines) == 1
     record = json.loads(lines[-1])
     assert set(record["before"]) >= {"accuracy", "macro_f1"} and set(record["after"]) >= {"accuracy", "macro_f1"}
+    assert record["task"] == "classify" and record["run"] == str(tmp_path / "run")
     assert record["selected_on"] == "train (validation 20%)" and record["reported_on"] == "test"
     assert record["intervals"]["accuracy"]["after"]["low"] <= record["after"]["accuracy"]
     assert isinstance(record["gain"]["accuracy"]["significant"], bool)

@@ -190,7 +190,7 @@ def cmd_train(args) -> int:
         return train_seeds(args, recipe)
     run_dir, metrics = api.train(recipe, args.output, args.resume)
     if args.json:
-        print(json.dumps(result_record(run_dir, metrics), ensure_ascii=False))
+        print(json.dumps(result_record(run_dir, recipe.task, metrics), ensure_ascii=False))
     elif args.quiet:
         print(f"tunelab: {headline_changes(metrics)}; report: {run_dir / 'report.html'}")
     else:
@@ -198,7 +198,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def result_record(run_dir: Path, metrics: dict) -> dict:
+def result_record(run_dir: Path, task: str, metrics: dict) -> dict:
     """What --json prints: the run folder, the scalar scores before and after, their intervals, the gain, and
     which split was reported and which picked the checkpoint."""
     def scalars(scores: dict) -> dict:
@@ -206,7 +206,7 @@ def result_record(run_dir: Path, metrics: dict) -> dict:
 
     keys = ("intervals", "gain", "win_rate", "win_rate_interval", "selected_on", "reported_on", "eval_rows",
             "train_seconds")
-    return {"run": str(run_dir), "task": metrics.get("task"), "before": scalars(metrics["before"]),
+    return {"run": str(run_dir), "task": task, "before": scalars(metrics["before"]),
             "after": scalars(metrics["after"]), **{key: metrics[key] for key in keys if key in metrics}}
 
 
