@@ -81,7 +81,7 @@ def interval(data: tuple[np.ndarray, ...], statistic: Statistic) -> dict:
     with warnings.catch_warnings():  # a constant statistic (every row right) is a valid, zero-width interval
         warnings.simplefilter("ignore")
         result = bootstrap(data, statistic, paired=True, vectorized=True, confidence_level=CONFIDENCE,
-                           n_resamples=RESAMPLES, method="percentile", random_state=np.random.default_rng(SEED))
+                           n_resamples=RESAMPLES, method="percentile", rng=np.random.default_rng(SEED))
     low, high = result.confidence_interval
     return {"low": round(float(low), 6), "high": round(float(high), 6)}
 
