@@ -41,7 +41,9 @@ def test_metrics_have_the_before_after_shape_and_show_learning(bert_run):
     assert saved["after"]["accuracy"] >= max(0.6, saved["before"]["accuracy"] + 0.25)
     assert set(saved["after"]["per_class"]) == {"neg", "neu", "pos"}
     assert sum(map(sum, saved["after"]["confusion_matrix"])) == 45
-    assert any("eval_accuracy" in entry for entry in saved["history"])
+    # no validation split: the last checkpoint is the result and the reported split is not scored while training
+    assert (saved["selected_on"], saved["reported_on"]) == (None, "test")
+    assert not any("eval_accuracy" in entry for entry in saved["history"])
 
 
 def test_log_and_predictions_are_jsonl(bert_run):
@@ -63,7 +65,10 @@ def test_resolved_recipe_rebuilds_the_same_recipe(bert_run, tiny_bert, toy_data)
 def test_report_shows_table_plots_and_confusion_matrix(bert_run):
     page = (bert_run[0] / "report.html").read_text()
     assert "Before and after training" in page and "Confusion matrix" in page
-    assert page.count("data:image/png;base64,") >= 3
+    # loss and confusion matrix; no per-epoch plot: without a validation split nothing is scored while training
+    assert page.count("data:image/png;base64,") == 2
+    assert "No checkpoint was picked: the model is the last one" in page
+    assert "95% bootstrap intervals" in page and "accuracy</td><td>" in page
 
 
 def test_predict_matches_plain_transformers_reload(bert_run, capsys):

@@ -78,8 +78,9 @@ def test_transfer_run_trains_the_new_head_on_the_new_task(earlier_run, two_label
                           train={"epochs": 30, "batch_size": 16, "learning_rate": 3e-3, "precision": "fp32"})
     run_dir, metrics = api.train(validate_recipe(raw), str(tmp_path / "furniture"))
     assert metrics["labels"] == ["no", "yes"]
-    # the fresh head's "before" is anywhere from chance to the majority share (0.33-0.67): compare loosely
-    assert metrics["after"]["accuracy"] >= max(0.85, metrics["before"]["accuracy"] + 0.15)
+    # the fresh head's "before" is anywhere from chance to the majority share (0.33-0.67), and has reached 0.87 on
+    # the earlier run's last checkpoint: compare loosely, and no bar above a perfect score
+    assert metrics["after"]["accuracy"] >= max(0.85, min(metrics["before"]["accuracy"] + 0.15, 1.0))
     trained = load_file(run_dir / "model" / "model.safetensors")
     earlier = load_file(earlier_run / "model" / "model.safetensors")
     assert torch.equal(trained["bert.embeddings.word_embeddings.weight"],

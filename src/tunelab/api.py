@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from tunelab.console import log_to, say
 from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
 from tunelab.data.preference import load_preference_data
@@ -44,14 +45,13 @@ def check_recipe(recipe: Recipe):
     check_trackers(recipe.train.report_to)
     if recipe.eval.judge is not None:
         check_reward_source(recipe.eval.judge, "eval.judge")
+    data = load_data_for(recipe)
     if recipe.task in GENERATIVE_TASKS:
-        data = load_generative_data(recipe.data, recipe.task)
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
         check_generative_model(recipe, source, data)
         return data, source
     if recipe.task == "grpo":
-        data = load_generative_data(recipe.data, "sft")
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
         if source.origin != "hub" and not is_decoder(source.location):
@@ -60,18 +60,27 @@ def check_recipe(recipe: Recipe):
         check_reward_source(recipe.reward, "reward")
         return data, source
     if recipe.task in PREFERENCE_TASKS:
-        data = load_preference_data(recipe.data, unpaired_ok=recipe.task == "kto")
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
         if recipe.task != "reward" and source.origin != "hub" and not is_decoder(source.location):
             raise TunelabError(f"task {recipe.task} trains a decoder (causal LM), but '{recipe.model.name}' is not "
                                f"one; use e.g. smollm2-135m (task reward trains encoders too)")
         return data, source
-    data = load_labelled_data(recipe.data)
     source = resolve_model(recipe.model.name)
     check_model_exists(source)
     check_model_fits_task(recipe, source, data.labels)
     return data, source
+
+
+def load_data_for(recipe: Recipe):
+    """The recipe's data, read and checked the way its task reads it (rows, eval split, validation split)."""
+    if recipe.task in GENERATIVE_TASKS:
+        return load_generative_data(recipe.data, recipe.task)
+    if recipe.task == "grpo":
+        return load_generative_data(recipe.data, "sft")
+    if recipe.task in PREFERENCE_TASKS:
+        return load_preference_data(recipe.data, unpaired_ok=recipe.task == "kto")
+    return load_labelled_data(recipe.data)
 
 
 def check_reward_source(source: RewardSource, field: str) -> None:
@@ -106,6 +115,9 @@ def check_generative_model(recipe: Recipe, source: ModelSource, data: Generative
                             recipe.model.name)
         data.train = fit_prompts(fmt, data.train, recipe.model.max_length, "train", recipe.data.drop_long)
         data.eval = fit_prompts(fmt, data.eval, recipe.model.max_length, "eval", recipe.data.drop_long)
+        if data.validation is not None:
+            data.validation = fit_prompts(fmt, data.validation, recipe.model.max_length, "validation",
+                                          recipe.data.drop_long)
 
 
 def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]) -> None:
@@ -128,8 +140,20 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
     """Validate, score the baseline, train, score again and write the run folder; return (run folder, metrics)."""
     data, source = check_recipe(recipe)
     run_dir = open_run_folder(recipe, output, resume)
-    print(f"tunelab: run folder {run_dir}")
+    log_to(run_dir / "log.jsonl")  # library warnings land there, not on the console
+    say(f"tunelab: {recipe.task} · {recipe.model.name} · method {recipe.method.name} · {device_and_precision(recipe)} "
+        f"→ {run_dir}")
     return run_dir, STAGES[recipe.task](recipe, data, source, run_dir, resume)
+
+
+def device_and_precision(recipe: Recipe) -> str:
+    """'cpu, bf16' / 'cuda, fp32': where and how the run trains."""
+    import torch
+
+    from tunelab.trainer import resolve_bf16
+
+    bf16 = recipe.task != "fewshot" and resolve_bf16(recipe.train.precision)  # fewshot always trains in fp32
+    return f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {'bf16' if bf16 else 'fp32'}"
 
 
 def evaluate(model_path: str, data: DataConfig, split: str) -> dict:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from tunelab.bench import add_arguments as add_bench_arguments  # stdlib-only at import time
+from tunelab.console import headline_changes
 from tunelab.errors import TunelabError
-from tunelab.runs.reading import HEADLINE_METRICS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.epochs=3 method.r=8")
     train.add_argument("--output", help="run folder to create (default: runs/<name>-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="finish the interrupted run in --output")
+    train.add_argument("--seeds", type=positive_int, default=1,
+                       help="run the recipe with N seeds (data.seed and train.seed + 0 … N-1) into one folder and "
+                            "report mean ± std over them (classify and fewshot)")
+    shown = train.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="print only the result line")
+    shown.add_argument("--json", action="store_true", help="print only the final metrics, as one JSON line")
 
     validate = commands.add_parser("validate", help="check a recipe and its data; print the resolved recipe")
     validate.add_argument("recipe")
@@ -178,44 +184,86 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 
 def quiet_libraries() -> None:
-    """Hide library chatter (load reports, map progress) so tunelab's own lines and the training bar stand out."""
-    import datasets
-    import transformers
+    """Hide library chatter (load reports, weight-loading and shard-writing bars, map progress, warnings) so
+    tunelab's own lines and the training bar stand out; warnings go to the run's log.jsonl instead."""
+    from tunelab.console import capture_warnings
 
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    # Set before the libraries load (importing them here would slow every command, errors included); a user's own
+    # setting wins. The bars: transformers' "Loading weights" / "Writing model shards", the Hub's, datasets' maps.
     # datasets logs a parse failure as an error before raising it; tunelab reports the raised error itself.
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    for key, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(key, value)
+    if "transformers" in sys.modules:  # already loaded (the CLI called in-process, e.g. by tests)
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+        sys.modules["datasets"].logging.set_verbosity(sys.modules["datasets"].logging.CRITICAL)
+    capture_warnings()
+
+
+QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "critical"}
 
 
 def cmd_train(args) -> int:
-    from tunelab import api
+    from tunelab.console import set_quiet
+    from tunelab.models.names import check_model_answers_at_once
     from tunelab.recipe import load_recipe
 
+    set_quiet(args.quiet or args.json)
     recipe = load_recipe(args.recipe, args.overrides)
+    check_model_answers_at_once(recipe.model.name)  # before the training stack loads
+
+    from tunelab import api
+    if args.seeds > 1:
+        return train_seeds(args, recipe)
     run_dir, metrics = api.train(recipe, args.output, args.resume)
-    print(f"tunelab: {headline_changes(metrics)}; {metrics['train_samples_per_second']:.2f} train samples/s; "
-          f"report: {run_dir / 'report.html'}")
+    if args.json:
+        print(json.dumps(result_record(run_dir, recipe.task, metrics), ensure_ascii=False))
+    elif args.quiet:
+        print(f"tunelab: {headline_changes(metrics)}; report: {run_dir / 'report.html'}")
+    else:
+        print(f"tunelab: {metrics['train_samples_per_second']:.2f} train samples/s; report: {run_dir / 'report.html'}")
     return 0
 
 
-def headline_changes(metrics: dict) -> str:
-    """The headline metrics before → after (and the win rate when judged), for the last line of a run."""
-    before, after = metrics["before"], metrics["after"]
-    changes = [f"{key} {before[key]:.4f} → {after[key]:.4f}" for key in HEADLINE_METRICS
-               if isinstance(before.get(key), float | int) and isinstance(after.get(key), float | int)]
-    if "win_rate" in metrics:
-        changes.append(f"win rate {metrics['win_rate']:.3f}")
-    return "; ".join(changes)
+def result_record(run_dir: Path, task: str, metrics: dict) -> dict:
+    """What --json prints: the run folder, the scalar scores before and after, their intervals, the gain, and
+    which split was reported and which picked the checkpoint."""
+    def scalars(scores: dict) -> dict:
+        return {key: value for key, value in scores.items() if isinstance(value, int | float)}
+
+    keys = ("intervals", "gain", "win_rate", "win_rate_interval", "selected_on", "reported_on", "eval_rows",
+            "train_seconds")
+    return {"run": str(run_dir), "task": task, "before": scalars(metrics["before"]),
+            "after": scalars(metrics["after"]), **{key: metrics[key] for key in keys if key in metrics}}
 
 
+def train_seeds(args, recipe) -> int:
+    """--seeds N: the recipe N times (seeds + 0 … N-1) as one curve point, runs in one folder, mean ± std."""
+    from tunelab import curve
+
+    if args.resume:
+        raise TunelabError("--seeds continues an interrupted set by itself: give the same --output, without --resume")
+    folder, spread = curve.run_seeds(args.recipe, recipe, args.seeds, args.output, args.overrides)
+    if args.json:
+        print(json.dumps({"folder": str(folder), "seeds": args.seeds, **spread}))
+        return 0
+    shown = "; ".join(f"{name} {value['mean']:.4f} ± {value['std']:.4f}" for name, value in spread.items())
+    print(f"tunelab: {args.seeds} seeds: {shown} (mean ± sample std); summary: {folder / 'curve.csv'}; report: "
+          f"{folder / 'report.html'}")
+    return 0
 
 
 def cmd_validate(args) -> int:
-    from tunelab import api
+    from tunelab.models.names import check_model_answers_at_once
     from tunelab.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_model_answers_at_once(recipe.model.name)  # before the training stack loads
+
+    from tunelab import api
     data, source = api.check_recipe(recipe)
     print(recipe.to_yaml(), end="")
     if hasattr(data, "labels"):

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.console import say
 from tunelab.errors import TunelabError
 from tunelab.recipe import Recipe, load_recipe
 from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_text_atomic
@@ -125,7 +126,7 @@ def run_curve(recipe_path: str | Path, shots: list[int | None], seeds: int, meth
     results = []
     for number, point in enumerate(points, 1):
         run_dir = folder / "runs" / point.folder_name
-        print(f"tunelab curve: run {number}/{len(points)}: {point.method}, "
+        say(f"tunelab curve: run {number}/{len(points)}: {point.method}, "
               f"k={point.shots or 'all'}, seed {point.seed} → {run_dir}")
         if (run_dir / METRICS_FILE).is_file():
             metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
@@ -133,8 +134,23 @@ def run_curve(recipe_path: str | Path, shots: list[int | None], seeds: int, meth
             _, metrics = api.train(recipes[point], str(run_dir), resume=run_dir.exists())
         results.append(point_result(point, metrics, run_dir.relative_to(folder)))
         write_curve(folder, spec, results, metric)  # partial results survive an interrupted curve
-    print(f"tunelab curve: table {folder / 'curve.csv'}; report {folder / 'report.html'}")
+    say(f"tunelab curve: table {folder / 'curve.csv'}; report {folder / 'report.html'}")
     return folder
+
+
+def run_seeds(recipe_path: str | Path, recipe: Recipe, seeds: int, output: str | None = None,
+              overrides: list[str] | None = None) -> tuple[Path, dict]:
+    """`tunelab train --seeds N`: the recipe as one curve point (its own data size and method) over N seeds, in
+    one folder; returns it and the mean and sample std of accuracy and macro-F1 over the seeds."""
+    if recipe.task not in ("classify", "fewshot"):
+        raise TunelabError(f"--seeds averages accuracy and macro-F1 over runs of tasks classify and fewshot; for "
+                           f"task {recipe.task} run `tunelab train` once per train.seed=N instead")
+    output = output or str(Path(recipe.output.root) / f"{recipe.name}-seeds-{time.strftime('%Y%m%d-%H%M%S')}")
+    method = "fewshot" if recipe.task == "fewshot" else recipe.method.name
+    folder = run_curve(recipe_path, [recipe.data.shots], seeds, [method], output, overrides)
+    table = json.loads((folder / "curve.json").read_text(encoding="utf-8"))["table"][0]
+    return folder, {name: {"mean": round(table[f"{name}_mean"], 6), "std": round(table[f"{name}_std"], 6)}
+                    for name in METRICS}
 
 
 def default_curve_path(recipe: Recipe) -> Path:

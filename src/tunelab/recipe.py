@@ -44,6 +44,12 @@ class DataConfig(Section):
                                                        "`holdout_fraction` of the training split instead")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified hold-out used when the eval split is "
                                                                  "null or the source has none")
+    validation_split: str = Field("validation", description="Split that picks the best checkpoint when the source "
+                                                            "has it (tasks classify, reward, sft, pretrain, "
+                                                            "seq2seq); never the reported eval split")
+    validation_fraction: float | None = Field(None, gt=0, lt=1, description="Without a validation split: carve this "
+                                              "fraction of train (seeded, stratified) to pick the best checkpoint on. "
+                                              "Unset: no selection, the last checkpoint is the result")
     train_size: int | None = Field(None, ge=1, description="Stratified subsample of the training split")
     eval_size: int | None = Field(None, ge=1, description="Stratified subsample of the eval split")
     shots: int | None = Field(None, ge=1, description="Few-shot: train on exactly this many rows per class (seeded, "
@@ -255,9 +261,13 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Rows per batch when scoring")
     best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
         "accuracy", description="Metric that picks the best checkpoint")
-    select_best: bool = Field(True, description="Keep the checkpoint that scored best on the eval split (when that "
-                                                "split is the test set this flatters the score; false keeps the last "
-                                                "checkpoint, as a fixed training budget does)")
+    select_best: bool = Field(True, description="Keep the checkpoint that scored best on the validation split "
+                                                "(data.validation_split, or data.validation_fraction of train) when "
+                                                "there is one; the reported eval split never picks it. Without one, "
+                                                "or false: the last checkpoint")
+    each_epoch: bool = Field(False, description="Without a validation split: also score the reported eval split after "
+                                                "every epoch, for the curve in the report (it never picks the "
+                                                "checkpoint; costs one evaluation per epoch)")
     in_context_shots: int | None = Field(None, ge=1, description="Decoders: also score the untrained model prompted "
                                                                  "with this many labelled examples per class (a "
                                                                  "baseline for what fine-tuning buys)")
@@ -476,6 +486,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise TunelabError(f"recipe '{path}' must be a mapping of sections (model, data, task, …), "
                            f"not a {type(raw).__name__}")
+    if "stages" in raw and "task" not in raw:
+        raise TunelabError(f"'{path}' is a pipeline (stages: {', '.join(map(str, raw['stages'] or []))}), not a "
+                           f"recipe: run `tunelab pipeline {path}`")
     raw.setdefault("name", path.stem)
     for override in overrides or []:
         apply_override(raw, override)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
 
+from tunelab.console import format_seconds, interactive, is_quiet
 from tunelab.errors import TunelabError
 from tunelab.heap import heap_kept_for_training
 from tunelab.recipe import EvalConfig, TrainConfig
@@ -45,14 +49,40 @@ def resolve_bf16(precision: str) -> bool:
     return supported
 
 
+@dataclass
+class Selection:
+    """What the Trainer scores while it trains and whether that picks the checkpoint.
+
+    The split a run reports never picks its checkpoint: picking the best of N epochs on the test rows and then
+    reporting those rows' score flatters it (symptom example: best epoch 0.892, last epoch 0.877). A validation
+    split (the source's, or data.validation_fraction of train) may pick; without one the last checkpoint is the
+    result, and the reported split is scored during training only when eval.each_epoch asks for the curve.
+    """
+
+    rows: Any | None  # the raw rows scored after each epoch; None: no evaluation during training
+    selected_on: str | None  # the split that picks the checkpoint; None: the last checkpoint is the result
+
+
+def plan_selection(data, evaluation: EvalConfig, can_select: bool = True) -> Selection:
+    """The Selection for a stage's data (which carries `eval`, `validation` and their split names). Stages whose
+    final scores come from the Trainer's own eval set (dpo, kto) pass can_select=False: they keep the last one."""
+    if can_select and data.validation is not None:
+        return Selection(data.validation, data.validation_split if evaluation.select_best else None)
+    return Selection(data.eval if evaluation.each_epoch else None, None)
+
+
 def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path, bf16: bool,
-                       args_class: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
+                       args_class: type[TrainingArguments] = TrainingArguments, selection: Selection | None = None,
+                       **extra) -> TrainingArguments:
     """HF TrainingArguments (or a subclass such as TRL's SFTConfig, with its `extra` options, which override
-    these) for a recipe: evaluate and checkpoint each epoch (or N steps), keep the best or the last checkpoint."""
+    these) for a recipe: checkpoint each epoch (or N steps); evaluate then only when `selection` has rows, and
+    keep the best checkpoint only when it names a split to select on (else the last one)."""
     # Every Trainer stage builds its arguments here, so this is where trackers are pointed at the run folder.
     prepare_trackers(run_dir, train.report_to)
     every_steps = train.checkpoint_every is not None
     strategy = "steps" if every_steps else "epoch"
+    evaluates = selection is not None and selection.rows is not None
+    selects = evaluates and selection.selected_on is not None
     options = dict(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=train.epochs,
@@ -67,19 +97,19 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         bf16=bf16,
         seed=train.seed,
         data_seed=train.seed,
-        eval_strategy=strategy,
+        eval_strategy=strategy if evaluates else "no",
         save_strategy=strategy,
-        eval_steps=train.checkpoint_every,
+        eval_steps=train.checkpoint_every if evaluates else None,
         save_steps=train.checkpoint_every,
         save_total_limit=2,
-        load_best_model_at_end=evaluation.select_best,
-        metric_for_best_model=evaluation.best_metric,
-        greater_is_better=evaluation.best_metric != "loss",
+        load_best_model_at_end=selects,
+        metric_for_best_model=evaluation.best_metric if selects else None,
+        greater_is_better=evaluation.best_metric != "loss" if selects else None,
         logging_steps=train.logging_steps,
         logging_first_step=True,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         report_to=list(train.report_to) or "none",
-        disable_tqdm=False,
+        disable_tqdm=True,  # TunedMixin shows tunelab's own bar instead
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=train.gradient_checkpointing,
@@ -110,6 +140,82 @@ class JsonlLogCallback(TrainerCallback):
         if logs:
             append_jsonl(self.path, {"time": round(time.time(), 3), "step": state.global_step,
                                      "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps, **logs})
+
+
+class TrainingProgress(TrainerCallback):
+    """One training bar (step, epoch, loss, learning rate, ETA) and one line per evaluation."""
+
+    WIDTH = 24
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.first_step = 0
+        self.loss: float | None = None
+        self.lr: float | None = None
+        self.printed_quarter = 0
+        self.drawn = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock (a resumed run counts its ETA from where it resumed)."""
+        self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Remember the latest training loss and learning rate for the bar."""
+        logs = logs or {}
+        self.loss = logs.get("loss", self.loss)
+        self.lr = logs.get("learning_rate", self.lr)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Redraw the bar (terminal) or print a plain line at each quarter of training (elsewhere)."""
+        if is_quiet() or not state.max_steps:
+            return
+        if interactive():
+            print("\r" + self.line(state) + "\033[K", end="", flush=True)  # K: clear what a longer line left
+            self.drawn = True
+            return
+        quarter = 4 * state.global_step // state.max_steps
+        if quarter > self.printed_quarter:
+            self.printed_quarter = quarter
+            print(self.line(state), flush=True)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """One line per evaluation during training."""
+        if is_quiet() or not metrics:
+            return
+        self.end_bar()
+        shown = ", ".join(f"{key.removeprefix('eval_')} {value:.4f}" for key, value in metrics.items()
+                          if isinstance(value, float) and key.removeprefix("eval_") in EVAL_SHOWN)
+        print(f"  evaluated at epoch {state.epoch or 0:.2f}: {shown}", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Finish the bar's line."""
+        self.end_bar()
+
+    def end_bar(self) -> None:
+        """Move off a redrawn bar so the next line starts clean."""
+        if self.drawn:
+            print(flush=True)
+            self.drawn = False
+
+    def line(self, state) -> str:
+        """'  [#######-----] step 40/160 · epoch 2.5/10 · loss 0.412 · lr 2.1e-04 · 1m10s left'."""
+        done = state.global_step / state.max_steps
+        filled = int(done * self.WIDTH)
+        elapsed = time.perf_counter() - self.start
+        steps = state.global_step - self.first_step
+        left = elapsed / steps * (state.max_steps - state.global_step) if steps else 0.0
+        parts = [f"  [{'#' * filled}{'-' * (self.WIDTH - filled)}] step {state.global_step}/{state.max_steps}",
+                 f"epoch {state.epoch or 0:.1f}/{state.num_train_epochs:g}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.1e}")
+        parts.append(f"{format_seconds(left)} left" if state.global_step < state.max_steps
+                     else f"{format_seconds(elapsed)}")
+        return " · ".join(parts)
+
+
+EVAL_SHOWN = ("loss", "accuracy", "macro_f1", "rewards/accuracies", "rewards/margins")
 
 
 def history_from(log_history: list[dict]) -> list[dict]:
@@ -221,11 +327,15 @@ class MeteredMixin:
 
 class TunedMixin(MeteredMixin):
     """MeteredMixin plus tunelab's training savings: TRL's fused LM head in CPU-sized tiles, batches of similar
-    length over whole groups of batches, and freed memory kept for reuse while training on a CPU."""
+    length over whole groups of batches, and freed memory kept for reuse while training on a CPU; and tunelab's
+    one-line training bar in place of HF's bars and printed dicts."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         fit_fused_head_tiles()
+        self.remove_callback(ProgressCallback)
+        self.remove_callback(PrinterCallback)
+        self.add_callback(TrainingProgress())
 
     def train(self, *args, **kwargs):
         """Train as the Trainer does, with freed memory kept in the heap for the next step (CPU, glibc)."""
@@ -252,9 +362,10 @@ class TunedTrainer(TunedMixin, Trainer):
 
 
 def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train_rows: int, eval_rows: int,
-                     eval_split: str, model_name: str) -> dict:
+                     eval_split: str, model_name: str, selected_on: str | None = None) -> dict:
     """The metrics.json keys every Trainer-based stage writes: history, parameter counts, speed, precision, the
-    row counts, the eval split and the chain of run folders the starting model came from."""
+    row counts, the split reported and the one that picked the checkpoint (None: the last checkpoint), and the
+    chain of run folders the starting model came from."""
     return {
         "history": history_from(trainer.state.log_history),
         "trainable_params": params.trainable,
@@ -267,6 +378,8 @@ def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train
         "train_rows": train_rows,
         "eval_rows": eval_rows,
         "eval_split": eval_split,
+        "reported_on": eval_split,
+        "selected_on": selected_on,
         "chain": run_chain(model_name),
     }
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.sampling import sample_shots
-from tunelab.data.sources import eval_split_name, load_splits
+from tunelab.data.sources import eval_split_name, load_splits, validation_split_name
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -34,6 +34,8 @@ class GenerativeData:
     eval_split: str
     format: str
     dropped_empty: int = 0
+    validation: datasets.Dataset | None = None  # picks the checkpoint; never the reported `eval` rows
+    validation_split: str | None = None
 
 
 def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
@@ -51,11 +53,20 @@ def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
         parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
         train, evaluation = parts["train"], parts["test"]
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
+    validation_name = validation_split_name(cfg, splits, eval_name)
+    validation = None
+    if validation_name is not None:
+        validation = normalise_split(splits[validation_name], cfg, fmt, validation_name)[0]
+    elif cfg.validation_fraction is not None:
+        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
+        train, validation = parts["train"], parts["test"]
+        validation_name = f"{cfg.train_split} (validation {cfg.validation_fraction:.0%})"
     train = random_subsample(train, cfg.train_size, cfg.seed)
     if cfg.shots is not None:
         train = shots_per_response(train, cfg.shots, cfg.seed)
     evaluation = random_subsample(evaluation, cfg.eval_size, cfg.seed)
-    return GenerativeData(train=train, eval=evaluation, eval_split=eval_name, format=fmt, dropped_empty=dropped)
+    return GenerativeData(train=train, eval=evaluation, eval_split=eval_name, format=fmt, dropped_empty=dropped,
+                          validation=validation, validation_split=validation_name)
 
 
 def detect_format(cfg: DataConfig, columns: list[str]) -> str:

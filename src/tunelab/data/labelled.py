@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.sampling import sample_shots, stratified_holdout, stratified_subsample
-from tunelab.data.sources import eval_split_name, load_splits
+from tunelab.data.sources import eval_split_name, load_splits, validation_split_name
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -21,6 +21,8 @@ class LabelledData:
     labels: list[str]
     eval_split: str
     dropped_empty: int = 0
+    validation: datasets.Dataset | None = None  # picks the checkpoint; never the reported `eval` rows
+    validation_split: str | None = None
 
 
 def load_labelled_data(cfg: DataConfig) -> LabelledData:
@@ -38,13 +40,22 @@ def load_labelled_data(cfg: DataConfig) -> LabelledData:
     else:
         train, evaluation = stratified_holdout(train, cfg.holdout_fraction, cfg.seed)
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
+    validation_name = validation_split_name(cfg, splits, eval_name)
+    validation = None
+    if validation_name is not None:
+        validation = encode_labels(clean_split(splits[validation_name], cfg, validation_name)[0], cfg, labels,
+                                   validation_name)
+    elif cfg.validation_fraction is not None:
+        train, validation = stratified_holdout(train, cfg.validation_fraction, cfg.seed)
+        validation_name = f"{cfg.train_split} (validation {cfg.validation_fraction:.0%})"
 
     train = stratified_subsample(train, cfg.train_size, cfg.seed)
     if cfg.shots is not None:
         train = sample_shots(train, cfg.shots, cfg.seed, labels)
     evaluation = stratified_subsample(evaluation, cfg.eval_size, cfg.seed)
     check_label_coverage(train, evaluation, labels, eval_name)
-    return LabelledData(train=train, eval=evaluation, labels=labels, eval_split=eval_name, dropped_empty=dropped)
+    return LabelledData(train=train, eval=evaluation, labels=labels, eval_split=eval_name, dropped_empty=dropped,
+                        validation=validation, validation_split=validation_name)
 
 
 def clean_split(split: datasets.Dataset, cfg: DataConfig, name: str) -> tuple[datasets.Dataset, int]:

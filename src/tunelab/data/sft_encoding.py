@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import datasets
 
+from tunelab.console import say
 from tunelab.errors import TunelabError, one_line
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
@@ -98,7 +99,7 @@ def fit_prompts(fmt: PromptFormat, split: datasets.Dataset, max_length: int, nam
         raise TunelabError(f"{lost} of {len(split)} {name} rows have a prompt of {max_length}+ tokens (longest "
                            f"{max(lengths)}), so nothing of their response is left to learn; raise model.max_length, "
                            f"shorten the prompts or set data.drop_long: true")
-    print(f"tunelab: dropped {lost} of {len(split)} {name} rows whose prompt fills {max_length} tokens")
+    say(f"tunelab: dropped {lost} of {len(split)} {name} rows whose prompt fills {max_length} tokens")
     return split.select(keep)
 
 

@@ -11,6 +11,8 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
+from tunelab.console import interactive, is_quiet
+from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.recipe import GenerateConfig
 
 
@@ -23,16 +25,17 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     """exact_match (normalised strings equal) and rouge_l (mean ROUGE-L F1) over paired answers."""
     if not predictions:
         return {}
-    exact = sum(normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references, strict=True))
+    exact = [int(normalise_answer(p) == normalise_answer(r)) for p, r in zip(predictions, references, strict=True)]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
-    return {"exact_match": exact / len(predictions), "rouge_l": sum(rouge) / len(rouge)}
+    return {"exact_match": sum(exact) / len(predictions), "rouge_l": sum(rouge) / len(rouge),
+            ROWS_KEY: {"exact_match": exact, "rouge_l": rouge}}  # for the intervals (evaluation/uncertainty.py)
 
 
-def score_generative(trainer, samples, answer: Callable) -> dict:
-    """Eval loss and perplexity of a Trainer's model; with sample rows, also `answer(samples)` scored against their
-    responses (kept under `generations`, for samples.jsonl)."""
-    loss = trainer.evaluate()["eval_loss"]
+def score_generative(trainer, rows, samples, answer: Callable) -> dict:
+    """Eval loss and perplexity of a Trainer's model on `rows` (encoded); with sample rows, also `answer(samples)`
+    scored against their responses (kept under `generations`, for samples.jsonl)."""
+    loss = trainer.evaluate(eval_dataset=rows)["eval_loss"]
     scores = {"loss": loss, "perplexity": perplexity(loss)}
     if samples is not None and len(samples):
         answers = answer(samples)
@@ -66,7 +69,8 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerateConfig, bf
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoders continue from the last real token
     outputs: list[str] = []
     try:
-        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False):
+        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False,
+                          disable=is_quiet() or not interactive()):  # a bar only on a terminal
             batch = tokenizer(prompts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens).to(device)
             sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {

@@ -17,6 +17,7 @@ from trl.data_utils import common_prefix_length
 from trl.trainer.utils import selective_log_softmax, use_adapter
 
 from tunelab.evaluation.classification import autocast_context
+from tunelab.evaluation.uncertainty import ROWS_KEY
 
 
 def completion_tokens(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
@@ -73,10 +74,11 @@ def reward_metrics(rewards: np.ndarray, logps: np.ndarray, labels: list[bool] | 
         half = len(rewards) // 2
         chosen, rejected = rewards[:half], rewards[half:]
         return {"preference_accuracy": float((chosen > rejected).mean()),
+                ROWS_KEY: {"preference_accuracy": (chosen > rejected).astype(int).tolist()},
                 "reward_margin": float((chosen - rejected).mean()),
                 "logp_chosen": float(logps[:half].mean()), "logp_rejected": float(logps[half:].mean())}
     good = np.asarray(labels, dtype=bool)
     right = np.where(good, rewards > 0, rewards < 0)
-    return {"label_accuracy": float(right.mean()),
+    return {"label_accuracy": float(right.mean()), ROWS_KEY: {"label_accuracy": right.astype(int).tolist()},
             "reward_margin": float(rewards[good].mean() - rewards[~good].mean()),
             "logp_good": float(logps[good].mean()), "logp_bad": float(logps[~good].mean())}

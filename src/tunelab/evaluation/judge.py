@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tunelab.console import say
 from tunelab.evaluation.classification import predict_logits
+from tunelab.evaluation.uncertainty import mean_interval
 from tunelab.models.loading import is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import RewardSource
 from tunelab.rewards import RewardFunction, load_reward_function
@@ -59,7 +61,9 @@ def win_rate(judge: RewardFunction, prompts: list[str], before: list[str], after
     same = np.array([b == a for b, a in zip(before, after, strict=True)])  # one answer: a tie, however batched
     wins = int(((after_scores > before_scores) & ~same).sum())
     ties = int((same | (after_scores == before_scores)).sum())
-    return {"win_rate": (wins + ties / 2) / len(prompts), "wins": wins, "ties": ties,
+    outcomes = np.where(same | (after_scores == before_scores), 0.5, (after_scores > before_scores).astype(float))
+    return {"win_rate": (wins + ties / 2) / len(prompts), "win_rate_interval": mean_interval(outcomes),
+            "wins": wins, "ties": ties,
             "losses": len(prompts) - wins - ties, "judged_prompts": len(prompts),
             "judge_reward_before": float(before_scores.mean()), "judge_reward_after": float(after_scores.mean())}
 
@@ -72,6 +76,7 @@ def judge_generations(source: RewardSource, prompts: list[str], before: dict, af
     result = win_rate(judge, prompts, before["generations"], after["generations"], columns)
     before["judge_reward"] = result.pop("judge_reward_before")
     after["judge_reward"] = result.pop("judge_reward_after")
-    print(f"tunelab: win rate over the starting model {result['win_rate']:.3f} on {len(prompts)} prompts "
+    say(f"tunelab: win rate over the starting model {result['win_rate']:.3f} on {len(prompts)} prompts "
           f"(judge: {source.describe()})")
-    return {"win_rate": result.pop("win_rate"), "judge": {"source": source.describe(), **result}}
+    return {"win_rate": result.pop("win_rate"), "win_rate_interval": result.pop("win_rate_interval"),
+            "judge": {"source": source.describe(), **result}}

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import yaml
 
+from tunelab.evaluation import HEADLINE_METRICS
 from tunelab.export.run import FinishedRun
 
-HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
-                    "preference_accuracy", "label_accuracy", "reward_margin", "mean_reward")
 PIPELINE_TAGS = {"classify": "text-classification", "reward": "text-classification", "seq2seq": "text2text-generation"}
 
 

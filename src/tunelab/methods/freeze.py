@@ -17,6 +17,7 @@ import math
 import torch
 from transformers import TrainerCallback
 
+from tunelab.console import say
 from tunelab.errors import TunelabError
 from tunelab.recipe import FreezeMethod, FullMethod, TrainConfig
 
@@ -159,5 +160,5 @@ class GradualUnfreezing(TrainerCallback):
             layer.requires_grad_(True)
         previous = self.unfrozen_by_epoch.get(epoch - 1)
         if previous is not None and top > previous:
-            print(f"tunelab: epoch {epoch + 1}: the top {top} of {len(self.layers)} layers train now")
+            say(f"tunelab: epoch {epoch + 1}: the top {top} of {len(self.layers)} layers train now")
         self.unfrozen_by_epoch[epoch] = top

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from tunelab.errors import TunelabError, one_line
 from tunelab.models.aliases import OFFLINE_MODELS
 from tunelab.models.cache import cache_dir, publish_atomically
+from tunelab.models.names import check_hub_name, check_model_name
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,16 @@ def resolve_model(name: str) -> ModelSource:
         if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
             return ModelSource(name, str(path), "folder")
         raise TunelabError(f"model.name folder '{name}' holds no config.json (not a model folder or run folder)")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix == ".gguf":
-        raise TunelabError(f"model.name '{name}' does not exist; give an existing folder or .gguf file, "
-                           f"a Hub id, or an alias ({', '.join(OFFLINE_MODELS)})")
+    check_model_name(name)  # a local-looking name that is not there fails here, without asking the Hub
     return ModelSource(name, name, "hub")
 
 
 def check_model_exists(source: ModelSource) -> None:
-    """Fail fast, before any run folder exists, when a Hub model cannot be reached."""
+    """Fail fast, before any run folder exists, when a Hub model cannot be reached (in one attempt when the Hub
+    cannot be: the model may still be in the local Hub cache)."""
     if source.origin != "hub":
         return
+    check_hub_name(source.name)  # one attempt: an unreachable Hub fails here, not after half a minute
     try:
         AutoConfig.from_pretrained(source.location)
     except Exception as exc:  # offline, unknown id, gated: the fix is the same

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelab.console import headline_changes, say
 from tunelab.data.labelled import LabelledData
+from tunelab.evaluation.uncertainty import compare
 from tunelab.recipe import Recipe
 from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
 from tunelab.runs.report import samples_table, write_report
@@ -55,8 +57,13 @@ def write_samples(run_dir: Path, prompts: list[str], references: list[str], befo
 
 def finish_run(run_dir: Path, recipe: Recipe, metrics: dict, title: str, labels: list[str] | None = None,
                extra_sections: list[tuple[str, str]] | None = None) -> dict:
-    """Write report.html, then metrics.json (last: its presence marks a finished run); drop checkpoints unless kept;
+    """Add the intervals of the headline metrics and of their gain (from the per-row records the scores carry),
+    write report.html, then metrics.json (last: its presence marks a finished run); drop checkpoints unless kept;
     hand the results to the recipe's trackers (train.report_to)."""
+    metrics.update(compare(metrics["before"], metrics["after"], len(labels) if labels else None))
+    metrics.setdefault("reported_on", metrics.get("eval_split"))
+    metrics.setdefault("selected_on", None)
+    say(f"tunelab: after training: {headline_changes(metrics)}")
     write_report(run_dir, title, metrics, recipe.to_yaml(), labels, extra_sections)
     write_json_atomic(run_dir / METRICS_FILE, metrics)
     log_summary(run_dir, recipe, metrics)

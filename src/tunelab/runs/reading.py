@@ -12,13 +12,11 @@ from typing import Any
 
 import yaml
 
+from tunelab.evaluation import HEADLINE_METRICS
 from tunelab.runs.folder import METRICS_FILE, RECIPE_FILE
 
 LOG_FILE = "log.jsonl"
 REPORT_FILE = "report.html"
-# The metric a run is judged by, in order of preference (the first one present before and after is shown).
-HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
-                    "preference_accuracy", "label_accuracy", "reward_margin", "mean_reward")
 LOWER_IS_BETTER = ("loss", "perplexity")
 YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads a recipe ~10x faster
 

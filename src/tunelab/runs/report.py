@@ -81,8 +81,10 @@ def confusion_plot(matrix: list[list[int]], labels: list[str]) -> str:
     return figure_to_img(fig)
 
 
-def before_after_table(before: dict, after: dict) -> str:
-    """Rows of scalar metrics with their change."""
+def before_after_table(before: dict, after: dict, intervals: dict | None = None, gains: dict | None = None) -> str:
+    """Rows of scalar metrics with their change; headline metrics with 95% intervals, and a change whose paired
+    interval includes 0 is written as no significant change rather than coloured as a gain."""
+    intervals, gains = intervals or {}, gains or {}
     rows = []
     for key, old in before.items():
         new = after.get(key)
@@ -90,9 +92,33 @@ def before_after_table(before: dict, after: dict) -> str:
             continue
         change = new - old
         better = change >= 0 if key not in ("loss", "perplexity") else change <= 0
-        rows.append(f"<tr><td>{html.escape(key)}</td><td>{old:.4f}</td><td>{new:.4f}</td>"
-                    f"<td class={'gain' if better else 'loss'}>{change:+.4f}</td></tr>")
-    return "<table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows) + "</table>"
+        span = intervals.get(key, {})
+        cells = [f"{old:.4f}{bounds(span.get('before'))}", f"{new:.4f}{bounds(span.get('after'))}"]
+        gain = gains.get(key)
+        if gain and not gain["significant"]:
+            verdict = f"<td>no significant change ({change:+.4f}{bounds(gain)})</td>"
+        else:
+            verdict = f"<td class={'gain' if better else 'loss'}>{change:+.4f}{bounds(gain)}</td>"
+        rows.append(f"<tr><td>{html.escape(key)}</td><td>{cells[0]}</td><td>{cells[1]}</td>{verdict}</tr>")
+    return ("<table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows)
+            + "</table><p>Brackets: 95% bootstrap intervals over the eval rows; the change's is paired (the same "
+              "rows before and after).</p>")
+
+
+def bounds(span: dict | None) -> str:
+    """' [low, high]' of an interval, or nothing."""
+    return f" [{span['low']:.3f}, {span['high']:.3f}]" if span else ""
+
+
+def selection_paragraph(metrics: dict) -> str:
+    """In words: which split was reported and which (if any) picked the checkpoint."""
+    reported = html.escape(str(metrics.get("reported_on") or metrics.get("eval_split")))
+    selected = metrics.get("selected_on")
+    if selected:
+        return (f"<p>Scores are on <b>{reported}</b>. The checkpoint was picked on <b>{html.escape(selected)}</b>, "
+                f"a different split: the reported rows played no part in training or selection.</p>")
+    return (f"<p>Scores are on <b>{reported}</b>. No checkpoint was picked: the model is the last one, so the "
+            f"reported rows played no part in training or selection.</p>")
 
 
 def per_class_table(per_class: dict) -> str:
@@ -108,7 +134,8 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
     """Write `report.html` for a finished run and return its path."""
     before, after = metrics["before"], metrics["after"]
     history = metrics.get("history", [])
-    sections = [("Before and after training", before_after_table(before, after)),
+    sections = [("Before and after training", before_after_table(before, after, metrics.get("intervals"),
+                                                                 metrics.get("gain")) + selection_paragraph(metrics)),
                 ("Run", f"<p>{metrics['trainable_params']:,} trainable parameters "
                         f"({metrics.get('trainable_percent', 0):.2f}%), trained for {metrics['train_seconds']:.1f} s "
                         f"at {metrics['train_samples_per_second']:.2f} samples/s"
@@ -118,11 +145,12 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
                          + " → this run</p>"))
     if "judge" in metrics:
         sections.append(("Win rate over the starting model", win_rate_paragraph(metrics["win_rate"],
-                                                                                metrics["judge"])))
+                                                                                metrics["judge"],
+                                                                                metrics.get("win_rate_interval"))))
     if "in_context" in metrics:
         sections.append(("In-context baseline (no training)", in_context_paragraph(metrics["in_context"])))
-    for heading, image in [("Loss", loss_plot(history)), ("Eval metrics per epoch",
-                                                         metric_plot(history, ["accuracy", "macro_f1"]))]:
+    per_epoch = "Validation metrics per epoch" if metrics.get("selected_on") else "Eval metrics per epoch"
+    for heading, image in [("Loss", loss_plot(history)), (per_epoch, metric_plot(history, ["accuracy", "macro_f1"]))]:
         if image:
             sections.append((heading, image))
     if labels and "confusion_matrix" in after:
@@ -143,12 +171,12 @@ def samples_table(path: Path, limit: int = 12) -> str:
             "<th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>" + cells + "</table>")
 
 
-def win_rate_paragraph(rate: float, judge: dict) -> str:
+def win_rate_paragraph(rate: float, judge: dict, span: dict | None = None) -> str:
     """How the judge compared the trained model's answers with the starting model's, prompt by prompt."""
     return (f"<p>Judged by {html.escape(judge['source'])} on {judge['judged_prompts']} held-out prompts, the trained "
             f"model's answer scored higher on {judge['wins']}, the same on {judge['ties']} and lower on "
-            f"{judge['losses']}: <b>win rate {rate:.3f}</b> (a tie counts half; 0.5 = no better than before). The "
-            f"answers of both are in samples.jsonl.</p>")
+            f"{judge['losses']}: <b>win rate {rate:.3f}{bounds(span)}</b> (a tie counts half; 0.5 = no better than "
+            f"before). The answers of both are in samples.jsonl.</p>")
 
 
 def in_context_paragraph(scores: dict) -> str:

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 from transformers import DataCollatorWithPadding, set_seed
 
+from tunelab.console import say
 from tunelab.data.labelled import LabelledData
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
 from tunelab.evaluation.in_context import score_in_context
+from tunelab.evaluation.uncertainty import classification_rows
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.methods.freeze import method_callbacks, method_optimizer
 from tunelab.models.loading import ModelSource, load_classifier, load_tokenizer
@@ -19,6 +21,7 @@ from tunelab.trainer import (
     JsonlLogCallback,
     TunedTrainer,
     last_checkpoint,
+    plan_selection,
     resolve_bf16,
     save_model,
     training_arguments,
@@ -37,28 +40,31 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     model, fresh_modules = load_classifier(source.location, data.labels, tokenizer, recipe.model.new_head)
     model = apply_method(model, recipe.method, fresh_modules, bf16=bf16)
     params = count_parameters(model)
-    print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+    say(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
 
     def score(split) -> tuple[dict, np.ndarray]:
         probabilities = predict_probabilities(model, tokenizer, split["text"], split["text_pair"]
                                               if "text_pair" in split.column_names else None,
                                               recipe.eval.batch_size, recipe.model.max_length, bf16)
-        return classification_metrics(split["label"], probabilities.argmax(-1), data.labels), probabilities
+        predicted = probabilities.argmax(-1)
+        return {**classification_metrics(split["label"], predicted, data.labels),
+                **classification_rows(split["label"], predicted)}, probabilities
 
     before = load_or_score_baseline(run_dir, lambda: score(data.eval)[0])
-    print(f"tunelab: before training: accuracy {before['accuracy']:.4f}, macro-F1 {before['macro_f1']:.4f}")
+    say(f"tunelab: before training: accuracy {before['accuracy']:.4f}, macro-F1 {before['macro_f1']:.4f}")
     in_context = None
     if recipe.eval.in_context_shots:  # the decoder prompted with examples, no training: what prompting alone gets
         in_context = load_or_score_baseline(run_dir, lambda: score_in_context(
             source.location, data.train, data.eval, data.labels, recipe.eval.in_context_shots, recipe.data.seed),
             IN_CONTEXT_FILE)
-        print(f"tunelab: in-context, {in_context['shots']} examples per class: accuracy {in_context['accuracy']:.4f}")
+        say(f"tunelab: in-context, {in_context['shots']} examples per class: accuracy {in_context['accuracy']:.4f}")
 
+    selection = plan_selection(data, recipe.eval)
     trainer = TunedTrainer(
         model=model,
-        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16),
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, selection=selection),
         train_dataset=tokenize(data.train, tokenizer, recipe.model.max_length),
-        eval_dataset=tokenize(data.eval, tokenizer, recipe.model.max_length),
+        eval_dataset=None if selection.rows is None else tokenize(selection.rows, tokenizer, recipe.model.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=lambda pred: scalar_metrics(pred, data.labels),
@@ -67,15 +73,15 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     )
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
 
-    after, probabilities = score(data.eval)  # the best (or, with eval.select_best false, the last) checkpoint
-    print(f"tunelab: after training: accuracy {after['accuracy']:.4f}, macro-F1 {after['macro_f1']:.4f}")
+    after, probabilities = score(data.eval)  # the checkpoint the validation split picked, else the last one
     save_model(trainer, run_dir / "model")
     write_predictions(run_dir, data, probabilities)
     metrics = {
         "before": before,
         "after": after,
         **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
+                           eval_split=data.eval_split, model_name=recipe.model.name,
+                           selected_on=selection.selected_on),
         "shots": recipe.data.shots,
         "labels": data.labels,
         **({"in_context": in_context} if in_context else {}),

@@ -18,6 +18,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
+from tunelab.console import say
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.judge import judge_generations
@@ -29,6 +30,7 @@ from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
     last_checkpoint,
+    plan_selection,
     resolve_bf16,
     save_model,
     training_arguments,
@@ -80,12 +82,13 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     tokenizer = load_tokenizer(source.location)
     model = load_trainable_decoder(source.location, recipe.method, bf16)
     params = count_parameters(model)
-    print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
+    say(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
     trainer_class, config_class, loss_options = preference_trainer(recipe.preference)
     trainer = trainer_class(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=config_class, **loss_options,
                                 max_length=recipe.model.max_length, prediction_loss_only=True,
+                                selection=plan_selection(data, recipe.eval, can_select=False),
                                 **single_pass_options(recipe),
                                 train_sampling_strategy="random"),  # pairs have no input_ids to group by length
         train_dataset=data.train,
@@ -108,8 +111,6 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     before = load_or_score_baseline(run_dir, score)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()
-    print(f"tunelab: after training: preference accuracy {after['preference_accuracy']:.4f}, reward margin "
-          f"{after['reward_margin']:.4f}")
     save_model(trainer, run_dir / "model")
     judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size,
                                bf16) if recipe.eval.judge else {}

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from transformers import set_seed
 
+from tunelab.console import say
 from tunelab.data.labelled import LabelledData
 from tunelab.evaluation.classification import classification_metrics
+from tunelab.evaluation.uncertainty import classification_rows
 from tunelab.methods.apply import count_parameters
 from tunelab.models.loading import ModelSource
 from tunelab.models.sentence_encoder import head_parameter_count, load_setfit_model, setfit_probabilities
@@ -49,19 +51,21 @@ def run_fewshot(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir
                       callbacks=[JsonlLogCallback(run_dir / "log.jsonl")])
     trainer.st_trainer.args.dataloader_pin_memory = torch.cuda.is_available()  # else torch warns on every epoch
     body = count_parameters(model.model_body)
-    print(f"tunelab: the whole encoder trains ({body.total:,} parameters), then a logistic-regression head is fit; "
+    say(f"tunelab: the whole encoder trains ({body.total:,} parameters), then a logistic-regression head is fit; "
           f"{len(texts)} train rows → {pairs} pairs, {len(data.eval)} eval rows ({data.eval_split})")
 
     def score() -> tuple[dict, np.ndarray]:
         probabilities = setfit_probabilities(model, data.eval["text"], len(data.labels), recipe.eval.batch_size)
-        return classification_metrics(data.eval["label"], probabilities.argmax(-1), data.labels), probabilities
+        predicted = probabilities.argmax(-1)
+        return {**classification_metrics(data.eval["label"], predicted, data.labels),
+                **classification_rows(data.eval["label"], predicted)}, probabilities
 
     def score_untrained_encoder() -> dict:
         trainer.train_classifier(texts, gold)
         return score()[0]
 
     before = load_or_score_baseline(run_dir, score_untrained_encoder)
-    print(f"tunelab: before (head on the untrained encoder): accuracy {before['accuracy']:.4f}, "
+    say(f"tunelab: before (head on the untrained encoder): accuracy {before['accuracy']:.4f}, "
           f"macro-F1 {before['macro_f1']:.4f}")
 
     started = time.perf_counter()
@@ -71,7 +75,6 @@ def run_fewshot(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir
     train_seconds = time.perf_counter() - started
 
     after, probabilities = score()
-    print(f"tunelab: after training: accuracy {after['accuracy']:.4f}, macro-F1 {after['macro_f1']:.4f}")
     save_folder_atomically(run_dir / "model", model.save_pretrained)
     write_predictions(run_dir, data, probabilities)
     head = head_parameter_count(model)
@@ -89,6 +92,8 @@ def run_fewshot(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir
         "shots": recipe.data.shots,
         "eval_rows": len(data.eval),
         "eval_split": data.eval_split,
+        "reported_on": data.eval_split,
+        "selected_on": None,  # one training pass, then the head: no checkpoint to pick
         "labels": data.labels,
         "precision": "fp32",
     }

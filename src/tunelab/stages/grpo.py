@@ -15,10 +15,12 @@ import numpy as np
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer
 
+from tunelab.console import say
 from tunelab.data.generative import GenerativeData
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
 from tunelab.evaluation.generation import generate_texts, generation_metrics
 from tunelab.evaluation.judge import judge_generations, load_reward
+from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
@@ -49,7 +51,7 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
     params = count_parameters(model)
     reward = load_reward(recipe.reward, recipe.eval.batch_size, bf16)
     train_rows, eval_rows = prompt_rows(data.train, fmt), prompt_rows(data.eval, fmt)
-    print(f"tunelab: {params}; {len(train_rows)} train prompts, {len(eval_rows)} eval prompts ({data.eval_split})")
+    say(f"tunelab: {params}; {len(train_rows)} train prompts, {len(eval_rows)} eval prompts ({data.eval_split})")
     trainer = TunedGRPOTrainer(
         model=model,
         reward_funcs=[reward],
@@ -70,14 +72,15 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
                                  add_special_tokens=not fmt.uses_chat_template)
         rewards = reward(prompts=samples["prompt"], completions=answers,
                          **{key: samples[key] for key in samples.column_names if key != "prompt"})
-        return {"mean_reward": float(np.mean(rewards)), **generation_metrics(answers, samples["reference"]),
+        scores = generation_metrics(answers, samples["reference"])
+        scores.setdefault(ROWS_KEY, {})["mean_reward"] = [float(value) for value in rewards]
+        return {"mean_reward": float(np.mean(rewards)), **scores,
                 "generations": answers}
 
     before = load_or_score_baseline(run_dir, score)
-    print(f"tunelab: before training: mean reward {before['mean_reward']:.4f}")
+    say(f"tunelab: before training: mean reward {before['mean_reward']:.4f}")
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()
-    print(f"tunelab: after training: mean reward {after['mean_reward']:.4f}")
     save_model(trainer, run_dir / "model")
     judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size, bf16,
                                {key: samples[key] for key in samples.column_names if key != "prompt"}

@@ -16,6 +16,7 @@ from transformers import set_seed
 from trl import KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
+from tunelab.console import say
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.implicit_reward import completion_logps, reference_context, reward_metrics
@@ -29,6 +30,7 @@ from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
     last_checkpoint,
+    plan_selection,
     resolve_bf16,
     save_model,
     training_arguments,
@@ -63,7 +65,7 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     model = load_trainable_decoder(source.location, recipe.method, bf16)
     params = count_parameters(model)
     unit = "pairs" if data.paired else "completions"
-    print(f"tunelab: {params}; {len(data.train)} train {unit}, {len(data.eval)} eval {unit} ({data.eval_split})")
+    say(f"tunelab: {params}; {len(data.train)} train {unit}, {len(data.eval)} eval {unit} ({data.eval_split})")
     preference = recipe.preference
     trainer = TunedKTOTrainer(
         model=model,
@@ -71,6 +73,7 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
                                 desirable_weight=preference.desirable_weight,
                                 undesirable_weight=preference.undesirable_weight, max_length=recipe.model.max_length,
                                 prediction_loss_only=True, **single_pass_options(recipe),
+                                selection=plan_selection(data, recipe.eval, can_select=False),
                                 # KTO's KL term pairs each row with its neighbour in a fixed-order batch
                                 train_sampling_strategy="sequential"),
         train_dataset=shuffled_completions(data, recipe.train.seed),
@@ -99,9 +102,6 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     before = load_or_score_baseline(run_dir, score)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()
-    headline = "preference_accuracy" if data.paired else "label_accuracy"
-    print(f"tunelab: after training: {headline.replace('_', ' ')} {after[headline]:.4f}, reward margin "
-          f"{after['reward_margin']:.4f}")
     save_model(trainer, run_dir / "model")
     judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size,
                                bf16) if recipe.eval.judge and len(samples) else {}

@@ -16,9 +16,11 @@ import numpy as np
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
+from tunelab.console import say
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.classification import predict_logits
 from tunelab.evaluation.judge import REWARD_LABELS, reward_texts
+from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
@@ -27,6 +29,7 @@ from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
     last_checkpoint,
+    plan_selection,
     resolve_bf16,
     save_model,
     training_arguments,
@@ -48,32 +51,35 @@ def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_di
     model = apply_method(model, recipe.method, fresh_modules, bf16=bf16)
     params = count_parameters(model)
     ending = tokenizer.eos_token if is_decoder(source.location) and tokenizer.eos_token else ""
-    print(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
+    say(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
 
     def score() -> dict:
         return pairwise_scores(model, tokenizer, data.eval, ending, recipe, bf16)
 
     before = load_or_score_baseline(run_dir, score)
-    print(f"tunelab: before training: pairwise accuracy {before['pairwise_accuracy']:.4f}")
+    say(f"tunelab: before training: pairwise accuracy {before['pairwise_accuracy']:.4f}")
+    selection = plan_selection(data, recipe.eval)
     trainer = TunedRewardTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=RewardConfig,
                                 # pairs have no input_ids column to group by length
-                                max_length=None, prediction_loss_only=True, train_sampling_strategy="random"),
+                                max_length=None, prediction_loss_only=True, train_sampling_strategy="random",
+                                selection=selection),
         train_dataset=encode_pairs(data.train, tokenizer, ending, recipe.model.max_length),
-        eval_dataset=encode_pairs(data.eval, tokenizer, ending, recipe.model.max_length),
+        eval_dataset=None if selection.rows is None else encode_pairs(selection.rows, tokenizer, ending,
+                                                                      recipe.model.max_length),
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
     )
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()
-    print(f"tunelab: after training: pairwise accuracy {after['pairwise_accuracy']:.4f}")
     save_model(trainer, run_dir / "model")
     metrics = {
         "before": before,
         "after": after,
         **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
+                           eval_split=data.eval_split, model_name=recipe.model.name,
+                           selected_on=selection.selected_on),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}")
 
@@ -101,4 +107,5 @@ def pairwise_scores(model, tokenizer, pairs: datasets.Dataset, ending: str, reci
     chosen, rejected = (reward_scores(model, tokenizer, reward_texts(pairs["prompt"], pairs[key], ending), recipe,
                                       bf16) for key in ("chosen", "rejected"))
     return {"pairwise_accuracy": float((chosen > rejected).mean()),
-            "reward_margin": float((chosen - rejected).mean())}
+            "reward_margin": float((chosen - rejected).mean()),
+            ROWS_KEY: {"pairwise_accuracy": (chosen > rejected).astype(int).tolist()}}

@@ -17,6 +17,7 @@ from transformers import (
     set_seed,
 )
 
+from tunelab.console import say
 from tunelab.data.generative import GenerativeData
 from tunelab.errors import TunelabError, one_line
 from tunelab.evaluation.generation import generate_texts, score_generative
@@ -28,6 +29,7 @@ from tunelab.trainer import (
     JsonlLogCallback,
     TunedTrainer,
     last_checkpoint,
+    plan_selection,
     resolve_bf16,
     save_model,
     training_arguments,
@@ -80,12 +82,16 @@ def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_d
     model = apply_method(model, recipe.method, [], TaskType.SEQ_2_SEQ_LM, bf16)
     params = count_parameters(model)
     start = model.config.decoder_start_token_id
-    print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+    say(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+    selection = plan_selection(data, recipe.eval)
+    reported = encode_pairs(data.eval, tokenizer, start, recipe.model.max_length)
     trainer = TunedTrainer(
         model=model,
-        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, prediction_loss_only=True),
+        args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, prediction_loss_only=True,
+                                selection=selection),
         train_dataset=encode_pairs(data.train, tokenizer, start, recipe.model.max_length),
-        eval_dataset=encode_pairs(data.eval, tokenizer, start, recipe.model.max_length),
+        eval_dataset=None if selection.rows is None else encode_pairs(selection.rows, tokenizer, start,
+                                                                      recipe.model.max_length),
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
@@ -93,20 +99,20 @@ def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_d
     samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
 
     def score() -> dict:
-        return score_generative(trainer, samples, lambda rows: generate_texts(
+        return score_generative(trainer, reported, samples, lambda rows: generate_texts(
             trainer.model, tokenizer, rows["prompt"], recipe.eval.generate, bf16, encoder_decoder=True))
 
     before = load_or_score_baseline(run_dir, score)
-    print(f"tunelab: before training: loss {before['loss']:.4f}, exact match {before.get('exact_match', 0):.4f}")
+    say(f"tunelab: before training: loss {before['loss']:.4f}, exact match {before.get('exact_match', 0):.4f}")
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()
-    print(f"tunelab: after training: loss {after['loss']:.4f}, exact match {after.get('exact_match', 0):.4f}")
     save_model(trainer, run_dir / "model")
     extra = write_samples(run_dir, samples["prompt"], samples["response"], before, after)
     metrics = {
         "before": before,
         "after": after,
         **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
+                           eval_split=data.eval_split, model_name=recipe.model.name,
+                           selected_on=selection.selected_on),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

@@ -12,6 +12,7 @@ import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
+from tunelab.console import say
 from tunelab.data.generative import GenerativeData
 from tunelab.data.sft_encoding import PromptFormat, encode_split, encode_text_split, prompt_format
 from tunelab.errors import TunelabError
@@ -24,6 +25,7 @@ from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
     last_checkpoint,
+    plan_selection,
     resolve_bf16,
     save_model,
     training_arguments,
@@ -56,31 +58,32 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
     params = count_parameters(model)
-    train_rows, eval_rows = encode(recipe, data, tokenizer, fmt)
-    print(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+    selection = plan_selection(data, recipe.eval)
+    train_rows, eval_rows = encode(recipe, data.train, tokenizer, fmt), encode(recipe, data.eval, tokenizer, fmt)
+    epoch_rows = None if selection.rows is None else encode(recipe, selection.rows, tokenizer, fmt)
+    say(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
 
     trainer = TunedSFTTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=SFTConfig,
-                                **sft_options(recipe)),
+                                selection=selection, **sft_options(recipe)),
         train_dataset=train_rows,
-        eval_dataset=eval_rows,
+        eval_dataset=epoch_rows,
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
     )
     samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval)))) if fmt else None
 
     def score() -> dict:
-        return score_generative(trainer, samples, lambda rows: generate_answers(
+        return score_generative(trainer, eval_rows, samples, lambda rows: generate_answers(
             trainer.model, tokenizer, fmt, rows, recipe, bf16))
 
     # Before: the model with the method applied but untrained (LoRA/IA3 start as the identity, so this is the
     # base model; prompt/prefix tuning start from random virtual tokens).
     before = load_or_score_baseline(run_dir, score)
-    print(f"tunelab: before training: {summary(before)}")
+    say(f"tunelab: before training: {summary(before)}")
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()
-    print(f"tunelab: after training: {summary(after)}")
     save_model(trainer, run_dir / "model")
     extra = write_samples(run_dir, [sample_prompt(row, fmt) for row in samples], samples["response"], before,
                           after) if samples is not None else []
@@ -88,7 +91,8 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         "before": before,
         "after": after,
         **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
+                           eval_split=data.eval_split, model_name=recipe.model.name,
+                           selected_on=selection.selected_on),
         "shots": recipe.data.shots,
         "data_format": data.format,
         "chat_template": fmt.uses_chat_template if fmt else None,
@@ -106,13 +110,11 @@ def check_context_length(config, recipe: Recipe) -> None:
                            f"{limit} tokens; set model.max_length to {limit} or less")
 
 
-def encode(recipe: Recipe, data: GenerativeData, tokenizer, fmt: PromptFormat | None):
-    """Token ids and labels of the train and eval rows."""
+def encode(recipe: Recipe, rows, tokenizer, fmt: PromptFormat | None):
+    """Token ids and labels of some rows (raw text for pretrain)."""
     if fmt is None:
-        return encode_text_split(tokenizer, data.train), encode_text_split(tokenizer, data.eval)
-    only = recipe.train.completion_only_loss
-    return (encode_split(fmt, data.train, only, recipe.model.max_length),
-            encode_split(fmt, data.eval, only, recipe.model.max_length))
+        return encode_text_split(tokenizer, rows)
+    return encode_split(fmt, rows, recipe.train.completion_only_loss, recipe.model.max_length)
 
 
 def sft_options(recipe: Recipe) -> dict:
