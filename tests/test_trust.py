@@ -76,6 +76,19 @@ def test_validation_fraction_carves_a_stratified_slice_from_train_only(toy_data)
     assert set(carved.validation["text"]).isdisjoint(carved.train["text"])
 
 
+def test_a_resolved_recipe_runs_again_on_a_source_without_a_validation_split(toy_data, tmp_path):
+    """recipe.yaml writes every default out; loading it again must not turn the default split name into a demand."""
+    from tunelab.recipe import Recipe, load_recipe
+
+    resolved = Recipe.model_validate(toy_recipe(toy_data, toy_data)).to_yaml()
+    (tmp_path / "recipe.yaml").write_text(resolved)
+    again = load_recipe(tmp_path / "recipe.yaml")
+    assert load_labelled_data(again.data).validation is None
+    named = again.data.model_copy(update={"validation_split": "dev"})
+    with pytest.raises(Exception, match="data.validation_split 'dev' is not in"):
+        load_labelled_data(named)
+
+
 def example_recipes() -> list[tuple[str, dict]]:
     """Every example recipe, the stages of pipeline files included."""
     from tunelab.pipeline import load_pipeline, stage_recipes

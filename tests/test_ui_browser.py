@@ -34,6 +34,8 @@ def runs(tiny_bert, tiny_llama, toy_data, tmp_path_factory) -> Path:
     fast["train"].update(epochs=4)
     slow = toy_recipe(tiny_bert, toy_data, name="toy-slow")
     slow["train"].update(epochs=4, learning_rate=5e-4)
+    for recipe in (fast, slow):  # no validation split: score the reported split each epoch for the curves only
+        recipe["eval"] = {"each_epoch": True}
     for recipe in (fast, slow):
         api.train(validate_recipe(recipe), str(runs / recipe["name"]))
     qa = tmp_path_factory.mktemp("qa")

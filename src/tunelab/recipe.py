@@ -44,9 +44,10 @@ class DataConfig(Section):
                                                        "`holdout_fraction` of the training split instead")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified hold-out used when the eval split is "
                                                                  "null or the source has none")
-    validation_split: str = Field("validation", description="Split that picks the best checkpoint when the source "
-                                                            "has it (tasks classify, reward, sft, pretrain, "
-                                                            "seq2seq); never the reported eval split")
+    validation_split: str | None = Field(None, description="Split that picks the best checkpoint (tasks classify, "
+                                                           "reward, sft, pretrain, seq2seq); null: the source's "
+                                                           "'validation' split when it has one. Never the reported "
+                                                           "eval split")
     validation_fraction: float | None = Field(None, gt=0, lt=1, description="Without a validation split: carve this "
                                               "fraction of train (seeded, stratified) to pick the best checkpoint on. "
                                               "Unset: no selection, the last checkpoint is the result")

@@ -112,13 +112,18 @@ def eval_split_name(cfg: DataConfig, splits: dict) -> str | None:
     return cfg.eval_split if cfg.eval_split in splits and cfg.eval_split != cfg.train_split else None
 
 
+DEFAULT_VALIDATION_SPLIT = "validation"
+
+
 def validation_split_name(cfg: DataConfig, splits: dict, eval_name: str | None) -> str | None:
     """The source's split that picks the checkpoint (data.validation_split), or None when it has none that differs
     from the train and reported splits: the reported split never selects."""
-    name = cfg.validation_split
+    # null means "the source's validation split, if any", so that a resolved recipe (every default written out)
+    # runs again on a source without one; a name the user gives must exist.
+    name = cfg.validation_split or DEFAULT_VALIDATION_SPLIT
     if name in splits and name not in (cfg.train_split, eval_name):
         return name
-    if "validation_split" in cfg.model_fields_set and name not in splits:
+    if cfg.validation_split is not None and name not in splits:
         raise TunelabError(f"data.validation_split '{name}' is not in '{cfg.source}' (splits: {', '.join(splits)}); "
                            f"name one of them, or set data.validation_fraction to carve one from train")
     return None
