@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.sampling import sample_shots
-from tunelab.data.sources import eval_split_name, load_splits, validation_split_name
+from tunelab.data.sources import eval_split_name, load_splits, split_off_validation
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -53,14 +53,8 @@ def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
         parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
         train, evaluation = parts["train"], parts["test"]
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
-    validation_name = validation_split_name(cfg, splits, eval_name)
-    validation = None
-    if validation_name is not None:
-        validation = normalise_split(splits[validation_name], cfg, fmt, validation_name)[0]
-    elif cfg.validation_fraction is not None:
-        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
-        train, validation = parts["train"], parts["test"]
-        validation_name = f"{cfg.train_split} (validation {cfg.validation_fraction:.0%})"
+    train, validation, validation_name = split_off_validation(
+        cfg, splits, eval_name, train, lambda split, name: normalise_split(split, cfg, fmt, name)[0])
     train = random_subsample(train, cfg.train_size, cfg.seed)
     if cfg.shots is not None:
         train = shots_per_response(train, cfg.shots, cfg.seed)

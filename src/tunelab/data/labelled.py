@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.sampling import sample_shots, stratified_holdout, stratified_subsample
-from tunelab.data.sources import eval_split_name, load_splits, validation_split_name
+from tunelab.data.sources import eval_split_name, load_splits, split_off_validation
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -40,14 +40,9 @@ def load_labelled_data(cfg: DataConfig) -> LabelledData:
     else:
         train, evaluation = stratified_holdout(train, cfg.holdout_fraction, cfg.seed)
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
-    validation_name = validation_split_name(cfg, splits, eval_name)
-    validation = None
-    if validation_name is not None:
-        validation = encode_labels(clean_split(splits[validation_name], cfg, validation_name)[0], cfg, labels,
-                                   validation_name)
-    elif cfg.validation_fraction is not None:
-        train, validation = stratified_holdout(train, cfg.validation_fraction, cfg.seed)
-        validation_name = f"{cfg.train_split} (validation {cfg.validation_fraction:.0%})"
+    train, validation, validation_name = split_off_validation(
+        cfg, splits, eval_name, train,
+        lambda split, name: encode_labels(clean_split(split, cfg, name)[0], cfg, labels, name), stratified_holdout)
 
     train = stratified_subsample(train, cfg.train_size, cfg.seed)
     if cfg.shots is not None:

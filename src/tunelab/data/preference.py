@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.generative import random_subsample
-from tunelab.data.sources import eval_split_name, load_splits, validation_split_name
+from tunelab.data.sources import eval_split_name, load_splits, split_off_validation
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -64,14 +64,8 @@ def split_and_sample(splits: datasets.DatasetDict, cfg: DataConfig, has_prompt: 
         parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
         train, evaluation = parts["train"], parts["test"]
         eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
-    validation_name = validation_split_name(cfg, splits, eval_name)
-    validation = None
-    if validation_name is not None:
-        validation = normalise(splits[validation_name], cfg, has_prompt, validation_name)[0]
-    elif cfg.validation_fraction is not None:
-        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
-        train, validation = parts["train"], parts["test"]
-        validation_name = f"{cfg.train_split} (validation {cfg.validation_fraction:.0%})"
+    train, validation, validation_name = split_off_validation(
+        cfg, splits, eval_name, train, lambda split, name: normalise(split, cfg, has_prompt, name)[0])
     return PreferenceData(train=random_subsample(train, cfg.train_size, cfg.seed),
                           eval=random_subsample(evaluation, cfg.eval_size, cfg.seed), eval_split=eval_name,
                           has_prompt_column=has_prompt, dropped=dropped, paired=paired, validation=validation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -127,3 +128,23 @@ def validation_split_name(cfg: DataConfig, splits: dict, eval_name: str | None) 
         raise TunelabError(f"data.validation_split '{name}' is not in '{cfg.source}' (splits: {', '.join(splits)}); "
                            f"name one of them, or set data.validation_fraction to carve one from train")
     return None
+
+
+def split_off_validation(cfg: DataConfig, splits: dict, eval_name: str | None, train: datasets.Dataset,
+                         read: Callable[[datasets.Dataset, str], datasets.Dataset],
+                         carve: Callable[[datasets.Dataset, float, int], tuple] | None = None,
+                         ) -> tuple[datasets.Dataset, datasets.Dataset | None, str | None]:
+    """(train, validation rows, their split's name) for checkpoint selection: the source's validation split,
+    prepared by `read(split, name)` as the stage's other splits are, or data.validation_fraction carved off train
+    (by `carve(train, fraction, seed)`, stratified for labelled data; a seeded random split otherwise), or none."""
+    name = validation_split_name(cfg, splits, eval_name)
+    if name is not None:
+        return train, read(splits[name], name), name
+    if cfg.validation_fraction is None:
+        return train, None, None
+    if carve is None:
+        parts = train.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
+        train, validation = parts["train"], parts["test"]
+    else:
+        train, validation = carve(train, cfg.validation_fraction, cfg.seed)
+    return train, validation, f"{cfg.train_split} (validation {cfg.validation_fraction:.0%})"
