@@ -133,30 +133,24 @@ def test_validate_names_the_preference_layout_it_found(tiny_llama, pairs, tmp_pa
     assert "# ok: 80 train rows, 40 eval rows (test), chosen/rejected pairs" in capsys.readouterr().out
 
 
-def test_implicit_rewards_match_trls_dpo_evaluation(tiny_llama, pairs, tmp_path):
-    """tunelab's per-pair scorer (used for KTO) agrees with TRL's DPO metrics on the same trained policy."""
-    import torch
-    from peft import PeftModel
-
-    from tunelab.evaluation.implicit_reward import completion_logps, reward_metrics
-    from tunelab.models.loading import load_causal_lm, load_tokenizer
-
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_per_pair_preference_scores_match_trls_evaluation(loss, tiny_llama, pairs, tmp_path):
+    """The per-pair scorer behind DPO's metrics (and their intervals) agrees with TRL's own evaluation figures, which
+    the run's log keeps: summed log-prob ratios for DPO, mean log-probs for the reference-free SimPO."""
     recipe = validate_recipe(preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
-                                               preference={"beta": 0.5}, train={"epochs": 2, "batch_size": 8,
-                                                                                "learning_rate": 1e-2,
-                                                                                "precision": "fp32"}))
-    run_dir, metrics = api.train(recipe, str(tmp_path / "dpo"))  # its "after" metrics are DPOTrainer.evaluate()'s
-    tokenizer = load_tokenizer(str(tiny_llama))
-    policy = PeftModel.from_pretrained(load_causal_lm(str(tiny_llama)), str(run_dir / "model")).eval()
-    data = load_preference_data(recipe.data)
-    prompts, completions = list(data.eval["prompt"]) * 2, list(data.eval["chosen"]) + list(data.eval["rejected"])
-    with torch.no_grad():
-        after = completion_logps(policy, tokenizer, prompts, completions, 32, 8, bf16=False)
-        with policy.disable_adapter():
-            reference = completion_logps(policy, tokenizer, prompts, completions, 32, 8, bf16=False)
-    ours = reward_metrics(0.5 * (after - reference), after, None)
-    for key in ("preference_accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
-        assert ours[key] == pytest.approx(metrics["after"][key], rel=1e-3, abs=1e-3), key
+                                               preference={"loss": loss, "beta": 0.5},
+                                               train={"epochs": 2, "batch_size": 8, "learning_rate": 1e-2,
+                                                      "precision": "fp32"}))
+    run_dir, metrics = api.train(recipe, str(tmp_path / loss))
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    trls = [row for row in logged if "eval_rewards/accuracies" in row][-1]  # the evaluation after training
+    after = metrics["after"]
+    for ours, theirs in (("preference_accuracy", "eval_rewards/accuracies"), ("reward_margin", "eval_rewards/margins"),
+                         ("logp_chosen", "eval_logps/chosen"), ("logp_rejected", "eval_logps/rejected")):
+        assert after[ours] == pytest.approx(trls[theirs], rel=1e-3, abs=1e-3), ours
+    low, high = metrics["intervals"]["preference_accuracy"]["after"]["low"], \
+        metrics["intervals"]["preference_accuracy"]["after"]["high"]
+    assert low <= after["preference_accuracy"] <= high and "preference_accuracy" in metrics["gain"]
 
 
 def grpo_recipe(model, tmp_path, method, **train) -> dict:

@@ -29,8 +29,9 @@ def completion_tokens(tokenizer, prompt: str, completion: str, max_length: int) 
 
 
 def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int,
-                     batch_size: int, bf16: bool) -> np.ndarray:
-    """The summed log-prob of each completion's tokens after its prompt (a completion cut off entirely scores 0)."""
+                     batch_size: int, bf16: bool, per_token: bool = False) -> np.ndarray:
+    """The summed log-prob of each completion's tokens after its prompt (a completion cut off entirely scores 0),
+    or with per_token its mean over those tokens (the length-normalised log-prob SimPO and ORPO reward)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sums: list[float] = []
@@ -51,8 +52,14 @@ def completion_logps(model, tokenizer, prompts: list[str], completions: list[str
         # prompt-learning adapters prepend virtual tokens: keep the positions of the real ones
         logits = logits[:, -width:][:, :-1].float()
         token_logps = selective_log_softmax(logits, input_ids[:, 1:])
-        sums.extend((token_logps * scored[:, 1:]).sum(-1).tolist())
+        row_sums = (token_logps * scored[:, 1:]).sum(-1)
+        sums.extend((row_sums / scored[:, 1:].sum(-1).clamp(min=1) if per_token else row_sums).tolist())
     return np.asarray(sums)
+
+
+def pair_completions(prompts: list[str], chosen: list[str], rejected: list[str]) -> tuple[list[str], list[str]]:
+    """Each pair's prompt twice, with its chosen responses first and its rejected ones after (reward_metrics' order)."""
+    return list(prompts) * 2, list(chosen) + list(rejected)
 
 
 def reference_context(trainer) -> tuple[torch.nn.Module, AbstractContextManager]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -21,6 +22,7 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from tunelab.console import say
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
+from tunelab.evaluation.implicit_reward import completion_logps, pair_completions, reference_context, reward_metrics
 from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
@@ -37,10 +39,8 @@ from tunelab.trainer import (
     training_summary,
 )
 
-# TRL's evaluation keys → metrics.json keys
-EVAL_KEYS = {"eval_loss": "loss", "eval_rewards/accuracies": "preference_accuracy",
-             "eval_rewards/margins": "reward_margin", "eval_logps/chosen": "logp_chosen",
-             "eval_logps/rejected": "logp_rejected"}
+# SimPO and ORPO reward the policy's mean log-prob per completion token; the others its summed log-prob
+LENGTH_NORMALISED_LOSSES = ("simpo", "orpo")
 
 
 class TunedDPOTrainer(TunedMixin, DPOTrainer):
@@ -97,10 +97,27 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
     )
     samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
+    preference = recipe.preference
+    prompts, completions = pair_completions(data.eval["prompt"], data.eval["chosen"], data.eval["rejected"])
+    per_token = preference.loss in LENGTH_NORMALISED_LOSSES
+
+    def logps(model) -> np.ndarray:
+        return completion_logps(model, tokenizer, prompts, completions, recipe.model.max_length,
+                                recipe.eval.batch_size, bf16, per_token)
+
+    reference = 0.0
+    if preference.loss in DPO_LOSSES:  # the reference never changes: its log-probs are computed once
+        reference_model, active = reference_context(trainer)
+        with active:
+            reference = logps(reference_model)
 
     def score() -> dict:
-        evaluation = trainer.evaluate()
-        scores = {ours: evaluation[theirs] for theirs, ours in EVAL_KEYS.items() if theirs in evaluation}
+        # TRL's evaluation gives the loss; its reward accuracy is a mean of batch means with no per-pair record, so
+        # the preference metrics come from tunelab's per-pair scorer (equal to TRL's figures: a test checks it), and
+        # with them the per-pair outcomes the confidence intervals resample.
+        scores = {"loss": trainer.evaluate()["eval_loss"]}
+        policy = logps(trainer.model)
+        scores.update(reward_metrics(preference.beta * (policy - reference), policy, None))
         if len(samples):
             scores["generations"] = generate_texts(trainer.model, tokenizer, samples["prompt"],
                                                    recipe.eval.generate, bf16)

@@ -19,7 +19,7 @@ from trl.data_utils import unpair_preference_dataset
 from tunelab.console import say
 from tunelab.data.preference import PreferenceData
 from tunelab.evaluation.generation import generate_texts
-from tunelab.evaluation.implicit_reward import completion_logps, reference_context, reward_metrics
+from tunelab.evaluation.implicit_reward import completion_logps, pair_completions, reference_context, reward_metrics
 from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
@@ -53,7 +53,7 @@ def scored_completions(data: PreferenceData) -> tuple[list[str], list[str], list
     """The held-out prompts and completions to score: each pair's chosen then its rejected response (labels None),
     or the unpaired completions with their labels."""
     if data.paired:
-        return list(data.eval["prompt"]) * 2, list(data.eval["chosen"]) + list(data.eval["rejected"]), None
+        return *pair_completions(data.eval["prompt"], data.eval["chosen"], data.eval["rejected"]), None
     return list(data.eval["prompt"]), list(data.eval["completion"]), list(data.eval["label"])
 
 
