@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from tunelab.errors import TunelabError
-from tunelab.models.loading import load_causal_lm, load_tokenizer, merged_adapter_base
+from tunelab.models.loading import load_causal_lm, load_tokenizer
+from tunelab.models.trained import load_classifier_model
 from tunelab.recipe import GENERATIVE_TASKS
 
 CLASSIFIER_TASKS = ("classify", "reward")  # a sequence-classification head: labels, or one reward output
@@ -105,15 +105,9 @@ def load_merged(run: FinishedRun) -> tuple[torch.nn.Module, object]:
 
 
 def load_merged_classifier(location: str) -> torch.nn.Module:
-    """A sequence classifier as `tunelab predict` loads it, with a peft adapter merged into the base."""
-    config = AutoConfig.from_pretrained(location)
-    if not (Path(location) / "adapter_config.json").is_file():
-        return AutoModelForSequenceClassification.from_pretrained(location, dtype=torch.float32)
-    from peft import PeftModel
-
-    base = AutoModelForSequenceClassification.from_pretrained(merged_adapter_base(location), config=config,
-                                                              dtype=torch.float32)
-    return PeftModel.from_pretrained(base, location).merge_and_unload()
+    """A sequence classifier as `tunelab predict` loads it, in fp32, with a peft adapter merged into the base."""
+    model = load_classifier_model(location, dtype=torch.float32)
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def load_merged_seq2seq(run: FinishedRun, tokenizer) -> torch.nn.Module:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import predict_probabilities
-from tunelab.models.loading import load_tokenizer
+from tunelab.models.loading import load_tokenizer, merged_adapter_base
 from tunelab.models.sentence_encoder import HEAD_FILE, load_trained_setfit, setfit_probabilities
 
 ONNX_MODEL_FILE, ONNX_LABELS_FILE = "model.onnx", "labels.json"  # what `tunelab export --format onnx` writes
@@ -120,6 +120,18 @@ def earlier_run_labels(path: str | Path) -> tuple[str, list[str]] | None:
     return str(recipe.get("task")), list(json.loads(metrics.read_text(encoding="utf-8")).get("labels", []))
 
 
+def load_classifier_model(path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A saved sequence classifier: full weights, or a peft adapter on the base it was trained on (a PeftModel;
+    `tunelab export` merges it). dtype None keeps transformers' default (the dtype the weights were saved in)."""
+    path = Path(path)
+    options = {"dtype": dtype} if dtype is not None else {}
+    if not (path / "adapter_config.json").is_file():
+        return AutoModelForSequenceClassification.from_pretrained(path, **options)
+    config = AutoConfig.from_pretrained(path)
+    base = AutoModelForSequenceClassification.from_pretrained(merged_adapter_base(str(path)), config=config, **options)
+    return PeftModel.from_pretrained(base, path)
+
+
 def load_trained_classifier(path: str | Path) -> TrainedClassifier:
     """Load `RUN_DIR` (its model/) or a model folder saved by tunelab (full weights or a peft adapter)."""
     path = Path(path)
@@ -130,15 +142,9 @@ def load_trained_classifier(path: str | Path) -> TrainedClassifier:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise TunelabError(f"'{path}' is not a trained model: expected a run folder (with model/) or a model folder "
                            f"with config.json; train one with `tunelab train`")
-    config = AutoConfig.from_pretrained(path)
-    labels = [config.id2label[i] for i in range(config.num_labels)]
-    if (path / "adapter_config.json").is_file():
-        base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        model = AutoModelForSequenceClassification.from_pretrained(base, config=config)
-        model = PeftModel.from_pretrained(model, path)
-        tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-        tokenizer = load_tokenizer(str(path))
+    model = load_classifier_model(path)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    has_tokenizer = (path / "tokenizer_config.json").is_file() or not (path / "adapter_config.json").is_file()
+    tokenizer = load_tokenizer(str(path) if has_tokenizer else merged_adapter_base(str(path)))
     model.config.pad_token_id = tokenizer.pad_token_id
     return TrainedClassifier(model=model.eval(), tokenizer=tokenizer, labels=labels, recipe=recipe)
