@@ -9,6 +9,7 @@ from transformers import DataCollatorWithPadding, set_seed
 
 from tunelab.console import say
 from tunelab.data.labelled import LabelledData
+from tunelab.distributed import score_sharded
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
 from tunelab.evaluation.in_context import score_in_context
 from tunelab.evaluation.uncertainty import classification_rows
@@ -38,14 +39,20 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model, fresh_modules = load_classifier(source.location, data.labels, tokenizer, recipe.model.new_head)
+    # The classifier's loss is a mean over its batch whatever `num_items_in_batch` says, but its forward takes
+    # **kwargs, from which the Trainer concludes it sums tokens: it would then multiply the loss by the number of
+    # processes (2 processes: twice the gradient) and skip dividing it by train.grad_accum.
+    model.accepts_loss_kwargs = False
     model = apply_method(model, recipe.method, fresh_modules, bf16=bf16)
     params = count_parameters(model)
     say(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
 
+    def probabilities_of(rows) -> np.ndarray:
+        return predict_probabilities(model, tokenizer, rows["text"], rows["text_pair"] if "text_pair" in
+                                     rows.column_names else None, recipe.eval.batch_size, recipe.model.max_length, bf16)
+
     def score(split) -> tuple[dict, np.ndarray]:
-        probabilities = predict_probabilities(model, tokenizer, split["text"], split["text_pair"]
-                                              if "text_pair" in split.column_names else None,
-                                              recipe.eval.batch_size, recipe.model.max_length, bf16)
+        probabilities = score_sharded(split, probabilities_of, np.concatenate)  # one block per process
         predicted = probabilities.argmax(-1)
         return {**classification_metrics(split["label"], predicted, data.labels),
                 **classification_rows(split["label"], predicted)}, probabilities
