@@ -180,11 +180,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except LaunchFailed as failed:
+        if failed.traceback:  # not a tunelab error: where it happened matters
+            print(failed.traceback.rstrip(), file=sys.stderr)
         print(f"error: {failed.message}" + (f" (rank {failed.rank})" if failed.rank else ""), file=sys.stderr)
         return failed.exitcode if failed.exitcode > 0 else 1
     except KeyboardInterrupt:
         print("error: interrupted; resume with the same command plus --output RUN_DIR --resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from tunelab.distributed import launched_by_tunelab, record_error
+
+        record_error(exc)
+        if launched_by_tunelab():  # `tunelab train --nproc` shows the first failing rank's error, once
+            return 1
+        raise
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -190,25 +190,26 @@ def launch(plan: Launch, tunelab_arguments: list[str]) -> int:
         torchrun.run(arguments)
     except ChildFailedError as failed:
         rank, failure = first_recorded_failure(failed)
-        raise LaunchFailed(rank, failure_message(failure), failure.exitcode) from None
+        raise LaunchFailed(rank, failure_message(failure), failure.exitcode, failure_traceback(failure)) from None
     return 0
 
 
 class LaunchFailed(Exception):
     """A rank of a launched job failed: its rank, its one-line message and its exit code."""
 
-    def __init__(self, rank: int, message: str, exitcode: int) -> None:
+    def __init__(self, rank: int, message: str, exitcode: int, traceback: str = "") -> None:
         super().__init__(message)
-        self.rank, self.message, self.exitcode = rank, message, exitcode
+        self.rank, self.message, self.exitcode, self.traceback = rank, message, exitcode, traceback
 
 
 def first_recorded_failure(failed) -> tuple[int, Any]:
-    """The rank that failed first with an error of its own. Ranks the agent stopped after the first failure end
-    by a signal without an error file; they are the cause only when no rank recorded one."""
+    """The rank whose error is the cause. Ranks the agent stopped end by a signal without an error file, and a
+    rank whose peer died fails in its next collective ("connection closed by peer") within the same second as
+    the cause: so a tunelab error (exit 2) comes first, then the earliest recorded error, then the lowest rank."""
     recorded = {rank: failure for rank, failure in failed.failures.items() if failure.error_file_data.get("message")}
     if not recorded:
         return failed.get_first_failure()
-    return min(recorded.items(), key=lambda item: (item[1].timestamp, item[0]))
+    return min(recorded.items(), key=lambda item: (item[1].exitcode != 2, item[1].timestamp, item[0]))
 
 
 def failure_message(failure) -> str:
@@ -218,6 +219,19 @@ def failure_message(failure) -> str:
         message = message.get("message", "")
     message = str(message).strip()
     return message.removeprefix("TunelabError: ")
+
+
+def failure_traceback(failure) -> str:
+    """The recorded traceback of a failure that is not a tunelab error ('' for a tunelab error or none)."""
+    message = failure.error_file_data.get("message")
+    if failure.exitcode == 2 or not isinstance(message, dict):
+        return ""
+    return str(message.get("extraInfo", {}).get("py_callstack", ""))
+
+
+def launched_by_tunelab() -> bool:
+    """Whether `tunelab train --nproc` started this process (it then shows errors, not the process)."""
+    return bool(os.environ.get(LAUNCHED_BY_TUNELAB))
 
 
 def record_error(error: BaseException) -> None:
@@ -232,4 +246,4 @@ def record_error(error: BaseException) -> None:
 def prints_errors() -> bool:
     """Whether this process prints its own `error:` line: one process, or rank 0 under a plain torchrun (under
     `tunelab train --nproc` the launcher prints the failing rank's line once)."""
-    return current_world().is_main and not os.environ.get(LAUNCHED_BY_TUNELAB)
+    return current_world().is_main and not launched_by_tunelab()
