@@ -333,10 +333,17 @@ class MeteredMixin:
 class TunedMixin(MeteredMixin):
     """MeteredMixin plus tunelab's training savings: TRL's fused LM head in CPU-sized tiles, batches of similar
     length over whole groups of batches, and freed memory kept for reuse while training on a CPU; and tunelab's
-    one-line training bar in place of HF's bars and printed dicts."""
+    one-line training bar in place of HF's bars and printed dicts.
 
-    def __init__(self, *args, **kwargs) -> None:
+    `filler_row` (a tokenized row whose label is -100, for a loss that sums over counted rows) lets several
+    processes split an epoch's short last batch exactly: it fills that batch up, adding nothing to the loss."""
+
+    def __init__(self, *args, filler_row: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.filler = None
+        if filler_row is not None and self.args.world_size > 1 and has_length(self.train_dataset):
+            self.filler = len(self.train_dataset)
+            self.train_dataset = self.train_dataset.add_item(filler_row)
         fit_fused_head_tiles()
         self.remove_callback(ProgressCallback)
         self.remove_callback(PrinterCallback)
@@ -356,7 +363,8 @@ class TunedMixin(MeteredMixin):
         if isinstance(sampler, LengthGroupedSampler) and padded:
             # Under N processes accelerate deals each run of train_batch_size rows to the next rank, so batches
             # of batch × N rows make every optimizer step hold the rows it holds on one process.
-            return ShuffledLengthBatches(sampler.lengths, self.args.train_batch_size * self.args.world_size)
+            lengths = sampler.lengths if self.filler is None else sampler.lengths[:self.filler]
+            return ShuffledLengthBatches(lengths, self.args.train_batch_size * self.args.world_size, self.filler)
         return sampler
 
 
