@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "report mean ± std over them (classify and fewshot)")
     scale = train.add_argument_group("several processes or machines (through torch.distributed.run, as torchrun)")
     scale.add_argument("--nproc", type=positive_int, help="processes on this machine (e.g. one per GPU; on a CPU "
-                                                          "each gets one thread unless OMP_NUM_THREADS is set)")
+                                                          "each gets one thread unless OMP_NUM_THREADS is set); "
+                                                          "train.batch_size is split over all processes")
     scale.add_argument("--nnodes", type=positive_int, default=1, help="machines taking part (default: %(default)s)")
     scale.add_argument("--node-rank", type=int, default=0, help="this machine's place, 0 … nnodes-1 (with "
                                                                 "--master-addr)")
