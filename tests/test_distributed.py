@@ -177,3 +177,15 @@ def test_shards_cover_every_row_once():
             blocks = [shard_bounds(rows, World(size=size, rank=rank)) for rank in range(size)]
             covered = [row for start, end in blocks for row in range(start, end)]
             assert covered == list(range(rows))
+
+
+def test_accumulated_batches_give_the_mean_loss_not_the_sum(recipe_path, tmp_path):
+    # the classifier's loss is the rows' mean over the whole step; before, with grad_accum 2 the Trainer added up
+    # two micro-batch means (step-1 loss 2.20 on 3 labels, twice the gradient)
+    from tunelab import api
+    from tunelab.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, ["train.batch_size=4", "train.grad_accum=2", "train.max_steps=2"])
+    _, metrics = api.train(recipe, str(tmp_path / "run"))
+    first = [entry for entry in metrics["history"] if "loss" in entry][0]
+    assert abs(first["loss"] - 1.0986) < 0.05  # ln 3: an untrained head over 3 labels
