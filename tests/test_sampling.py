@@ -84,3 +84,10 @@ def test_padding_free_batches_keep_hf_length_grouping(tiny_llama, tmp_path):
     tuned = TunedTrainer(model=model, args=args, train_dataset=rows, processing_class=AutoTokenizer.from_pretrained(
         tiny_llama))
     assert type(tuned._get_train_sampler()) is LengthGroupedSampler
+
+
+def test_a_filler_row_fills_the_short_batch_and_nothing_else():
+    torch.manual_seed(0)
+    order = list(ShuffledLengthBatches([5, 1, 4, 2, 3], batch_size=4, filler=5))
+    assert len(order) == 8 == len(ShuffledLengthBatches([5, 1, 4, 2, 3], batch_size=4, filler=5))
+    assert sorted(order[:5]) == [0, 1, 2, 3, 4] and order[5:] == [5, 5, 5]

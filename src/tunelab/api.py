@@ -11,6 +11,7 @@ from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
 from tunelab.data.preference import load_preference_data
 from tunelab.data.sft_encoding import fit_prompts, prompt_format
+from tunelab.distributed import check_plan, current_world, from_main, join
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
 from tunelab.models.loading import (
@@ -137,10 +138,20 @@ def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]
 
 
 def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tuple[Path, dict]:
-    """Validate, score the baseline, train, score again and write the run folder; return (run folder, metrics)."""
-    data, source = check_recipe(recipe)
-    run_dir = open_run_folder(recipe, output, resume)
-    log_to(run_dir / "log.jsonl")  # library warnings land there, not on the console
+    """Validate, score the baseline, train, score again and write the run folder; return (run folder, metrics).
+
+    Under several processes (torchrun) rank 0 validates and creates the folder first; the others, waiting for
+    its name, load the same data after it (a recipe that fails on rank 0 ends the job before they do)."""
+    world = current_world()
+    check_plan(recipe, world.size)
+    join(world)
+    if world.is_main:
+        data, source = check_recipe(recipe)
+        run_dir = open_run_folder(recipe, output, resume)
+        log_to(run_dir / "log.jsonl")  # library warnings land there, not on the console
+    run_dir = from_main(run_dir if world.is_main else None)
+    if not world.is_main:
+        data, source = check_recipe(recipe)
     say(f"tunelab: {recipe.task} · {recipe.model.name} · method {recipe.method.name} · {device_and_precision(recipe)} "
         f"→ {run_dir}")
     return run_dir, STAGES[recipe.task](recipe, data, source, run_dir, resume)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tunelab.bench import add_arguments as add_bench_arguments  # stdlib-only at import time
 from tunelab.console import headline_changes
+from tunelab.distributed import Launch, LaunchFailed
 from tunelab.errors import TunelabError
 
 
@@ -33,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seeds", type=positive_int, default=1,
                        help="run the recipe with N seeds (data.seed and train.seed + 0 … N-1) into one folder and "
                             "report mean ± std over them (classify and fewshot)")
+    scale = train.add_argument_group("several processes or machines (through torch.distributed.run, as torchrun)")
+    scale.add_argument("--nproc", type=positive_int, help="processes on this machine (e.g. one per GPU; on a CPU "
+                                                          "each gets one thread unless OMP_NUM_THREADS is set); "
+                                                          "train.batch_size is split over all processes")
+    scale.add_argument("--nnodes", type=positive_int, default=1, help="machines taking part (default: %(default)s)")
+    scale.add_argument("--node-rank", type=int, default=0, help="this machine's place, 0 … nnodes-1 (with "
+                                                                "--master-addr)")
+    scale.add_argument("--master-addr", help="address of the machine with --node-rank 0")
+    scale.add_argument("--master-port", type=positive_int, help="free port on that machine (default: 29500)")
+    scale.add_argument("--rdzv-endpoint", help="HOST:PORT of a c10d rendezvous instead of --master-addr and "
+                                               "--node-rank (every machine gives the same)")
     shown = train.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print only the result line")
     shown.add_argument("--json", action="store_true", help="print only the final metrics, as one JSON line")
@@ -162,11 +174,27 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         return COMMANDS[args.command](args)
     except TunelabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from tunelab.distributed import prints_errors, record_error
+
+        record_error(exc)  # under a launcher: the one line it shows for the whole job
+        if prints_errors():
+            print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LaunchFailed as failed:
+        if failed.traceback:  # not a tunelab error: where it happened matters
+            print(failed.traceback.rstrip(), file=sys.stderr)
+        print(f"error: {failed.message}" + (f" (rank {failed.rank})" if failed.rank else ""), file=sys.stderr)
+        return failed.exitcode if failed.exitcode > 0 else 1
     except KeyboardInterrupt:
         print("error: interrupted; resume with the same command plus --output RUN_DIR --resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from tunelab.distributed import launched_by_tunelab, record_error
+
+        record_error(exc)
+        if launched_by_tunelab():  # `tunelab train --nproc` shows the first failing rank's error, once
+            return 1
+        raise
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -208,17 +236,22 @@ QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_B
 
 def cmd_train(args) -> int:
     from tunelab.console import set_quiet
+    from tunelab.distributed import is_main_process
     from tunelab.models.names import check_model_answers_at_once
     from tunelab.recipe import load_recipe
 
     set_quiet(args.quiet or args.json)
     recipe = load_recipe(args.recipe, args.overrides)
     check_model_answers_at_once(recipe.model.name)  # before the training stack loads
+    if args.nproc or args.nnodes > 1 or args.rdzv_endpoint:
+        return launch_train(args, recipe)
 
     from tunelab import api
     if args.seeds > 1:
         return train_seeds(args, recipe)
     run_dir, metrics = api.train(recipe, args.output, args.resume)
+    if not is_main_process():
+        return 0
     if args.json:
         print(json.dumps(result_record(run_dir, recipe.task, metrics), ensure_ascii=False))
     elif args.quiet:
@@ -226,6 +259,22 @@ def cmd_train(args) -> int:
     else:
         print(f"tunelab: {metrics['train_samples_per_second']:.2f} train samples/s; report: {run_dir / 'report.html'}")
     return 0
+
+
+def launch_train(args, recipe) -> int:
+    """--nproc N (and --nnodes …): the same `tunelab train` command on N processes per machine, through torch's
+    launcher; the batch split is checked here, before any process starts."""
+    from tunelab.distributed import check_plan, launch
+
+    if args.seeds > 1:
+        raise TunelabError("--seeds runs one process per seed; drop --nproc, or run the seeds one by one")
+    plan = Launch(args.nproc or 1, args.nnodes, args.node_rank, args.master_addr, args.master_port,
+                  args.rdzv_endpoint)
+    check_plan(recipe, plan.nproc * plan.nnodes)
+    forwarded = [args.recipe, *args.overrides, *(["--output", args.output] if args.output else []),
+                 *(["--resume"] if args.resume else []), *(["--quiet"] if args.quiet else []),
+                 *(["--json"] if args.json else [])]
+    return launch(plan, ["train", *forwarded])
 
 
 def result_record(run_dir: Path, task: str, metrics: dict) -> dict:

@@ -165,6 +165,12 @@ PREFERENCE_TASKS = ("reward", "dpo", "kto")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How several processes (tunelab train --nproc, torchrun) share the work: ddp, a full "
+                           "model copy per process (fsdp and deepspeed are not available yet)")
+
+
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0, description="Passes over the training split (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps instead of epochs")
@@ -172,7 +178,8 @@ class TrainConfig(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warm-up")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up")
-    batch_size: int = Field(16, ge=1, description="Rows per device batch")
+    batch_size: int = Field(16, ge=1, description="Rows per batch across all processes (split evenly over them); "
+                                                  "an optimizer step sees batch_size × grad_accum rows")
     grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimizer step")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -193,6 +200,8 @@ class TrainConfig(Section):
                                                  "tuning train padded (peft drops position ids for them)")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                             "memory, about a third more compute")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="Training on several processes or machines")
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers that get the training logs, the before/after metrics "
                                           "and the resolved recipe (MLflow: a local store in the run folder unless "

@@ -17,6 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import has_length
 
 from tunelab.console import format_seconds, interactive, is_quiet
+from tunelab.distributed import backend, current_world, per_process_batch
 from tunelab.errors import TunelabError
 from tunelab.heap import heap_kept_for_training
 from tunelab.recipe import EvalConfig, TrainConfig
@@ -83,11 +84,13 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
     strategy = "steps" if every_steps else "epoch"
     evaluates = selection is not None and selection.rows is not None
     selects = evaluates and selection.selected_on is not None
+    world = current_world()
     options = dict(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
-        per_device_train_batch_size=train.batch_size,
+        # train.batch_size is the batch across all processes: each takes its share (check_plan refused a remainder)
+        per_device_train_batch_size=per_process_batch(train.batch_size, train.grad_accum, world.size),
         per_device_eval_batch_size=evaluation.batch_size,
         gradient_accumulation_steps=train.grad_accum,
         learning_rate=train.learning_rate,
@@ -113,6 +116,8 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=train.gradient_checkpointing,
+        # every parameter that trains takes part in each forward pass; True would cost an extra graph traversal
+        **({"ddp_backend": backend(), "ddp_find_unused_parameters": False} if world.size > 1 else {}),
     )
     return args_class(**{**options, **extra})  # a stage's extras win (e.g. no length grouping for pairs)
 
@@ -136,8 +141,8 @@ class JsonlLogCallback(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        """Write one line per log event, stamped with time, step and epoch."""
-        if logs:
+        """Write one line per log event, stamped with time, step and epoch (rank 0 only: one run, one log)."""
+        if logs and state.is_world_process_zero:
             append_jsonl(self.path, {"time": round(time.time(), 3), "step": state.global_step,
                                      "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps, **logs})
 
@@ -328,10 +333,17 @@ class MeteredMixin:
 class TunedMixin(MeteredMixin):
     """MeteredMixin plus tunelab's training savings: TRL's fused LM head in CPU-sized tiles, batches of similar
     length over whole groups of batches, and freed memory kept for reuse while training on a CPU; and tunelab's
-    one-line training bar in place of HF's bars and printed dicts."""
+    one-line training bar in place of HF's bars and printed dicts.
 
-    def __init__(self, *args, **kwargs) -> None:
+    `filler_row` (a tokenized row whose label is -100, for a loss that sums over counted rows) lets several
+    processes split an epoch's short last batch exactly: it fills that batch up, adding nothing to the loss."""
+
+    def __init__(self, *args, filler_row: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.filler = None
+        if filler_row is not None and self.args.world_size > 1 and has_length(self.train_dataset):
+            self.filler = len(self.train_dataset)
+            self.train_dataset = self.train_dataset.add_item(filler_row)
         fit_fused_head_tiles()
         self.remove_callback(ProgressCallback)
         self.remove_callback(PrinterCallback)
@@ -348,8 +360,11 @@ class TunedMixin(MeteredMixin):
         only make every epoch's batches alike (SmolLM2 SFT: eval loss 2.188 with it against 2.173, same peak RSS)."""
         sampler = super()._get_train_sampler(train_dataset)
         padded = not getattr(self.args, "padding_free", False)
-        if isinstance(sampler, LengthGroupedSampler) and padded and self.args.world_size == 1:
-            return ShuffledLengthBatches(sampler.lengths, self.args.train_batch_size)
+        if isinstance(sampler, LengthGroupedSampler) and padded:
+            # Under N processes accelerate deals each run of train_batch_size rows to the next rank, so batches
+            # of batch × N rows make every optimizer step hold the rows it holds on one process.
+            lengths = sampler.lengths if self.filler is None else sampler.lengths[:self.filler]
+            return ShuffledLengthBatches(lengths, self.args.train_batch_size * self.args.world_size, self.filler)
         return sampler
 
 
@@ -381,12 +396,18 @@ def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train
         "reported_on": eval_split,
         "selected_on": selected_on,
         "chain": run_chain(model_name),
+        "world_size": trainer.args.world_size,
+        "strategy": current_world().strategy,
+        "global_batch_size": trainer.args.train_batch_size * trainer.args.world_size
+        * trainer.args.gradient_accumulation_steps,
     }
 
 
 def save_model(trainer: Trainer, target: Path) -> None:
     """Save weights (or the adapter) and tokenizer into `target` via a temporary folder, then rename."""
     staging = target.with_name(f".{target.name}.partial")
+    if not trainer.is_world_process_zero():  # rank 0 writes the run folder (DDP: every rank holds the whole model)
+        return
     shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))
     # Trainer.save_model also pickles the TrainingArguments (training_args.bin); the resolved recipe.yaml already

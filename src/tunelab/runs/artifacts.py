@@ -11,6 +11,7 @@ import numpy as np
 
 from tunelab.console import headline_changes, say
 from tunelab.data.labelled import LabelledData
+from tunelab.distributed import from_main, is_main_process
 from tunelab.evaluation.uncertainty import compare
 from tunelab.recipe import Recipe
 from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
@@ -23,17 +24,22 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 def load_or_score_baseline(run_dir: Path, score: Callable[[], dict], name: str = BASELINE_FILE) -> dict:
-    """Score the untrained model once; a resumed run reuses the score its first attempt saved."""
+    """Score the untrained model once; a resumed run reuses the score its first attempt saved. Under several
+    processes rank 0's folder decides for all of them (scoring may be sharded: every rank must take part)."""
     path = run_dir / name
-    if path.is_file():
-        return json.loads(path.read_text())
+    saved = from_main(json.loads(path.read_text()) if is_main_process() and path.is_file() else None)
+    if saved is not None:
+        return saved
     before = score()
-    write_json_atomic(path, before)
+    if is_main_process():
+        write_json_atomic(path, before)
     return before
 
 
 def write_predictions(run_dir: Path, data: LabelledData, probabilities: np.ndarray) -> None:
-    """predictions.jsonl: text, gold, predicted label and its probability, for every eval row."""
+    """predictions.jsonl: text, gold, predicted label and its probability, for every eval row (rank 0 writes)."""
+    if not is_main_process():
+        return
     rows = []
     for i, row in enumerate(data.eval):
         best = int(probabilities[i].argmax())
@@ -47,7 +53,7 @@ def write_samples(run_dir: Path, prompts: list[str], references: list[str], befo
                   after: dict) -> list[tuple[str, str]]:
     """samples.jsonl (prompt, reference, the answers before and after, taken out of the two score dicts) and the
     report section that shows them; nothing when no answers were generated."""
-    if "generations" not in after:
+    if "generations" not in after or not is_main_process():
         return []
     path = run_dir / SAMPLES_FILE
     write_jsonl_atomic(path, [{"prompt": p, "reference": r, "before": b, "after": a} for p, r, b, a in zip(
@@ -63,6 +69,8 @@ def finish_run(run_dir: Path, recipe: Recipe, metrics: dict, title: str, labels:
     metrics.update(compare(metrics["before"], metrics["after"], len(labels) if labels else None))
     metrics.setdefault("reported_on", metrics.get("eval_split"))
     metrics.setdefault("selected_on", None)
+    if not is_main_process():  # one run, one folder: rank 0 writes it
+        return metrics
     say(f"tunelab: after training: {headline_changes(metrics)}")
     write_report(run_dir, title, metrics, recipe.to_yaml(), labels, extra_sections)
     write_json_atomic(run_dir / METRICS_FILE, metrics)

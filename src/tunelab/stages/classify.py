@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import DataCollatorWithPadding, set_seed
 
 from tunelab.console import say
 from tunelab.data.labelled import LabelledData
+from tunelab.distributed import score_sharded
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
 from tunelab.evaluation.in_context import score_in_context
 from tunelab.evaluation.uncertainty import classification_rows
@@ -29,6 +31,7 @@ from tunelab.trainer import (
 )
 
 IN_CONTEXT_FILE = "in_context.json"
+IGNORED = -100  # the label cross-entropy skips
 
 
 def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path,
@@ -38,14 +41,19 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model, fresh_modules = load_classifier(source.location, data.labels, tokenizer, recipe.model.new_head)
+    # The loss comes from row_loss below, not from the model (whose forward takes **kwargs, from which the Trainer
+    # would conclude that the model sums its loss over num_items_in_batch: it does not).
+    model.accepts_loss_kwargs = False
     model = apply_method(model, recipe.method, fresh_modules, bf16=bf16)
     params = count_parameters(model)
     say(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
 
+    def probabilities_of(rows) -> np.ndarray:
+        return predict_probabilities(model, tokenizer, rows["text"], rows["text_pair"] if "text_pair" in
+                                     rows.column_names else None, recipe.eval.batch_size, recipe.model.max_length, bf16)
+
     def score(split) -> tuple[dict, np.ndarray]:
-        probabilities = predict_probabilities(model, tokenizer, split["text"], split["text_pair"]
-                                              if "text_pair" in split.column_names else None,
-                                              recipe.eval.batch_size, recipe.model.max_length, bf16)
+        probabilities = score_sharded(split, probabilities_of, np.concatenate)  # one block per process
         predicted = probabilities.argmax(-1)
         return {**classification_metrics(split["label"], predicted, data.labels),
                 **classification_rows(split["label"], predicted)}, probabilities
@@ -60,14 +68,17 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
         say(f"tunelab: in-context, {in_context['shots']} examples per class: accuracy {in_context['accuracy']:.4f}")
 
     selection = plan_selection(data, recipe.eval)
+    train_rows = tokenize(data.train, tokenizer, recipe.model.max_length)
     trainer = TunedTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, selection=selection),
-        train_dataset=tokenize(data.train, tokenizer, recipe.model.max_length),
+        train_dataset=train_rows,
         eval_dataset=None if selection.rows is None else tokenize(selection.rows, tokenizer, recipe.model.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=lambda pred: scalar_metrics(pred, data.labels),
+        compute_loss_func=row_loss,
+        filler_row={**train_rows[0], "label": IGNORED},  # a real row's tokens that count for nothing
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl"), *method_callbacks(model, recipe.method)],
         optimizers=(method_optimizer(model, recipe.method, recipe.train), None),  # None: the Trainer's default
     )
@@ -87,6 +98,16 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
         **({"in_context": in_context} if in_context else {}),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", data.labels)
+
+
+def row_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Cross-entropy summed over the rows and divided by the rows of the whole optimizer step (every micro-batch
+    of every process: the Trainer counts them), so that N processes and accumulated batches give one process's
+    mean even when their shares differ; rows labelled -100 (the short batch's filler) count for nothing."""
+    total = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, ignore_index=IGNORED, reduction="sum")
+    if num_items_in_batch is None:  # evaluation: a mean over this batch's rows
+        return total / labels.ne(IGNORED).sum().clamp(min=1)
+    return total / num_items_in_batch
 
 
 def tokenize(split, tokenizer, max_length: int):

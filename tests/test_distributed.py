@@ -1,0 +1,191 @@
+"""One recipe on two processes through torch's launcher (gloo, one thread each): one run folder written by rank 0,
+the same rows in every optimizer step and the same scores as one process, a refused batch split, one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import toy_recipe
+
+import tunelab
+from tunelab.cli import main
+from tunelab.distributed import World, shard_bounds
+
+SOURCE = Path(tunelab.__file__).resolve().parents[1]  # the tunelab the launched processes must import too
+RUN_FILES = {"recipe.yaml", "baseline.json", "log.jsonl", "metrics.json", "predictions.jsonl", "report.html", "model"}
+
+
+def launch_env(extra_path: Path | None = None) -> dict:
+    """The test's environment for launched processes: this tunelab first, one thread per process."""
+    paths = [str(extra_path)] if extra_path else []
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([*paths, str(SOURCE), os.environ.get("PYTHONPATH", "")])}
+
+
+def tunelab_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab", "train", *args], capture_output=True, text=True,
+                          env=env or launch_env(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tiny_bert, toy_data, tmp_path_factory) -> Path:
+    """The toy recipe on a tiny BERT without dropout (each process would draw other dropout masks than one process
+    does), a few logged steps; 45 eval rows, which do not split evenly over 2 processes."""
+    folder = tmp_path_factory.mktemp("distributed")
+    model = folder / "bert-no-dropout"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = toy_recipe(model, toy_data)
+    # 90 rows / batch 8: 11 full steps an epoch, then a short one of 2 rows (on 2 processes rank 0 gets both and
+    # 2 filler rows, rank 1 only filler rows, which count for nothing); 24 logged losses
+    recipe["train"].update(epochs=2, logging_steps=1)
+    path = folder / "toy.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_and_two(recipe_path) -> tuple[Path, Path]:
+    """The same recipe run by one process and by two (tunelab train --nproc 2), each into its own folder."""
+    one, two = recipe_path.parent / "runs-1" / "run", recipe_path.parent / "runs-2" / "run"
+    for output, extra in ((one, []), (two, ["--nproc", "2"])):
+        finished = tunelab_train(str(recipe_path), "--output", str(output), *extra)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    return one, two
+
+
+def losses(run: Path) -> list[float]:
+    return [entry["loss"] for entry in json.loads((run / "metrics.json").read_text())["history"] if "loss" in entry]
+
+
+def test_two_processes_write_one_run_folder_from_rank_zero(one_and_two):
+    _, two = one_and_two
+    assert [path.name for path in two.parent.iterdir()] == ["run"]  # no second folder from rank 1
+    assert {path.name for path in two.iterdir()} == RUN_FILES  # checkpoints dropped at the end, as on one process
+    log = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in log if "loss" in row]
+    assert steps == list(range(1, 25)), "each step logged once: only rank 0 writes the log"
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["strategy"], metrics["global_batch_size"]) == (2, "ddp", 8)
+    assert len((two / "predictions.jsonl").read_text().splitlines()) == 45
+
+
+def test_two_processes_train_on_the_same_rows_as_one(one_and_two):
+    one, two = one_and_two
+    single, double = losses(one), losses(two)
+    assert len(single) == len(double) == 24
+    for a, b in zip(single, double, strict=True):
+        assert abs(a - b) <= 1e-6 * abs(a), (single, double)
+
+
+def test_sharded_scores_equal_one_process_scores(one_and_two):
+    one, two = (json.loads((run / "metrics.json").read_text()) for run in one_and_two)
+    assert one["world_size"] == 1 and one["strategy"] == "single"
+    for phase in ("before", "after"):
+        assert one[phase]["accuracy"] == two[phase]["accuracy"]
+        assert one[phase]["macro_f1"] == two[phase]["macro_f1"]
+        assert one[phase]["confusion_matrix"] == two[phase]["confusion_matrix"]
+        assert sum(map(sum, two[phase]["confusion_matrix"])) == 45  # every eval row once, none padded in twice
+    rows = [[json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()] for run in one_and_two]
+    assert [row["predicted"] for row in rows[0]] == [row["predicted"] for row in rows[1]]
+    for a, b in zip(*rows, strict=True):
+        assert abs(a["probability"] - b["probability"]) <= 1e-5
+
+
+def test_a_batch_that_does_not_split_is_refused_before_anything_starts(recipe_path, tmp_path, capsys):
+    output = tmp_path / "never"
+    assert main(["train", str(recipe_path), "--output", str(output), "--nproc", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("error: train.batch_size 8 does not split over 3 processes")
+    assert "train.batch_size=6 or 9" in error
+    assert not output.exists()
+
+
+def test_a_failed_rank_ends_the_job_with_its_error_once(recipe_path, tmp_path):
+    # rank 1 alone fails as it reads the data (after rank 0 made the run folder and waits for it)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from tunelab import api\n"
+        "    from tunelab.errors import TunelabError\n"
+        "    def fail(recipe):\n"
+        "        raise TunelabError('data.source cannot be read on this machine')\n"
+        "    api.check_recipe = fail\n")
+    finished = tunelab_train(str(recipe_path), "--output", str(tmp_path / "run"), "--nproc", "2",
+                             env=launch_env(inject))
+    assert finished.returncode == 2
+    errors = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert errors == ["error: data.source cannot be read on this machine (rank 1)"], finished.stderr[-3000:]
+    assert "Traceback" not in finished.stdout
+
+
+def test_a_killed_two_process_run_resumes_where_one_process_ends(recipe_path, one_and_two, tmp_path):
+    # The killed attempt idles after its step-12 checkpoint (the end of epoch 1), so that the kill lands between
+    # the two checkpoints.
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import time\n"
+        "from transformers import Trainer\n"
+        "step = Trainer.training_step\n"
+        "def slow_step(self, *args, **kwargs):\n"
+        "    if self.state.global_step >= 12:\n"
+        "        time.sleep(2)\n"
+        "    return step(self, *args, **kwargs)\n"
+        "Trainer.training_step = slow_step\n")
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "tunelab", "train", str(recipe_path), "train.checkpoint_every=12", "--output",
+               str(killed), "--nproc", "2"]
+    # its own session: the launcher and its processes die together, as on a lost machine or a cancelled job
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=launch_env(slow), start_new_session=True)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "checkpoint-12" / "trainer_state.json").is_file():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "metrics.json").exists()
+
+    finished = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=launch_env(), timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    one, _ = one_and_two
+    assert losses(killed) == pytest.approx(losses(one), rel=1e-6)  # steps 1-12 before the kill, 13-24 after it
+    logged = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert logged.count(1) == 1, "the resumed attempt continues from the checkpoint, not from step 1"
+    resumed, straight = (json.loads((run / "metrics.json").read_text()) for run in (killed, one))
+    assert resumed["after"]["confusion_matrix"] == straight["after"]["confusion_matrix"]
+
+
+def test_shards_cover_every_row_once():
+    for rows in (0, 1, 45, 46):
+        for size in (1, 2, 3, 8):
+            blocks = [shard_bounds(rows, World(size=size, rank=rank)) for rank in range(size)]
+            covered = [row for start, end in blocks for row in range(start, end)]
+            assert covered == list(range(rows))
+
+
+def test_accumulated_batches_give_the_mean_loss_not_the_sum(recipe_path, tmp_path):
+    # the classifier's loss is the rows' mean over the whole step; before, with grad_accum 2 the Trainer added up
+    # two micro-batch means (step-1 loss 2.20 on 3 labels, twice the gradient)
+    from tunelab import api
+    from tunelab.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, ["train.batch_size=4", "train.grad_accum=2", "train.max_steps=2"])
+    _, metrics = api.train(recipe, str(tmp_path / "run"))
+    first = [entry for entry in metrics["history"] if "loss" in entry][0]
+    assert abs(first["loss"] - 1.0986) < 0.05  # ln 3: an untrained head over 3 labels
