@@ -18,7 +18,6 @@ from tunelab.data.sft_encoding import PromptFormat, encode_split, encode_text_sp
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
-from tunelab.methods.packed_attention import use_packed_attention
 from tunelab.models.loading import ModelSource, context_length, load_tokenizer
 from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
@@ -56,8 +55,6 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model = load_trainable_decoder(source.location, recipe.method, bf16)
-    if recipe.task == "sft" and uses_padding_free(recipe):  # each row attends to itself alone: Σ n², not (Σ n)²
-        use_packed_attention(model)
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
     params = count_parameters(model)
