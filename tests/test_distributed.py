@@ -189,3 +189,34 @@ def test_accumulated_batches_give_the_mean_loss_not_the_sum(recipe_path, tmp_pat
     _, metrics = api.train(recipe, str(tmp_path / "run"))
     first = [entry for entry in metrics["history"] if "loss" in entry][0]
     assert abs(first["loss"] - 1.0986) < 0.05  # ln 3: an untrained head over 3 labels
+
+
+def test_two_processes_train_sft_like_one(tiny_llama, tmp_path):
+    # responses of 1 to 4 words: the step's loss is its response tokens' sum over the global count, so
+    # averaging per-process means instead would show here
+    from conftest import WORDS, toy_rows, write_jsonl
+
+    data = tmp_path / "qa"
+    data.mkdir()
+    for split, count, seed in [("train", 44, 1), ("test", 6, 2)]:
+        write_jsonl(data / f"{split}.jsonl", [{"sentence": row["sentence"],
+                                               "answer": " ".join(WORDS[row["sentiment"]][:1 + i % 4])}
+                                              for i, row in enumerate(toy_rows(count, seed))])
+    recipe = {"name": "toy-sft", "task": "sft", "model": {"name": str(tiny_llama), "max_length": 32},
+              "data": {"source": str(data), "prompt_template": "{sentence} is", "response_template": " {answer}"},
+              "method": "full",
+              "train": {"epochs": 2, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32", "seed": 1,
+                        "logging_steps": 1},
+              "eval": {"generate": {"max_new_tokens": 2, "num_samples": 2}}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    runs = []
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        finished = tunelab_train(str(path), "--output", str(tmp_path / name), *extra)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    single, double = ([(entry["loss"], entry["grad_norm"]) for entry in run["history"] if "loss" in entry]
+                      for run in runs)
+    assert len(single) == len(double) == 12
+    for (a, norm_a), (b, norm_b) in zip(single, double, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a) and abs(norm_a - norm_b) <= 1e-5 * abs(norm_a), (single, double)

@@ -52,3 +52,22 @@ class ShuffledLengthBatches(Sampler[int]):
             yield from batch
             if self.filler is not None:
                 yield from [self.filler] * (self.batch_size - len(batch))
+
+
+class FilledBatches(Sampler[int]):
+    """Another sampler's row order with its short last batch filled up to `batch_size` with `filler`, a row that
+    adds nothing to the loss: N processes then split every batch of one process's order evenly (accelerate would
+    otherwise fill the last one with rows from the epoch's start, which then count twice)."""
+
+    def __init__(self, order: Sampler[int], batch_size: int, filler: int) -> None:
+        self.order = order
+        self.batch_size = batch_size
+        self.filler = filler
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        rows = list(self.order)
+        yield from rows
+        yield from [self.filler] * (-len(rows) % self.batch_size)

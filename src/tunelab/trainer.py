@@ -24,7 +24,7 @@ from tunelab.recipe import EvalConfig, TrainConfig
 from tunelab.runs.folder import append_jsonl
 from tunelab.runs.lineage import run_chain
 from tunelab.runs.tracking import prepare_trackers
-from tunelab.sampling import ShuffledLengthBatches
+from tunelab.sampling import FilledBatches, ShuffledLengthBatches
 
 CHECKPOINTS = "checkpoints"
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
@@ -307,6 +307,16 @@ def fit_fused_head_tiles() -> None:
         kernel.TOKEN_CHUNK_SIZE = min(kernel.TOKEN_CHUNK_SIZE, CPU_FUSED_HEAD_TOKENS)
 
 
+def unmark_evaluated_model(trainer: Trainer) -> None:
+    """Let the Trainer wrap the model in DDP although it was evaluated before training (the "before" scores).
+
+    The Trainer's evaluation prepares the bare model through accelerate, which marks it as prepared; train() then
+    gets it back unwrapped, so no gradient was ever averaged: each process trained its own copy on its share of
+    each batch (tiny Llama sft on 2 processes: step-1 grad norm 2.99 against 2.16 on one). One process: nothing."""
+    if trainer.args.world_size > 1 and trainer.model_wrapped is trainer.model:
+        vars(trainer.model).pop("_is_accelerate_prepared", None)
+
+
 class MeteredMixin:
     """Gives a Trainer (HF's or a TRL subclass) a TrainingMeter (`.meter`) that sees every training batch, and
     evaluation in dataset order. The benchmark's plain ways use it as it is; tunelab's stages use TunedMixin."""
@@ -351,6 +361,7 @@ class TunedMixin(MeteredMixin):
 
     def train(self, *args, **kwargs):
         """Train as the Trainer does, with freed memory kept in the heap for the next step (CPU, glibc)."""
+        unmark_evaluated_model(self)
         with heap_kept_for_training():
             return super().train(*args, **kwargs)
 
@@ -365,6 +376,13 @@ class TunedMixin(MeteredMixin):
             # of batch × N rows make every optimizer step hold the rows it holds on one process.
             lengths = sampler.lengths if self.filler is None else sampler.lengths[:self.filler]
             return ShuffledLengthBatches(lengths, self.args.train_batch_size * self.args.world_size, self.filler)
+        if isinstance(sampler, LengthGroupedSampler) and self.filler is not None:
+            # HF's order of the real rows in mega-batches of one process's step (its sampler would group the
+            # filler too, in groups of this process's share), the short batch filled up
+            step_rows = self.args.train_batch_size * self.args.world_size
+            order = LengthGroupedSampler(step_rows * self.args.gradient_accumulation_steps,
+                                         lengths=sampler.lengths[:self.filler])
+            return FilledBatches(order, step_rows, self.filler)
         return sampler
 
 

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tunelab.console import say
 from tunelab.data.generative import GenerativeData
-from tunelab.data.sft_encoding import PromptFormat, encode_split, encode_text_split, prompt_format
+from tunelab.data.sft_encoding import IGNORE_INDEX, PromptFormat, encode_split, encode_text_split, prompt_format
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
@@ -70,6 +70,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         train_dataset=train_rows,
         eval_dataset=epoch_rows,
         processing_class=tokenizer,
+        filler_row=filler_row(recipe, train_rows),
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
     )
     samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval)))) if fmt else None
@@ -100,6 +101,16 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         "padding_free": recipe.task == "sft" and uses_padding_free(recipe),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
+
+
+def filler_row(recipe: Recipe, train_rows) -> dict | None:
+    """A real row's tokens with no token to predict, for TunedMixin to fill the short batch of N processes (the
+    loss sums token losses over the step's counted tokens, so it adds nothing). None where the training order is
+    not length-grouped rows (packing, pretrain's blocks, a random order): those keep the Trainer's own order."""
+    if recipe.task != "sft" or recipe.train.packing or not recipe.train.group_by_length:
+        return None
+    row = train_rows[0]
+    return {**row, "labels": [IGNORE_INDEX] * len(row["labels"])}
 
 
 def check_context_length(config, recipe: Recipe) -> None:
