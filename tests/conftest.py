@@ -29,6 +29,7 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the tests' ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """xdist groups (`--dist loadgroup`): a file's tests stay on one worker, since they share module fixtures (tiny
     runs, servers, a browser); an end-to-end test goes wherever a worker is free, together only with the tests that
@@ -41,6 +42,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                             if defs and defs[-1].scope == "module")
             group = f"{group}:{','.join(shared)}" if shared else item.nodeid
         item.add_marker(pytest.mark.xdist_group(group))
+    # the e2e tests first, so that the workers start on the long ones and the short ones fill in at the end
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 WORDS = {"pos": ["good", "great", "lovely", "happy", "fine"], "neg": ["bad", "awful", "sad", "poor", "ugly"],
          "neu": ["table", "chair", "paper", "window", "door"]}
 FILLER = ["the", "a", "is", "was", "this", "day", "it", "very"]

@@ -48,14 +48,15 @@ def test_tweets_pretrain_lowers_held_out_perplexity(tmp_path):
     assert metrics["after"]["perplexity"] <= 0.85 * metrics["before"]["perplexity"]
 
 
-def test_instruction_sft_lowers_response_loss_and_raises_rouge(tmp_path):
-    # CI time: the loss on 60 of the 252 eval instructions (answers are still generated for 40 of them), and no
-    # gradient checkpointing (same model, tested in test_generative_tiny; 4 GiB instead of 2, about 40% faster)
+def test_instruction_sft_lowers_response_loss(tmp_path):
+    # CI time: the loss on 60 of the 252 eval instructions, answers generated for 8 of them (the report's samples),
+    # and no gradient checkpointing (same model, tested in test_generative_tiny; 4 GiB instead of 2, about 40%
+    # faster). ROUGE-L is not asserted: on the full example (40 answers) its gain was not significant (+0.027
+    # [-0.020, +0.085]), so on 8 it could go either way.
     recipe = load_recipe(EXAMPLES / "instructions_sft.yaml",
-                         ["data.eval_size=60", "train.gradient_checkpointing=false"])
+                         ["data.eval_size=60", "train.gradient_checkpointing=false", "eval.generate.num_samples=8"])
     run_dir, metrics = api.train(recipe, str(tmp_path / "instructions"))
     assert metrics["after"]["loss"] < metrics["before"]["loss"]
-    assert metrics["after"]["rouge_l"] > metrics["before"]["rouge_l"]
     assert "Sample generations" in (run_dir / "report.html").read_text()
 
 
