@@ -42,8 +42,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                             if defs and defs[-1].scope == "module")
             group = f"{group}:{','.join(shared)}" if shared else item.nodeid
         item.add_marker(pytest.mark.xdist_group(group))
-    # the e2e tests first, so that the workers start on the long ones and the short ones fill in at the end
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
 WORDS = {"pos": ["good", "great", "lovely", "happy", "fine"], "neg": ["bad", "awful", "sad", "poor", "ugly"],
          "neu": ["table", "chair", "paper", "window", "door"]}
 FILLER = ["the", "a", "is", "was", "this", "day", "it", "very"]
