@@ -20,28 +20,6 @@ from transformers import (
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-# Under pytest-xdist (the README's test command runs one worker per core) each worker takes its share of the cores:
-# torch's threads in two workers would otherwise fight over the same two cores. Set before any model runs; the
-# subprocesses tests start (servers, the CLI) inherit OMP_NUM_THREADS.
-if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the tests' ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """xdist groups (`--dist loadgroup`): a file's tests stay on one worker, since they share module fixtures (tiny
-    runs, servers, a browser); an end-to-end test goes wherever a worker is free, together only with the tests that
-    share its module fixture (the e2e files hold the longest tests, minutes each)."""
-    for item in items:
-        group = item.module.__name__ if item.module else item.nodeid
-        if item.get_closest_marker("e2e"):
-            fixtures = getattr(item, "_fixtureinfo", None)
-            shared = sorted(name for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ())
-                            if defs and defs[-1].scope == "module")
-            group = f"{group}:{','.join(shared)}" if shared else item.nodeid
-        item.add_marker(pytest.mark.xdist_group(group))
 WORDS = {"pos": ["good", "great", "lovely", "happy", "fine"], "neg": ["bad", "awful", "sad", "poor", "ugly"],
          "neu": ["table", "chair", "paper", "window", "door"]}
 FILLER = ["the", "a", "is", "was", "this", "day", "it", "very"]
