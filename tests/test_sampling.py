@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from tunelab.sampling import GROUP_BATCHES, ShuffledLengthBatches
+from tunelab.sampling import GROUP_BATCHES, FilledBatches, ShuffledLengthBatches
 from tunelab.trainer import MeteredTrainer, TunedTrainer
 
 RANDOM = random.Random(0)
@@ -88,6 +88,7 @@ def test_padding_free_batches_keep_hf_length_grouping(tiny_llama, tmp_path):
 
 def test_a_filler_row_fills_the_short_batch_and_nothing_else():
     torch.manual_seed(0)
-    order = list(ShuffledLengthBatches([5, 1, 4, 2, 3], batch_size=4, filler=5))
-    assert len(order) == 8 == len(ShuffledLengthBatches([5, 1, 4, 2, 3], batch_size=4, filler=5))
+    sampler = FilledBatches(ShuffledLengthBatches([5, 1, 4, 2, 3], batch_size=4), batch_size=4, filler=5)
+    order = list(sampler)
+    assert len(order) == 8 == len(sampler)
     assert sorted(order[:5]) == [0, 1, 2, 3, 4] and order[5:] == [5, 5, 5]

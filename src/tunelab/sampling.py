@@ -20,21 +20,15 @@ GROUP_BATCHES = 50  # HF's largest mega-batch: rows are sorted by length within 
 
 class ShuffledLengthBatches(Sampler[int]):
     """Row indices in which each run of `batch_size` (one batch) holds rows of similar length, the batches in
-    random order (from torch's global generator, which the Trainer seeds), and any short batch last.
-
-    `filler`, the index of a row that adds nothing to the loss (label -100), fills the short batch up to
-    batch_size: several processes must each get an equal share of every batch (accelerate would otherwise fill
-    it with rows from the epoch's start, which then count twice). The filler is not one of `lengths`' rows.
+    random order (from torch's global generator, which the Trainer seeds), and the one short batch (if any) last.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, filler: int | None = None) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.filler = filler
 
     def __len__(self) -> int:
-        rows = len(self.lengths)
-        return rows if self.filler is None else -(-rows // self.batch_size) * self.batch_size
+        return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(len(self.lengths)).tolist()
@@ -50,8 +44,6 @@ class ShuffledLengthBatches(Sampler[int]):
             yield from full[position]
         for batch in short:
             yield from batch
-            if self.filler is not None:
-                yield from [self.filler] * (self.batch_size - len(batch))
 
 
 class FilledBatches(Sampler[int]):
