@@ -53,9 +53,10 @@ def test_symptom_lora_learns_with_few_trainable_parameters(tmp_path):
 
 
 def test_tweet_sentiment_with_a_decoder_classifier_learns(tmp_path):
-    # CI time: 400 of the 1000 eval tweets, and no gradient checkpointing (memory is not what this test checks)
+    # CI time: 2 of the 3 epochs (accuracy 0.738 [0.69, 0.78] after them when measured), 400 of the 1000 eval
+    # tweets, and no gradient checkpointing (memory is not what this test checks)
     recipe = load_recipe(EXAMPLES / "tweet_sentiment.yaml",
-                         ["data.eval_size=400", "train.gradient_checkpointing=false"])
+                         ["train.epochs=2", "data.eval_size=400", "train.gradient_checkpointing=false"])
     _, metrics = api.train(recipe, str(tmp_path / "tweets"))
     assert (metrics["train_rows"], metrics["eval_rows"]) == (1000, 400)
     assert metrics["after"]["accuracy"] >= 0.65

@@ -130,6 +130,19 @@ def test_fewshot_predict_and_eval_route_by_the_run_task(fewshot_run, toy_data, c
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(metrics["after"]["accuracy"])
 
 
+def test_fewshot_prints_plain_lines_and_the_gain_with_its_interval(tiny_bert, toy_data, tmp_path, capsys):
+    recipe = tmp_path / "fewshot.yaml"
+    recipe.write_text(yaml.safe_dump(fewshot_recipe(tiny_bert, toy_data, train={"logging_steps": 1})))
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--output", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.lstrip().startswith("{") for line in lines), lines  # SetFit's trainer printed one per step
+    assert any("step" in line and "loss" in line and "epoch" in line for line in lines), lines
+    assert any(line.startswith("tunelab: after training: accuracy") and "[" in line for line in lines), lines
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["gain"]) == {"accuracy", "macro_f1"} and "accuracy" in metrics["intervals"]
+
+
 def test_max_pairs_caps_the_contrastive_pairs_in_whole_batches(tiny_bert, toy_data):
     raw = fewshot_recipe(tiny_bert, toy_data)  # 10 pairs per row and kind, batch 8
     raw["fewshot"]["epochs"] = 2

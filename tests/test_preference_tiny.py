@@ -133,20 +133,23 @@ def test_validate_names_the_preference_layout_it_found(tiny_llama, pairs, tmp_pa
     assert "# ok: 80 train rows, 40 eval rows (test), chosen/rejected pairs" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+@pytest.mark.parametrize("loss", ["dpo", "hinge", "simpo"])
 def test_per_pair_preference_scores_match_trls_evaluation(loss, tiny_llama, pairs, tmp_path):
     """The per-pair scorer behind DPO's metrics (and their intervals) agrees with TRL's own evaluation figures, which
-    the run's log keeps: summed log-prob ratios for DPO, mean log-probs for the reference-free SimPO."""
+    the run's log keeps: summed log-prob ratios for DPO, mean log-probs for the reference-free SimPO; and the loss
+    tunelab computes from the per-pair rewards (dpo, hinge) equals TRL's (40 eval pairs: whole batches of 8)."""
     recipe = validate_recipe(preference_recipe(tiny_llama, pairs, task="dpo", method={"name": "lora", "r": 8},
                                                preference={"loss": loss, "beta": 0.5},
                                                train={"epochs": 2, "batch_size": 8, "learning_rate": 1e-2,
-                                                      "precision": "fp32"}))
+                                                      "precision": "fp32"},
+                                               eval={"each_epoch": True}))  # TRL's evaluation, logged
     run_dir, metrics = api.train(recipe, str(tmp_path / loss))
     logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     trls = [row for row in logged if "eval_rewards/accuracies" in row][-1]  # the evaluation after training
     after = metrics["after"]
     for ours, theirs in (("preference_accuracy", "eval_rewards/accuracies"), ("reward_margin", "eval_rewards/margins"),
-                         ("logp_chosen", "eval_logps/chosen"), ("logp_rejected", "eval_logps/rejected")):
+                         ("logp_chosen", "eval_logps/chosen"), ("logp_rejected", "eval_logps/rejected"),
+                         ("loss", "eval_loss")):
         assert after[ours] == pytest.approx(trls[theirs], rel=1e-3, abs=1e-3), ours
     low, high = metrics["intervals"]["preference_accuracy"]["after"]["low"], \
         metrics["intervals"]["preference_accuracy"]["after"]["high"]

@@ -147,6 +147,14 @@ class JsonlLogCallback(TrainerCallback):
                                      "epoch": round(state.epoch or 0.0, 4), "max_steps": state.max_steps, **logs})
 
 
+def show_tunelab_progress(trainer) -> None:
+    """tunelab's one-line training bar in place of HF's bars, or of the dict HF prints per log when its bars are
+    off (PrinterCallback)."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainingProgress())
+
+
 class TrainingProgress(TrainerCallback):
     """One training bar (step, epoch, loss, learning rate, ETA) and one line per evaluation."""
 
@@ -167,7 +175,7 @@ class TrainingProgress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Remember the latest training loss and learning rate for the bar."""
         logs = logs or {}
-        self.loss = logs.get("loss", self.loss)
+        self.loss = logs.get("loss", logs.get("embedding_loss", self.loss))  # SetFit's name for its loss
         self.lr = logs.get("learning_rate", self.lr)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -355,9 +363,7 @@ class TunedMixin(MeteredMixin):
             self.filler = len(self.train_dataset)
             self.train_dataset = self.train_dataset.add_item(filler_row)
         fit_fused_head_tiles()
-        self.remove_callback(ProgressCallback)
-        self.remove_callback(PrinterCallback)
-        self.add_callback(TrainingProgress())
+        show_tunelab_progress(self)
 
     def train(self, *args, **kwargs):
         """Train as the Trainer does, with freed memory kept in the heap for the next step (CPU, glibc)."""

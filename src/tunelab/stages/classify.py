@@ -10,6 +10,7 @@ from transformers import DataCollatorWithPadding, set_seed
 
 from tunelab.console import say
 from tunelab.data.labelled import LabelledData
+from tunelab.data.sft_encoding import IGNORE_INDEX
 from tunelab.distributed import score_sharded
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
 from tunelab.evaluation.in_context import score_in_context
@@ -31,7 +32,6 @@ from tunelab.trainer import (
 )
 
 IN_CONTEXT_FILE = "in_context.json"
-IGNORED = -100  # the label cross-entropy skips
 
 
 def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path,
@@ -78,7 +78,7 @@ def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, 
         processing_class=tokenizer,
         compute_metrics=lambda pred: scalar_metrics(pred, data.labels),
         compute_loss_func=row_loss,
-        filler_row={**train_rows[0], "label": IGNORED},  # a real row's tokens that count for nothing
+        filler_row={**train_rows[0], "label": IGNORE_INDEX},  # a real row's tokens that count for nothing
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl"), *method_callbacks(model, recipe.method)],
         optimizers=(method_optimizer(model, recipe.method, recipe.train), None),  # None: the Trainer's default
     )
@@ -104,9 +104,10 @@ def row_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | i
     """Cross-entropy summed over the rows and divided by the rows of the whole optimizer step (every micro-batch
     of every process: the Trainer counts them), so that N processes and accumulated batches give one process's
     mean even when their shares differ; rows labelled -100 (the short batch's filler) count for nothing."""
-    total = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, ignore_index=IGNORED, reduction="sum")
+    total = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, ignore_index=IGNORE_INDEX,
+                                              reduction="sum")
     if num_items_in_batch is None:  # evaluation: a mean over this batch's rows
-        return total / labels.ne(IGNORED).sum().clamp(min=1)
+        return total / labels.ne(IGNORE_INDEX).sum().clamp(min=1)
     return total / num_items_in_batch
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -67,6 +68,18 @@ def preference_trainer(preference: PreferenceConfig) -> tuple[type, type, dict]:
     return TunedCPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": preference.beta}
 
 
+def pair_loss(loss: str, rewards: np.ndarray) -> float | None:
+    """The mean DPO loss over the pairs from their implicit rewards (chosen first, then rejected; β already applied),
+    by TRL's formulas: sigmoid −log σ(r_c − r_r), hinge max(0, 1 − (r_c − r_r)); None for the other losses."""
+    half = len(rewards) // 2
+    margins = torch.as_tensor(rewards[:half] - rewards[half:], dtype=torch.float64)
+    if loss == "dpo":
+        return float(-torch.nn.functional.logsigmoid(margins).mean())
+    if loss == "hinge":
+        return float(torch.relu(1 - margins).mean())
+    return None
+
+
 def single_pass_options(recipe: Recipe) -> dict:
     """One epoch has one checkpoint to pick, and scoring after training evaluates it anyway: skip the epoch-end
     evaluation (on SmolLM2 it costs as much as 20 training steps per 100 eval pairs)."""
@@ -112,12 +125,15 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
             reference = logps(reference_model)
 
     def score() -> dict:
-        # TRL's evaluation gives the loss; its reward accuracy is a mean of batch means with no per-pair record, so
-        # the preference metrics come from tunelab's per-pair scorer (equal to TRL's figures: a test checks it), and
-        # with them the per-pair outcomes the confidence intervals resample.
-        scores = {"loss": trainer.evaluate()["eval_loss"]}
+        # TRL's evaluation reports a mean of batch means with no per-pair record, so the preference metrics come from
+        # tunelab's per-pair scorer (equal to TRL's figures: a test checks it), and with them the per-pair outcomes
+        # the confidence intervals resample. The sigmoid and hinge losses follow from the same rewards; the others
+        # (length-normalised or with extra terms) still take TRL's evaluation, a second pass over the pairs.
         policy = logps(trainer.model)
-        scores.update(reward_metrics(preference.beta * (policy - reference), policy, None))
+        rewards = preference.beta * (policy - reference)
+        loss = pair_loss(preference.loss, rewards)
+        scores = {"loss": trainer.evaluate()["eval_loss"] if loss is None else loss}
+        scores.update(reward_metrics(rewards, policy, None))
         if len(samples):
             scores["generations"] = generate_texts(trainer.model, tokenizer, samples["prompt"],
                                                    recipe.eval.generate, bf16)

@@ -14,7 +14,6 @@ so the gain shown is what the contrastive tuning adds (not what any head on a pr
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -30,10 +29,8 @@ from tunelab.methods.apply import count_parameters
 from tunelab.models.loading import ModelSource
 from tunelab.models.sentence_encoder import head_parameter_count, load_setfit_model, setfit_probabilities
 from tunelab.recipe import Recipe
-from tunelab.runs.artifacts import load_or_score_baseline, save_folder_atomically, write_predictions
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic
-from tunelab.runs.report import write_report
-from tunelab.trainer import CHECKPOINTS, JsonlLogCallback, history_from
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, save_folder_atomically, write_predictions
+from tunelab.trainer import CHECKPOINTS, JsonlLogCallback, history_from, show_tunelab_progress
 
 
 def run_fewshot(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path,
@@ -50,6 +47,7 @@ def run_fewshot(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir
     trainer = Trainer(model=model, args=setfit_arguments(recipe, run_dir, steps),
                       callbacks=[JsonlLogCallback(run_dir / "log.jsonl")])
     trainer.st_trainer.args.dataloader_pin_memory = torch.cuda.is_available()  # else torch warns on every epoch
+    show_tunelab_progress(trainer.st_trainer)
     body = count_parameters(model.model_body)
     say(f"tunelab: the whole encoder trains ({body.total:,} parameters), then a logistic-regression head is fit; "
           f"{len(texts)} train rows → {pairs} pairs, {len(data.eval)} eval rows ({data.eval_split})")
@@ -97,10 +95,7 @@ def run_fewshot(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir
         "labels": data.labels,
         "precision": "fp32",
     }
-    write_report(run_dir, f"tunelab few-shot run: {recipe.name}", metrics, recipe.to_yaml(), data.labels)
-    write_json_atomic(run_dir / METRICS_FILE, metrics)  # written last: its presence marks a finished run
-    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
-    return metrics
+    return finish_run(run_dir, recipe, metrics, f"tunelab few-shot run: {recipe.name}", data.labels)
 
 
 def pair_budget(recipe: Recipe, rows: int) -> tuple[int, int]:
