@@ -53,11 +53,12 @@ def test_symptom_lora_learns_with_few_trainable_parameters(tmp_path):
 
 
 def test_tweet_sentiment_with_a_decoder_classifier_learns(tmp_path):
-    # CI time: 2 of the 3 epochs (accuracy 0.738 [0.69, 0.78] after them when measured), 400 of the 1000 eval
-    # tweets, and no gradient checkpointing (memory is not what this test checks)
+    # CI time: 1 of the 3 epochs (accuracy 0.315 → 0.670, gain +0.355 [+0.29, +0.42], when measured; 0.738 after 2,
+    # 0.722 after the example's 3 on all 1000 eval tweets), 400 of the 1000 eval tweets, and no gradient
+    # checkpointing (memory is not what this test checks)
     recipe = load_recipe(EXAMPLES / "tweet_sentiment.yaml",
-                         ["train.epochs=2", "data.eval_size=400", "train.gradient_checkpointing=false"])
+                         ["train.epochs=1", "data.eval_size=400", "train.gradient_checkpointing=false"])
     _, metrics = api.train(recipe, str(tmp_path / "tweets"))
     assert (metrics["train_rows"], metrics["eval_rows"]) == (1000, 400)
-    assert metrics["after"]["accuracy"] >= 0.65
+    assert metrics["after"]["accuracy"] >= 0.60
     assert metrics["after"]["accuracy"] >= metrics["before"]["accuracy"] + 0.25

@@ -52,18 +52,19 @@ def test_errors_are_placed_by_the_field_they_name():
     assert forms.field_of("something else entirely", paths) is None
 
 
-def run_job(launcher: Launcher, run_dir: Path, code: str, stop_after: float | None = None) -> Job:
+def run_job(launcher: Launcher, run_dir: Path, code: str, stop_when: Path | None = None) -> Job:
+    """Run `code` as the launcher runs a job; with stop_when, stop it (SIGINT) once that file exists."""
     job = Job(1, run_dir, [sys.executable, "-c", code], run_dir.parent / "job.log")
-    if stop_after is None:
+    if stop_when is None:
         launcher._run(job)
         return job
     import threading
 
     worker = threading.Thread(target=launcher._run, args=(job,))
     worker.start()
-    while job.process is None:
-        time.sleep(0.01)
-    time.sleep(stop_after)
+    deadline = time.monotonic() + 60
+    while not stop_when.exists() and time.monotonic() < deadline:  # a loaded machine starts Python slowly
+        time.sleep(0.05)
     job.stop_requested = True
     job.process.send_signal(signal.SIGINT)
     worker.join(30)
@@ -87,8 +88,12 @@ def test_a_stopped_process_is_interrupted_not_failed(tmp_path):
     (runs / "r").mkdir(parents=True)
     (runs / "r" / "recipe.yaml").write_text(yaml.safe_dump({"name": "r", "task": "classify"}))
     launcher = Launcher(runs)
-    job = run_job(launcher, runs / "r", "import time, sys\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-                                        "    sys.exit(130)", stop_after=0.5)
+    ready = tmp_path / "ready"
+    # a job as tunelab's CLI starts one: SIGINT heard even where the parent ignored it (a shell's background job)
+    code = (f"import pathlib, sys, time\nfrom tunelab.cli import accept_interrupts\naccept_interrupts()\n"
+            f"pathlib.Path({str(ready)!r}).touch()\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            f"    sys.exit(130)")
+    job = run_job(launcher, runs / "r", code, stop_when=ready)
     assert job.state == "stopped" and job.returncode != 0
     assert not (runs / "r" / "ui_error.txt").exists()
     index = RunsIndex(runs)

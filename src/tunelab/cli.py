@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from tunelab.bench import add_arguments as add_bench_arguments  # stdlib-only at import time
@@ -167,8 +169,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def accept_interrupts() -> None:
+    """Make SIGINT (Ctrl-C, Studio's Stop) raise KeyboardInterrupt again in a process started with it ignored, as a
+    shell starts its background jobs (`tunelab ui &`) and so their children: Python then installs no handler, and a
+    run would never hear Stop (nor save its "interrupted; resume with …" state)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one `error:` line and exit with code 2."""
+    accept_interrupts()
     try:
         args = parse_arguments(argv)
         quiet_libraries()
