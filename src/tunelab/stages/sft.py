@@ -139,16 +139,16 @@ def sft_options(recipe: Recipe) -> dict:
     if recipe.task == "pretrain":
         return {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "wrapped",
                 "eval_packing": True, "padding_free": False, "prediction_loss_only": True}
+    padding_free = uses_padding_free(recipe)
     if recipe.train.packing:
         options = {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "bfd",
                    "eval_packing": False, "prediction_loss_only": True}
     else:
         # Padding-free without packing: each batch's rows concatenated, position ids restarting per row. The rows
         # are already cut to max_length by encode_example (TRL refuses a max_length it would not enforce here).
-        padding_free = uses_padding_free(recipe)
         options = {"max_length": None if padding_free else recipe.model.max_length, "packing": False,
                    "padding_free": padding_free, "prediction_loss_only": True}
-    if uses_padding_free(recipe):
+    if padding_free:
         # A padding-free batch is one long sequence whose attention mask grows with the square of its tokens:
         # scoring 212 symptom rows took 63 s in batches of 64 against 34 s in batches of 8. Score as many rows at
         # once as a training step holds.
