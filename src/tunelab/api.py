@@ -144,7 +144,7 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
     its name, load the same data after it (a recipe that fails on rank 0 ends the job before they do)."""
     world = current_world()
     check_plan(recipe, world.size)
-    join(world)
+    join(world, recipe.train.distributed.strategy)
     if world.is_main:
         data, source = check_recipe(recipe)
         run_dir = open_run_folder(recipe, output, resume)

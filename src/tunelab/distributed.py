@@ -44,11 +44,6 @@ class World:
         """Rank 0: the one process that validates, prints and writes the run folder."""
         return self.rank == 0
 
-    @property
-    def strategy(self) -> str:
-        """What metrics.json records: 'ddp' when several processes train together, else 'single'."""
-        return "ddp" if self.size > 1 else "single"
-
 
 def current_world() -> World:
     """This process's place, from the environment torchrun (or accelerate, Slurm's srun torchrun) sets."""
@@ -73,9 +68,10 @@ def per_process_batch(batch_size: int, grad_accum: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def join(world: World) -> None:
-    """Join torch's process group (gloo on CPU, NCCL on CUDA) from the launcher's environment, once; rank > 0
-    goes quiet so that the console shows one run's story."""
+def join(world: World, strategy: str = "ddp") -> None:
+    """Join torch's process group (gloo on CPU, NCCL on CUDA) from the launcher's environment, once (and
+    DeepSpeed's layer over it for strategy deepspeed); rank > 0 goes quiet so that the console shows one run's
+    story."""
     if world.size == 1:
         return
     import torch
@@ -92,6 +88,10 @@ def join(world: World) -> None:
         dist.init_process_group("nccl", device_id=torch.device("cuda", world.local_rank))
     else:
         dist.init_process_group("gloo")
+    if strategy == "deepspeed":
+        from tunelab.sharding import join_deepspeed
+
+        join_deepspeed()
 
 
 def backend() -> str:
@@ -123,8 +123,10 @@ def shard_bounds(rows: int, world: World) -> tuple[int, int]:
 def score_sharded(rows: Sequence, score: Callable[[Sequence], Any], concatenate: Callable[[list], Any]) -> Any:
     """`score(rows)` computed in blocks, one per rank, and put back together in row order on every rank: the
     same result as one process scoring all rows (each row is scored once; none is repeated to even the blocks)."""
+    from tunelab.sharding import weights_are_sharded
+
     world = current_world()
-    if world.size == 1:
+    if world.size == 1 or weights_are_sharded():  # sharded weights: every rank runs every pass, all rows
         return score(rows)
     import torch.distributed as dist
 
@@ -135,15 +137,19 @@ def score_sharded(rows: Sequence, score: Callable[[Sequence], Any], concatenate:
     return concatenate(blocks)
 
 
-def check_plan(recipe: Recipe, world_size: int) -> int:
-    """Refuse, before anything starts, what cannot run on `world_size` processes; return the per-process batch."""
-    strategy = recipe.train.distributed.strategy
+def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None) -> int:
+    """Refuse, before anything starts, what cannot run on `world_size` processes (over `nnodes` machines; default:
+    as the launcher's environment says); return the per-process batch."""
+    import torch
+
+    from tunelab.sharding import check_strategy
+
     if recipe.task == "fewshot" and world_size > 1:
         raise TunelabError("task fewshot (SetFit) trains in one process; drop --nproc (it trains in seconds on "
                            "a few examples per class)")
-    if strategy != "ddp":
-        raise TunelabError(f"train.distributed.strategy {strategy} is not available yet; use ddp (a full model "
-                           f"copy per process)")
+    if nnodes is None:
+        nnodes = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or 1))
+    check_strategy(recipe.train.distributed, world_size, nnodes, torch.cuda.is_available())
     return per_process_batch(recipe.train.batch_size, recipe.train.grad_accum, world_size)
 
 

@@ -167,8 +167,25 @@ VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and
 
 class DistributedConfig(Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        "ddp", description="How several processes (tunelab train --nproc, torchrun) share the work: ddp, a full "
-                           "model copy per process (fsdp and deepspeed are not available yet)")
+        "ddp", description="How several processes (tunelab train --nproc, torchrun) share the work. ddp: a full "
+                           "model copy per process; fsdp: parameters, gradients and optimizer state sharded over "
+                           "the processes (PyTorch FSDP2 through accelerate; CUDA GPUs only); deepspeed: DeepSpeed "
+                           "ZeRO (train.distributed.deepspeed picks the stage; CPU or GPU)")
+    sharding: Literal["full", "hybrid"] = Field(
+        "full", description="fsdp: full shards over every process; hybrid shards within each machine and "
+                            "replicates across machines (less traffic between machines)")
+    deepspeed: str = Field(
+        "zero2", description="deepspeed: a ZeRO preset (zero2: optimizer state and gradients sharded; zero3: "
+                             "parameters too; zero3_offload: zero3 with parameters and optimizer state held in CPU "
+                             "memory, for GPUs) or the path of a DeepSpeed JSON config with ZeRO stage 2 or 3")
+
+    @model_validator(mode="after")
+    def options_match_the_strategy(self) -> DistributedConfig:
+        for key, owner in (("sharding", "fsdp"), ("deepspeed", "deepspeed")):
+            if key in self.model_fields_set and self.strategy != owner:
+                raise ValueError(f"train.distributed.{key} applies to strategy {owner}, not {self.strategy}; set "
+                                 f"train.distributed.strategy: {owner} or drop train.distributed.{key}")
+        return self
 
 
 class TrainConfig(Section):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -25,6 +26,7 @@ from tunelab.runs.folder import append_jsonl
 from tunelab.runs.lineage import run_chain
 from tunelab.runs.tracking import prepare_trackers
 from tunelab.sampling import FilledBatches, ShuffledLengthBatches
+from tunelab.sharding import strategy_name, training_options
 
 CHECKPOINTS = "checkpoints"
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
@@ -118,6 +120,7 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         activation_checkpointing=train.gradient_checkpointing,
         # every parameter that trains takes part in each forward pass; True would cost an extra graph traversal
         **({"ddp_backend": backend(), "ddp_find_unused_parameters": False} if world.size > 1 else {}),
+        **training_options(train.distributed, train.gradient_checkpointing),  # fsdp, deepspeed: their engines
     )
     return args_class(**{**options, **extra})  # a stage's extras win (e.g. no length grouping for pairs)
 
@@ -269,6 +272,15 @@ class TrainingMeter(TrainerCallback):
         self.tokens = 0
         self.padded_tokens = 0
         self._mark: float | None = None
+        self._ddp: DistributedDataParallel | None = None
+        self.communication_ns = 0  # DDP's gradient all-reduce, from the first bucket sent to the last received
+        self.overlapped_ns = 0  # the part of it that ran while the backward pass still computed
+
+    def watch(self, model) -> None:
+        """Time DDP's gradient communication on every step, with DDP's own timers (sampled every iteration)."""
+        if self._ddp is None and isinstance(model, DistributedDataParallel):
+            model._set_ddp_runtime_logging_sample_rate(1)
+            self._ddp = model
 
     def count_batch(self, inputs: dict) -> None:
         """Add one training micro-batch to the row and token counts."""
@@ -292,6 +304,10 @@ class TrainingMeter(TrainerCallback):
         if self._mark is not None:
             self.seconds += now - self._mark
         self._mark = now
+        if self._ddp is not None:  # the step's last micro-batch is the one whose gradients were all-reduced
+            timings = self._ddp._get_ddp_logging_data()
+            self.communication_ns += timings.get("backward_comm_time", 0)
+            self.overlapped_ns += timings.get("backward_compute_comm_overlap_time", 0)
 
     def on_evaluate(self, args, state, control, **kwargs):
         """Restart the clock: the time since the last step went to evaluation, not training."""
@@ -305,7 +321,10 @@ class TrainingMeter(TrainerCallback):
         """The meter's figures as metrics.json keys."""
         return {"train_loop_seconds": round(self.seconds, 3), "train_loop_samples": self.samples,
                 "train_tokens": self.tokens, "train_padded_tokens": self.padded_tokens,
-                "train_tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None}
+                "train_tokens_per_second": round(self.tokens / self.seconds, 2) if self.seconds else None,
+                **({"communication_seconds": round(self.communication_ns / 1e9, 3),
+                    "communication_exposed_seconds": round((self.communication_ns - self.overlapped_ns) / 1e9, 3)}
+                   if self._ddp is not None else {})}
 
 
 def fit_fused_head_tiles() -> None:
@@ -325,6 +344,17 @@ def unmark_evaluated_model(trainer: Trainer) -> None:
         vars(trainer.model).pop("_is_accelerate_prepared", None)
 
 
+def drop_inference_engine(trainer: Trainer) -> None:
+    """Let train() start DeepSpeed's training engine after a ZeRO-3 evaluation (the "before" scores): that
+    evaluation left an inference engine in the Trainer's place for the wrapped model, which train() would keep,
+    without an optimizer (its first backward pass fails). The weights stay partitioned as ZeRO-3 left them, and
+    the training engine takes them as they are."""
+    if trainer.is_deepspeed_enabled and trainer.deepspeed is not None and trainer.model_wrapped is not trainer.model:
+        trainer.deepspeed = None
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator._models.clear()
+
+
 class MeteredMixin:
     """Gives a Trainer (HF's or a TRL subclass) a TrainingMeter (`.meter`) that sees every training batch, and
     evaluation in dataset order. The benchmark's plain ways use it as it is; tunelab's stages use TunedMixin."""
@@ -337,6 +367,7 @@ class MeteredMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Count the batch's rows and tokens, then run the usual forward and backward pass."""
         self.meter.count_batch(inputs)
+        self.meter.watch(model)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _get_eval_sampler(self, eval_dataset):
@@ -368,8 +399,22 @@ class TunedMixin(MeteredMixin):
     def train(self, *args, **kwargs):
         """Train as the Trainer does, with freed memory kept in the heap for the next step (CPU, glibc)."""
         unmark_evaluated_model(self)
+        drop_inference_engine(self)
         with heap_kept_for_training():
             return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation. Before training under DeepSpeed, transformers scores through a ZeRO-3
+        inference engine (train() drops it again: see `drop_inference_engine`); ZeRO-2 has none, so it scores the
+        whole weights every process still holds then, as under DDP."""
+        if not self.is_deepspeed_enabled or self.deepspeed is not None or self.is_in_train \
+                or self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return super().evaluate(*args, **kwargs)
+        self.is_deepspeed_enabled = False
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.is_deepspeed_enabled = True
 
     def _get_train_sampler(self, train_dataset=None):
         """Length grouping (one process, padded batches) with batches sorted over whole groups of batches, in
@@ -421,7 +466,7 @@ def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train
         "selected_on": selected_on,
         "chain": run_chain(model_name),
         "world_size": trainer.args.world_size,
-        "strategy": current_world().strategy,
+        "strategy": strategy_name(trainer),
         "global_batch_size": trainer.args.train_batch_size * trainer.args.world_size
         * trainer.args.gradient_accumulation_steps,
     }
@@ -430,10 +475,13 @@ def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train
 def save_model(trainer: Trainer, target: Path) -> None:
     """Save weights (or the adapter) and tokenizer into `target` via a temporary folder, then rename."""
     staging = target.with_name(f".{target.name}.partial")
-    if not trainer.is_world_process_zero():  # rank 0 writes the run folder (DDP: every rank holds the whole model)
-        return
-    shutil.rmtree(staging, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    # Every rank calls it: under ZeRO-3/FSDP the full weights are gathered from all of them; the Trainer writes
+    # on rank 0 only (the run folder's one writer).
     trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return
     # Trainer.save_model also pickles the TrainingArguments (training_args.bin); the resolved recipe.yaml already
     # records how the run trained, and a run folder holds no pickles (an export copies none).
     (staging / TRAINING_ARGS_FILE).unlink(missing_ok=True)

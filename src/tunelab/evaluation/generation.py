@@ -35,7 +35,9 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
 def score_generative(trainer, rows, samples, answer: Callable) -> dict:
     """Eval loss and perplexity of a Trainer's model on `rows` (encoded); with sample rows, also `answer(samples)`
     scored against their responses (kept under `generations`, for samples.jsonl)."""
-    loss = trainer.evaluate(eval_dataset=rows)["eval_loss"]
+    from tunelab.evaluation.token_loss import token_weighted_loss  # it scores with this module's autocast
+
+    loss = token_weighted_loss(trainer, rows)
     scores = {"loss": loss, "perplexity": perplexity(loss)}
     if samples is not None and len(samples):
         answers = answer(samples)
