@@ -60,6 +60,13 @@ def test_hybrid_sharding_needs_several_machines():
     check_strategy(fsdp, world_size=4, nnodes=2, cuda=True)  # two machines of two GPUs: allowed
 
 
+def test_one_gpu_may_shard_under_the_launcher_for_offload():
+    offload = DistributedConfig(strategy="deepspeed", deepspeed="zero3_offload")
+    check_strategy(offload, world_size=1, nnodes=1, cuda=True, launched=True)  # --nproc 1 on one GPU
+    with pytest.raises(TunelabError, match="on one GPU, --nproc 1 runs it under the launcher"):
+        check_strategy(offload, world_size=1, nnodes=1, cuda=True, launched=False)
+
+
 @pytest.mark.parametrize("config, message", [
     ("{not json", "is not valid JSON"),
     ({"zero_optimization": {"stage": 1}}, "has zero_optimization.stage 1; tunelab runs ZeRO stage 2 or 3"),

@@ -137,9 +137,9 @@ def score_sharded(rows: Sequence, score: Callable[[Sequence], Any], concatenate:
     return concatenate(blocks)
 
 
-def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None) -> int:
-    """Refuse, before anything starts, what cannot run on `world_size` processes (over `nnodes` machines; default:
-    as the launcher's environment says); return the per-process batch."""
+def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None, launched: bool | None = None) -> int:
+    """Refuse, before anything starts, what cannot run on `world_size` processes (over `nnodes` machines, under
+    torch's launcher or not; default: as the launcher's environment says); return the per-process batch."""
     import torch
 
     from tunelab.sharding import check_strategy
@@ -149,7 +149,8 @@ def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None) -> in
                            "a few examples per class)")
     if nnodes is None:
         nnodes = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or 1))
-    check_strategy(recipe.train.distributed, world_size, nnodes, torch.cuda.is_available())
+    launched = "LOCAL_RANK" in os.environ if launched is None else launched
+    check_strategy(recipe.train.distributed, world_size, nnodes, torch.cuda.is_available(), launched)
     return per_process_batch(recipe.train.batch_size, recipe.train.grad_accum, world_size)
 
 

@@ -89,8 +89,9 @@ def weights_are_sharded() -> bool:
     return is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def check_strategy(distributed: DistributedConfig, world_size: int, nnodes: int, cuda: bool) -> None:
-    """Refuse, in one line, a strategy that cannot run as asked here."""
+def check_strategy(distributed: DistributedConfig, world_size: int, nnodes: int, cuda: bool,
+                   launched: bool = False) -> None:
+    """Refuse, in one line, a strategy that cannot run as asked here (`launched`: under torch's launcher)."""
     if distributed.strategy == "fsdp":
         if not cuda:
             raise TunelabError("train.distributed.strategy fsdp needs CUDA GPUs (accelerate applies FSDP on GPUs "
@@ -108,9 +109,11 @@ def check_strategy(distributed: DistributedConfig, world_size: int, nnodes: int,
         if importlib.util.find_spec("deepspeed") is None:  # not imported here: it announces its accelerator
             raise TunelabError("train.distributed.strategy deepspeed needs the deepspeed package; install it with "
                                "`pip install --no-build-isolation deepspeed` (or use strategy ddp)")
-    if distributed.strategy != "ddp" and world_size < 2:
+    # One GPU may still want ZeRO/FSDP for their offload; they need the launcher's environment even then.
+    if distributed.strategy != "ddp" and world_size < 2 and not (cuda and launched):
         raise TunelabError(f"train.distributed.strategy {distributed.strategy} shards the model over several "
-                           f"processes, and this run has one; add --nproc N (N ≥ 2) or use the default ddp")
+                           f"processes, and this run has one; add --nproc N (N ≥ 2; on one GPU, --nproc 1 runs it "
+                           f"under the launcher) or use the default ddp")
 
 
 def training_options(distributed: DistributedConfig, gradient_checkpointing: bool) -> dict[str, Any]:
