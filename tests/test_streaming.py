@@ -13,7 +13,7 @@ from conftest import WORDS, toy_rows, write_jsonl
 from tunelab import api
 from tunelab.cli import main
 from tunelab.data.sft_encoding import fit_prompts, prompt_format
-from tunelab.data.sources import read_file
+from tunelab.data.sources import load_splits, read_file
 from tunelab.errors import TunelabError
 from tunelab.models.loading import load_tokenizer
 from tunelab.recipe import validate_recipe
@@ -107,6 +107,22 @@ def test_a_stream_reads_only_what_max_steps_needs(tiny_llama, toy_data, tmp_path
     recipe = streamed_recipe(tiny_llama, data, train={"max_steps": 2})
     _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "run"))
     assert steps_logged(metrics)[-1] == 2
+
+
+def test_a_hub_source_streams_its_train_split_and_reads_the_others(monkeypatch):
+    opened = []
+
+    def hub(source, streaming=False):
+        opened.append((source, streaming))
+        return datasets.IterableDatasetDict({
+            name: datasets.Dataset.from_list([{"text": f"{name} {i}"} for i in range(count)]).to_iterable_dataset()
+            for name, count in (("train", 5), ("test", 3))})
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    splits = load_splits("someone/not-here", stream="train")
+    assert opened == [("someone/not-here", True)]
+    assert isinstance(splits["train"], datasets.IterableDataset)
+    assert isinstance(splits["test"], datasets.Dataset) and splits["test"]["text"] == ["test 0", "test 1", "test 2"]
 
 
 def test_a_stream_drops_or_refuses_long_prompts_as_it_is_read(tiny_llama):
