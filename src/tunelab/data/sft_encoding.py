@@ -85,8 +85,8 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return length
 
 
-def fit_prompts(fmt: PromptFormat, split: datasets.Dataset, max_length: int, name: str,
-                drop: bool = False) -> datasets.Dataset:
+def fit_prompts(fmt: PromptFormat, split: datasets.Dataset | datasets.IterableDataset, max_length: int, name: str,
+                drop: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     """Rows whose prompt alone fills max_length would leave nothing of the response to learn: refuse them, or with
     `drop` (data.drop_long) leave them out. Returns the split that trains. A stream (data.streaming) is checked
     row by row as it is read."""
@@ -120,15 +120,18 @@ def prompt_fits(fmt: PromptFormat, row: dict, max_length: int, name: str, number
                        f"set data.drop_long: true")
 
 
-def encode_split(fmt: PromptFormat, split: datasets.Dataset, completion_only: bool,
-                 max_length: int) -> datasets.Dataset:
-    """Tokenize a split for training (fit_prompts has made sure every row keeps some response)."""
+def encode_split(fmt: PromptFormat, split: datasets.Dataset | datasets.IterableDataset, completion_only: bool,
+                 max_length: int) -> datasets.Dataset | datasets.IterableDataset:
+    """Tokenize a split for training (fit_prompts has made sure every row keeps some response); a stream is
+    tokenized as it is read."""
     return split.map(lambda row: encode_example(fmt, row, completion_only, max_length),
                      remove_columns=split.column_names)
 
 
-def encode_text_split(tokenizer, split: datasets.Dataset) -> datasets.Dataset:
-    """Tokenize raw text for continued pre-training: each text + EOS, every token a label (chunked later)."""
+def encode_text_split(tokenizer, split: datasets.Dataset | datasets.IterableDataset
+                      ) -> datasets.Dataset | datasets.IterableDataset:
+    """Tokenize raw text for continued pre-training: each text + EOS, every token a label (chunked later); a stream
+    is tokenized as it is read."""
     eos = tokenizer.eos_token or ""
 
     def encode(batch: dict) -> dict:

@@ -70,8 +70,8 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     train = shuffle_stream(data.train, recipe.train.seed) if recipe.data.streaming else data.train
     train_rows, eval_rows = encode(recipe, train, tokenizer, fmt), encode(recipe, data.eval, tokenizer, fmt)
     epoch_rows = None if selection.rows is None else encode(recipe, selection.rows, tokenizer, fmt)
-    rows = "streamed" if recipe.data.streaming else len(data.train)
-    say(f"tunelab: {params}; {rows} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+    say(f"tunelab: {params}; {row_count(data.train) or 'streamed'} train rows, {len(data.eval)} eval rows "
+        f"({data.eval_split})")
 
     trainer = TunedSFTTrainer(
         model=model,
