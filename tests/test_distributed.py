@@ -255,3 +255,27 @@ def test_two_processes_train_sft_like_one(tiny_llama, tmp_path):
             assert abs(runs[0][phase]["loss"] - run[phase]["loss"]) <= 1e-5 * runs[0][phase]["loss"], (phase, runs)
             assert runs[0][phase]["exact_match"] == run[phase]["exact_match"]
 
+
+def test_two_processes_train_a_stream_like_one(tiny_llama, toy_data, tmp_path):
+    # data.streaming: both processes read the same seeded stream and accelerate deals each its share of every
+    # batch, so each step trains on the blocks one process trains on (4 steps of 4 blocks stay within the first
+    # pass over the 17 blocks of the toy sentences; at a pass's end accelerate fills the short batch up with rows
+    # from the pass's first batch)
+    recipe = {"name": "toy-stream", "task": "pretrain", "model": {"name": str(tiny_llama), "max_length": 32},
+              "data": {"source": str(toy_data), "text": "sentence", "streaming": True}, "method": "full",
+              "train": {"max_steps": 4, "batch_size": 4, "learning_rate": 3e-3, "precision": "fp32", "seed": 1,
+                        "logging_steps": 1}}
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    runs = []
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        finished = tunelab_train(str(path), "--output", str(tmp_path / name), *extra)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    single, double = ([(entry["loss"], entry["grad_norm"]) for entry in run["history"] if "loss" in entry]
+                      for run in runs)
+    assert len(single) == len(double) == 4
+    for (a, norm_a), (b, norm_b) in zip(single, double, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a) and abs(norm_a - norm_b) <= 1e-5 * abs(norm_a), (single, double)
+    assert runs[1]["world_size"] == 2 and runs[1]["after"]["loss"] == pytest.approx(runs[0]["after"]["loss"],
+                                                                                   rel=1e-4)

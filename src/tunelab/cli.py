@@ -324,6 +324,7 @@ def cmd_validate(args) -> int:
     check_model_answers_at_once(recipe.model.name)  # before the training stack loads
 
     from tunelab import api
+    from tunelab.data.sources import row_count
     data, source = api.check_recipe(recipe)
     print(recipe.to_yaml(), end="")
     if hasattr(data, "labels"):
@@ -332,8 +333,8 @@ def cmd_validate(args) -> int:
         what = "chosen/rejected pairs" if data.paired else "unpaired good/bad completions"
     else:
         what = f"format {data.format}"
-    print(f"# ok: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split}), {what}; "
-          f"model {source.location}")
+    print(f"# ok: {row_count(data.train) or 'streamed'} train rows, {len(data.eval)} eval rows ({data.eval_split}), "
+          f"{what}; model {source.location}")
     return 0
 
 

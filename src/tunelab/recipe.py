@@ -58,6 +58,11 @@ class DataConfig(Section):
     drop_empty: bool = Field(False, description="Drop rows whose text is empty or missing instead of refusing them")
     drop_long: bool = Field(False, description="sft: drop rows whose prompt alone fills model.max_length (nothing of "
                                                "their response would be learned) instead of refusing them")
+    streaming: bool = Field(False, description="pretrain/sft: read the train split as a stream, normalised and "
+                                               "tokenized as training asks for rows and shuffled through a buffer, "
+                                               "so memory stays flat however large the file. Needs train.max_steps "
+                                               "and an eval split of its own; the eval and validation splits are "
+                                               "read into memory as usual")
     format: Literal["auto", "instruction", "prompt_completion", "messages", "template"] = Field(
         "auto", description="sft/seq2seq: how rows become prompt → response. instruction: instruction/input/output "
                             "columns; prompt_completion: prompt/completion columns; messages: a chat column of "
@@ -161,6 +166,7 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
 
 
 GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
+STREAMING_TASKS = ("sft", "pretrain")  # tasks that can read their train split as a stream (data.streaming)
 PREFERENCE_TASKS = ("reward", "dpo", "kto")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
@@ -408,6 +414,33 @@ class Recipe(Section):
             raise ValueError(f"train.packing needs position ids that restart per row, and peft drops them for method "
                              f"{self.method.name}; drop train.packing or use lora")
         self.eval.best_metric = "loss"
+        return self
+
+    @model_validator(mode="after")
+    def _check_streaming(self) -> Recipe:
+        """A streamed train split is never whole in memory and has no length: refuse what needs either."""
+        data = self.data
+        if not data.streaming:
+            return self
+        if self.task not in STREAMING_TASKS:
+            raise ValueError(f"data.streaming is for tasks pretrain and sft; drop it for task {self.task}")
+        if self.train.max_steps is None:
+            raise ValueError("data.streaming reads the train split as a stream of unknown length, so epochs cannot "
+                             "be counted; set train.max_steps (rows read = max_steps × batch_size × grad_accum)")
+        whole_split = {"data.train_size": data.train_size, "data.shots": data.shots,
+                       "data.validation_fraction": data.validation_fraction}
+        for field, value in whole_split.items():
+            if value is not None:
+                raise ValueError(f"{field} samples from the whole train split, which data.streaming never holds; "
+                                 f"drop {field} (train.max_steps caps how much of the stream a run reads; a "
+                                 f"validation split of the source picks checkpoints)")
+        if data.eval_split is None:
+            raise ValueError("data.eval_split null holds eval rows out of the train split, which data.streaming "
+                             "never holds; name a split of the source to score on (e.g. test)")
+        if "group_by_length" in self.train.model_fields_set and self.train.group_by_length:
+            raise ValueError("train.group_by_length sorts the whole train split by length, which data.streaming "
+                             "never holds; drop it (streamed rows train in the shuffled stream's order)")
+        self.train.group_by_length = False  # the saved recipe says what ran: the stream's own order
         return self
 
     @model_validator(mode="after")

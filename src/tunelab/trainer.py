@@ -220,8 +220,9 @@ class TrainingProgress(TrainerCallback):
         elapsed = time.perf_counter() - self.start
         steps = state.global_step - self.first_step
         left = elapsed / steps * (state.max_steps - state.global_step) if steps else 0.0
-        parts = [f"  [{'#' * filled}{'-' * (self.WIDTH - filled)}] step {state.global_step}/{state.max_steps}",
-                 f"epoch {state.epoch or 0:.1f}/{state.num_train_epochs:g}"]
+        parts = [f"  [{'#' * filled}{'-' * (self.WIDTH - filled)}] step {state.global_step}/{state.max_steps}"]
+        if state.num_train_epochs < sys.maxsize:  # a stream (data.streaming) has no epoch count: the Trainer's maxsize
+            parts.append(f"epoch {state.epoch or 0:.1f}/{state.num_train_epochs:g}")
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4g}")
         if self.lr is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.sampling import sample_shots
-from tunelab.data.sources import eval_split_name, load_splits, split_off_validation
+from tunelab.data.sources import Split, column_names, eval_split_name, load_splits, split_off_validation
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -23,13 +23,27 @@ ROLES = ("system", "user", "assistant")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 FORMAT_COLUMNS = {"instruction": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}
+# The normalised columns, declared for a stream: a lazily mapped IterableDataset cannot tell its columns otherwise.
+NORMALISED_FEATURES = {
+    "text": datasets.Features({"text": datasets.Value("string")}),
+    "rows": datasets.Features({"messages": datasets.List({"role": datasets.Value("string"),
+                                                          "content": datasets.Value("string")}),
+                               "prompt": datasets.Value("string"), "response": datasets.Value("string")}),
+}
+# A stream's order (data.streaming): rows pass through a buffer of this many and leave it in a random order, a new
+# one each pass. A true shuffle needs the whole split in memory; the buffer holds only its own rows (10,000 tweets
+# ≈ 3 MB, 10,000 4 kB documents ≈ 40 MB: small beside a model) and mixes rows that lie up to ~10,000 apart in the
+# file, which for short rows spans hundreds of optimizer steps. A file sorted by topic over longer stretches stays
+# ordered at that scale: shuffle such a file once on disk.
+STREAM_SHUFFLE_ROWS = 10_000
 
 
 @dataclass
 class GenerativeData:
-    """Train and eval rows (messages/prompt/response, or text for pretrain) and where the eval rows came from."""
+    """Train and eval rows (messages/prompt/response, or text for pretrain) and where the eval rows came from.
+    With data.streaming the train rows are a stream (IterableDataset), normalised as they are read."""
 
-    train: datasets.Dataset
+    train: Split
     eval: datasets.Dataset
     eval_split: str
     format: str
@@ -40,13 +54,20 @@ class GenerativeData:
 
 def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
     """Read, check, normalise and subsample the data of an sft, seq2seq or pretrain recipe."""
-    splits = load_splits(cfg.source)
+    splits = load_splits(cfg.source, stream=cfg.train_split if cfg.streaming else None)
     eval_name = eval_split_name(cfg, splits)
-    fmt = "text" if task == "pretrain" else detect_format(cfg, splits[cfg.train_split].column_names)
-    train, dropped = normalise_split(splits[cfg.train_split], cfg, fmt, cfg.train_split)
+    fmt = "text" if task == "pretrain" else detect_format(cfg, column_names(splits[cfg.train_split]))
+    if cfg.streaming:
+        train, dropped = normalise_stream(splits[cfg.train_split], cfg, fmt, cfg.train_split), 0
+    else:
+        train, dropped = normalise_split(splits[cfg.train_split], cfg, fmt, cfg.train_split)
     if eval_name is not None:
         evaluation, dropped_eval = normalise_split(splits[eval_name], cfg, fmt, eval_name)
         dropped += dropped_eval
+    elif cfg.streaming:
+        raise TunelabError(f"data.streaming reads split '{cfg.train_split}' as a stream, so no eval rows can be held "
+                           f"out of it, and '{cfg.source}' has no other split to score on; add a test.* file beside "
+                           f"the train file or name another split in data.eval_split")
     else:
         if len(train) < 2:
             raise TunelabError(f"split '{cfg.train_split}' has {len(train)} row; holding out eval rows needs 2 or more")
@@ -123,6 +144,40 @@ def normalise_split(split: datasets.Dataset, cfg: DataConfig, fmt: str, name: st
         raise TunelabError(f"split '{name}' has no rows left after dropping {empty} with an empty {what}")
     columns = ["text"] if fmt == "text" else ["messages", "prompt", "response"]
     return datasets.Dataset.from_dict({c: [row[c] for row in kept] for c in columns}), empty
+
+
+def normalise_stream(split: datasets.IterableDataset, cfg: DataConfig, fmt: str,
+                     name: str) -> datasets.IterableDataset:
+    """normalise_split for a stream (data.streaming): the columns are checked on the first row now, and every row
+    is normalised when training reads it; an empty one is dropped then (data.drop_empty) or refused by number."""
+    present = column_names(split)
+    if not present:
+        raise TunelabError(f"split '{name}' of '{cfg.source}' is empty; give a source with rows in it")
+    for field, column in required_columns(cfg, fmt):
+        if column not in present:
+            raise TunelabError(f"column '{column}' ({field}) is not in split '{name}' (columns: "
+                               f"{', '.join(present)}); map it to one of them")
+    what = "text" if fmt == "text" else "response"
+    features = NORMALISED_FEATURES["text" if fmt == "text" else "rows"]
+
+    def normalise(batch: dict, indices: list[int]) -> dict:
+        kept = []
+        for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
+            row = normalise_row(dict(zip(batch, values, strict=True)), cfg, fmt, name, index + 1)
+            if row is None and not cfg.drop_empty:
+                raise TunelabError(f"row {index + 1} of split '{name}' has an empty {what}; clean the data or set "
+                                   f"data.drop_empty: true to drop such rows")
+            if row is not None:
+                kept.append(row)
+        return {column: [row[column] for row in kept] for column in features}
+
+    # batched, so that a dropped row can leave the stream (a batch may come back shorter)
+    return split.map(normalise, batched=True, with_indices=True, remove_columns=present, features=features)
+
+
+def shuffle_stream(rows: datasets.IterableDataset, seed: int) -> datasets.IterableDataset:
+    """A stream in a seeded random order through a buffer of STREAM_SHUFFLE_ROWS rows (a new order each pass)."""
+    return rows.shuffle(seed=seed, buffer_size=STREAM_SHUFFLE_ROWS)
 
 
 def normalise_row(row: dict, cfg: DataConfig, fmt: str, split: str, number: int) -> dict | None:

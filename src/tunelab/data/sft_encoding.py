@@ -85,10 +85,14 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return length
 
 
-def fit_prompts(fmt: PromptFormat, split: datasets.Dataset, max_length: int, name: str,
-                drop: bool = False) -> datasets.Dataset:
+def fit_prompts(fmt: PromptFormat, split: datasets.Dataset | datasets.IterableDataset, max_length: int, name: str,
+                drop: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     """Rows whose prompt alone fills max_length would leave nothing of the response to learn: refuse them, or with
-    `drop` (data.drop_long) leave them out. Returns the split that trains."""
+    `drop` (data.drop_long) leave them out. Returns the split that trains. A stream (data.streaming) is checked
+    row by row as it is read."""
+    if isinstance(split, datasets.IterableDataset):
+        return split.filter(lambda row, index: prompt_fits(fmt, row, max_length, name, index + 1, drop),
+                            with_indices=True)
     prompts = [fmt.prompt_text(row) for row in split]
     lengths = [len(ids) for ids in fmt.tokenizer(prompts, add_special_tokens=not fmt.uses_chat_template)["input_ids"]]
     keep = [i for i, length in enumerate(lengths) if length < max_length]
@@ -103,15 +107,31 @@ def fit_prompts(fmt: PromptFormat, split: datasets.Dataset, max_length: int, nam
     return split.select(keep)
 
 
-def encode_split(fmt: PromptFormat, split: datasets.Dataset, completion_only: bool,
-                 max_length: int) -> datasets.Dataset:
-    """Tokenize a split for training (fit_prompts has made sure every row keeps some response)."""
+def prompt_fits(fmt: PromptFormat, row: dict, max_length: int, name: str, number: int, drop: bool) -> bool:
+    """Whether one row's prompt leaves room for its response; a row that fills max_length is refused by number
+    unless `drop`."""
+    length = len(fmt.tokenizer(fmt.prompt_text(row), add_special_tokens=not fmt.uses_chat_template)["input_ids"])
+    if length < max_length:
+        return True
+    if drop:
+        return False
+    raise TunelabError(f"{name} row {number} has a prompt of {length} tokens (model.max_length {max_length}), so "
+                       f"nothing of its response is left to learn; raise model.max_length, shorten the prompts or "
+                       f"set data.drop_long: true")
+
+
+def encode_split(fmt: PromptFormat, split: datasets.Dataset | datasets.IterableDataset, completion_only: bool,
+                 max_length: int) -> datasets.Dataset | datasets.IterableDataset:
+    """Tokenize a split for training (fit_prompts has made sure every row keeps some response); a stream is
+    tokenized as it is read."""
     return split.map(lambda row: encode_example(fmt, row, completion_only, max_length),
                      remove_columns=split.column_names)
 
 
-def encode_text_split(tokenizer, split: datasets.Dataset) -> datasets.Dataset:
-    """Tokenize raw text for continued pre-training: each text + EOS, every token a label (chunked later)."""
+def encode_text_split(tokenizer, split: datasets.Dataset | datasets.IterableDataset
+                      ) -> datasets.Dataset | datasets.IterableDataset:
+    """Tokenize raw text for continued pre-training: each text + EOS, every token a label (chunked later); a stream
+    is tokenized as it is read."""
     eos = tokenizer.eos_token or ""
 
     def encode(batch: dict) -> dict:

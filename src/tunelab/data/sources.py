@@ -15,6 +15,7 @@ from tunelab.recipe import DataConfig
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 SPLIT_NAMES = ("train", "validation", "test")
 DEFAULT_SEARCH_PATH = ("data", "../shared/data")
+Split = datasets.Dataset | datasets.IterableDataset  # rows in memory, or a stream of them (data.streaming)
 
 
 def data_search_path() -> list[Path]:
@@ -35,23 +36,24 @@ def find_local_copy(source: str) -> Path | None:
     return None
 
 
-def load_splits(source: str) -> dict[str, datasets.Dataset]:
-    """Read every split of a data source into `datasets.Dataset`s keyed by split name."""
+def load_splits(source: str, stream: str | None = None) -> dict[str, Split]:
+    """Read every split of a data source into `datasets.Dataset`s keyed by split name; the split named `stream`
+    (data.streaming's train split) becomes an IterableDataset instead, read from disk as it is iterated."""
     path = Path(source).expanduser()
     if path.is_file():
-        return {"train": read_file(path)}
+        return {"train": read_file(path, streaming=stream == "train")}
     if path.is_dir():
-        return read_split_folder(path)
+        return read_split_folder(path, stream)
     if _looks_like_path(source):
         raise TunelabError(f"data.source '{source}' does not exist; give an existing file or folder, or a Hub id")
     local = find_local_copy(source)
     if local is not None:
-        return read_split_folder(local)
-    return _load_from_hub(source)
+        return read_split_folder(local, stream)
+    return _load_from_hub(source, stream)
 
 
-def read_file(path: Path) -> datasets.Dataset:
-    """Read one csv/tsv/json/jsonl/parquet file (optionally .gz) as a Dataset."""
+def read_file(path: Path, streaming: bool = False) -> Split:
+    """Read one csv/tsv/json/jsonl/parquet file (optionally .gz) as a Dataset, or as a stream of its rows."""
     suffixes = [s for s in path.suffixes if s != ".gz"]
     builder = FORMATS.get(suffixes[-1].lower()) if suffixes else None
     if builder is None:
@@ -61,21 +63,23 @@ def read_file(path: Path) -> datasets.Dataset:
         raise TunelabError(f"data file '{path}' is empty; give a file with rows in it")
     options = {"delimiter": "\t"} if suffixes[-1].lower() == ".tsv" else {}
     try:
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming, **options)
+        if streaming:  # a stream reads nothing until iterated: read its first rows now, so a bad file fails here
+            next(iter(loaded), None)
     except Exception as exc:  # datasets raises many types for a malformed file; all mean "cannot read it"
         raise TunelabError(f"cannot read data file '{path}' as {builder}: {one_line(exc, 200)}; "
                            f"check that the file is valid {builder}") from None
     return loaded
 
 
-def read_split_folder(folder: Path) -> dict[str, datasets.Dataset]:
-    """Read a folder holding `train.*`, `test.*` and/or `validation.*` files."""
+def read_split_folder(folder: Path, stream: str | None = None) -> dict[str, Split]:
+    """Read a folder holding `train.*`, `test.*` and/or `validation.*` files (split `stream` as a stream)."""
     splits = {}
     for split in SPLIT_NAMES:
         candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] == split)
         readable = [p for p in candidates if any(s in FORMATS for s in p.suffixes)]
         if readable:
-            splits[split] = read_file(readable[0])
+            splits[split] = read_file(readable[0], streaming=split == stream)
     if not splits:
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
         raise TunelabError(f"data folder '{folder}' has no train.*/test.*/validation.* file (it holds: {present}); "
@@ -89,16 +93,32 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.count("/") > 1 or name.endswith(tuple(FORMATS))
 
 
-def _load_from_hub(source: str) -> dict[str, datasets.Dataset]:
-    """Load a Hub dataset (needs network); name the offline fix when it fails."""
+def _load_from_hub(source: str, stream: str | None = None) -> dict[str, Split]:
+    """Load a Hub dataset (needs network); name the offline fix when it fails. With a `stream` split every split is
+    opened as a stream (nothing downloaded whole) and all but that one are read into memory."""
     searched = ", ".join(str(p) for p in data_search_path())
     try:
-        loaded = datasets.load_dataset(source)
+        loaded = datasets.load_dataset(source, streaming=stream is not None)
     except Exception as exc:  # offline, missing or private: the fix is the same
         raise TunelabError(f"dataset '{source}' is not in TUNELAB_DATA_PATH ({searched}) and could not be loaded "
                            f"from the Hub ({one_line(exc, 160)}); put a copy in <folder>/{source.split('/')[-1]}/ "
                            f"or set TUNELAB_DATA_PATH") from None
-    return dict(loaded)
+    if stream is None:
+        return dict(loaded)
+    return {name: split if name == stream else datasets.Dataset.from_list(list(split), features=split.features)
+            for name, split in loaded.items()}
+
+
+def row_count(split: Split) -> int | None:
+    """How many rows a split holds; None for a stream (data.streaming), whose length is known only once read."""
+    return None if isinstance(split, datasets.IterableDataset) else len(split)
+
+
+def column_names(split: Split) -> list[str]:
+    """A split's columns; a stream whose reader could not tell them shows them in its first row ([] if none)."""
+    if split.column_names is not None:
+        return split.column_names
+    return list(next(iter(split), {}))
 
 
 def eval_split_name(cfg: DataConfig, splits: dict) -> str | None:

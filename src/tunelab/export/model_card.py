@@ -25,7 +25,7 @@ def model_card(run: FinishedRun, fmt: str, how_to_load: str, notes: list[str] | 
              "| | |", "|---|---|",
              f"| base model and chain | {' → '.join(f'`{step}`' for step in chain)}{alias_note(chain[0])} |",
              f"| task / method | {run.task} / {run.method} |",
-             f"| data | `{data.get('source')}` ({run.metrics.get('train_rows', '?')} train rows, "
+             f"| data | `{data.get('source')}` ({run.metrics.get('train_rows', '?') or 'streamed'} train rows, "
              f"{run.metrics.get('eval_rows', '?')} eval rows, split `{run.metrics.get('eval_split', '?')}`) |"]
     if run.metrics.get("labels"):
         lines.append(f"| labels | {len(run.metrics['labels'])}: {', '.join(run.metrics['labels'])} |")

@@ -2,6 +2,12 @@
 
 load data → load decoder → apply method → score before (loss, perplexity; sft also generations) → train with
 TRL's SFTTrainer (truncation, packing, padding-free batches) → score after → write the run folder.
+
+With data.streaming the train rows are a stream (datasets' IterableDataset): shuffled through a buffer, tokenized
+as the Trainer reads them and, for pretrain, cut into blocks by TRL's wrapped packing, which packs a stream as it
+packs rows in memory (a batched map: each 1,000 texts end in one short block). Nothing holds the whole split, so
+memory does not grow with the file; the Trainer runs train.max_steps steps, starting the stream again when it ends.
+Under several processes accelerate deals each one its share of every batch read from the same seeded stream.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from tunelab.console import say
-from tunelab.data.generative import GenerativeData
+from tunelab.data.generative import GenerativeData, shuffle_stream
 from tunelab.data.sft_encoding import IGNORE_INDEX, PromptFormat, encode_split, encode_text_split, prompt_format
+from tunelab.data.sources import row_count
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
@@ -59,9 +66,12 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         if recipe.task == "sft" else None
     params = count_parameters(model)
     selection = plan_selection(data, recipe.eval)
-    train_rows, eval_rows = encode(recipe, data.train, tokenizer, fmt), encode(recipe, data.eval, tokenizer, fmt)
+    # A stream has no sampler to shuffle it: its order comes from the buffer, drawn from the training seed.
+    train = shuffle_stream(data.train, recipe.train.seed) if recipe.data.streaming else data.train
+    train_rows, eval_rows = encode(recipe, train, tokenizer, fmt), encode(recipe, data.eval, tokenizer, fmt)
     epoch_rows = None if selection.rows is None else encode(recipe, selection.rows, tokenizer, fmt)
-    say(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
+    say(f"tunelab: {params}; {row_count(data.train) or 'streamed'} train rows, {len(data.eval)} eval rows "
+        f"({data.eval_split})")
 
     trainer = TunedSFTTrainer(
         model=model,
@@ -91,7 +101,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     metrics = {
         "before": before,
         "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
+        **training_summary(trainer, result, params, bf16, train_rows=row_count(data.train), eval_rows=len(data.eval),
                            eval_split=data.eval_split, model_name=recipe.model.name,
                            selected_on=selection.selected_on),
         "shots": recipe.data.shots,
@@ -99,6 +109,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         "chat_template": fmt.uses_chat_template if fmt else None,
         "packing": recipe.train.packing or recipe.task == "pretrain",
         "padding_free": recipe.task == "sft" and uses_padding_free(recipe),
+        "streaming": recipe.data.streaming,  # train_rows is then null: train_loop_samples counts what trained
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
 

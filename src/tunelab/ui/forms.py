@@ -163,6 +163,7 @@ def field_of(message: str, paths: list[str]) -> str | None:
 def check_form(values: dict[str, str]) -> tuple[Recipe | None, dict]:
     """Validate the form as `tunelab validate` would (schema, then data and model); (recipe, result for the page)."""
     from tunelab import api
+    from tunelab.data.sources import row_count
 
     try:
         recipe = validate_recipe(raw_recipe(values), source="recipe")
@@ -170,8 +171,8 @@ def check_form(values: dict[str, str]) -> tuple[Recipe | None, dict]:
     except TunelabError as exc:
         message = str(exc)
         return None, {"ok": False, "error": message, "field": field_of(message, list(all_fields()))}
-    return recipe, {"ok": True, "summary": f"{len(data.train)} train rows, {len(data.eval)} eval rows; model "
-                                           f"{source.location}"}
+    return recipe, {"ok": True, "summary": f"{row_count(data.train) or 'streamed'} train rows, {len(data.eval)} eval "
+                                           f"rows; model {source.location}"}
 
 
 def example_names(examples_dir: Path) -> list[str]:
