@@ -66,7 +66,9 @@ def table(results: dict[str, list[dict]]) -> str:
             comm = "–" if way["communication_seconds"] is None else (
                 f"{way['communication_seconds']:.1f} s ({way['communication_exposed_seconds']:.1f} s), "
                 f"{way['communication_seconds'] / way['train_loop_seconds']:.0%} of the loop")
-            lines.append(f"| {job} | {way['processes']} process × {way['threads']} threads | {way['steps']} × "
+            processes, threads = way["processes"], way["threads"]
+            lines.append(f"| {job} | {processes} process{'es' * (processes > 1)} × {threads} "
+                         f"thread{'s' * (threads > 1)} | {way['steps']} × "
                          f"{way['global_batch']} | {way['samples_per_second']:.2f} | "
                          f"{way['samples_per_second'] / single['samples_per_second']:.2f}x | {comm} | "
                          f"{way['first_loss']:.4f} | {way['wall_seconds']:.0f} s |")
