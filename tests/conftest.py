@@ -99,6 +99,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+ANSWERS = {label: words[0] for label, words in WORDS.items()}  # one in-vocabulary answer word per label
+
+
+def write_qa_data(folder: Path, train: int = 90, test: int = 30) -> Path:
+    """Toy sentences whose answer (good / bad / table) follows from one keyword: train.jsonl and test.jsonl."""
+    for split, count, seed in [("train", train, 1), ("test", test, 2)]:
+        write_jsonl(folder / f"{split}.jsonl", [{"sentence": row["sentence"], "answer": ANSWERS[row["sentiment"]]}
+                                                for row in toy_rows(count, seed)])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def qa_data(tmp_path_factory) -> Path:
+    """90 train and 30 test rows of toy questions and answers (write_qa_data)."""
+    return write_qa_data(tmp_path_factory.mktemp("qa-data"))
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> Path:
     """A folder with train.jsonl (90 rows) and test.jsonl (45 rows), columns sentence/sentiment."""

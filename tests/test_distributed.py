@@ -237,17 +237,24 @@ def test_two_processes_train_sft_like_one(tiny_llama, tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     runs = []
     zero3 = ["train.distributed.strategy=deepspeed", "train.distributed.deepspeed=zero3"]
-    for name, extra in (("one", []), ("two", ["--nproc", "2"]), ("zero3", [*zero3, "--nproc", "2"])):
+    fsdp = ["train.distributed.strategy=fsdp"]
+    for name, extra in (("one", []), ("two", ["--nproc", "2"]), ("zero3", [*zero3, "--nproc", "2"]),
+                        ("fsdp", [*fsdp, "--nproc", "2"])):
         finished = tunelab_train(str(path), "--output", str(tmp_path / name), *extra)
         assert finished.returncode == 0, finished.stderr[-3000:]
         runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     single, *sharded = ([(entry["loss"], entry["grad_norm"]) for entry in run["history"] if "loss" in entry]
                         for run in runs)
-    for double in sharded:  # DDP, then ZeRO-3 (each process holds half of the weights and optimizer state)
+    for double in sharded:  # DDP, then ZeRO-3 and FSDP2 (each process holds half of the weights and optimizer state)
         assert len(single) == len(double) == 12
         for (a, norm_a), (b, norm_b) in zip(single, double, strict=True):
             assert abs(a - b) <= 1e-5 * abs(a) and abs(norm_a - norm_b) <= 1e-5 * abs(norm_a), (single, double)
-    assert [run["strategy"] for run in runs] == ["single", "ddp", "deepspeed zero3"]
+    assert [run["strategy"] for run in runs] == ["single", "ddp", "deepspeed zero3", "fsdp"]
+    from transformers import AutoModelForCausalLM
+
+    for name in ("zero3", "fsdp"):  # the whole model, gathered at save: plain transformers loads it
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")
+        assert sum(param.numel() for param in model.parameters()) == runs[0]["total_params"]
     # The eval loss is token-weighted: the same figure whatever the processes' blocks of rows (DDP) or with every
     # process running every pass (ZeRO-3, whose weights are sharded)
     for phase in ("before", "after"):

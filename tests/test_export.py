@@ -13,7 +13,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, seeded_random_weights, toy_recipe, toy_rows, write_jsonl
+from conftest import (
+    make_tokenizer,
+    seeded_random_weights,
+    toy_recipe,
+    toy_rows,
+    write_jsonl,
+    write_qa_data,
+)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -32,7 +39,6 @@ from tunelab.cli import main
 from tunelab.recipe import validate_recipe
 from tunelab.trainer import bf16_supported
 
-ANSWERS = {label: words[0] for label, words in WORDS.items()}
 # Rendered with the word-level toy tokenizer, so every token is in its vocabulary.
 WORD_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% else %} "
                       "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %} it{% endif %}")
@@ -67,11 +73,7 @@ print(json.dumps({"probabilities": probabilities, "labels": labels, "answers": a
 
 @pytest.fixture(scope="module")
 def qa_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qa-data")
-    for split, count, seed in [("train", 60, 1), ("test", 12, 2)]:
-        write_jsonl(folder / f"{split}.jsonl", [{"sentence": row["sentence"], "answer": ANSWERS[row["sentiment"]]}
-                                                for row in toy_rows(count, seed)])
-    return folder
+    return write_qa_data(tmp_path_factory.mktemp("qa-data"), train=60, test=12)
 
 
 def sft_recipe(model, source, method="lora", **extra) -> dict:

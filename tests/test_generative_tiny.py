@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 import torch
-from conftest import WORDS, toy_rows, write_jsonl
+from conftest import ANSWERS, toy_rows, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer
 from trl import SFTConfig
@@ -20,18 +20,6 @@ from tunelab.models.loading import load_tokenizer
 from tunelab.recipe import validate_recipe
 from tunelab.stages.sft import TunedSFTTrainer
 from tunelab.trainer import bf16_supported
-
-ANSWERS = {label: words[0] for label, words in WORDS.items()}  # one in-vocabulary answer word per label
-
-
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    """Toy sentences whose answer (good / bad / table) follows from one keyword."""
-    folder = tmp_path_factory.mktemp("qa-data")
-    for split, count, seed in [("train", 90, 1), ("test", 30, 2)]:
-        write_jsonl(folder / f"{split}.jsonl", [{"sentence": row["sentence"], "answer": ANSWERS[row["sentiment"]]}
-                                                for row in toy_rows(count, seed)])
-    return folder
 
 
 def generative_recipe(model, source, task="sft", **sections) -> dict:

@@ -12,7 +12,7 @@ from conftest import toy_recipe
 from tunelab.cli import main
 from tunelab.errors import TunelabError
 from tunelab.recipe import DistributedConfig, load_recipe
-from tunelab.sharding import PRESETS, check_strategy, deepspeed_config, training_options
+from tunelab.sharding import PRESETS, check_strategy, deepspeed_config, fsdp_loading, training_options
 
 
 def write_config(tmp_path, config) -> str:
@@ -35,7 +35,9 @@ def test_an_option_of_another_strategy_is_refused(recipe_file, key, value, owner
 
 
 @pytest.mark.parametrize("overrides, nproc, message", [
-    (["train.distributed.strategy=fsdp"], "2", "train.distributed.strategy fsdp needs CUDA GPUs"),
+    (["train.distributed.strategy=fsdp"], "2", "train.distributed.strategy fsdp shards decoders trained in full "
+                                                "(tasks sft and pretrain, method full: transformers' FSDP2 takes no "
+                                                "peft adapters yet), not task classify with method full"),
     (["train.distributed.strategy=deepspeed"], None, "train.distributed.strategy deepspeed shards the model over "
                                                      "several processes, and this run has one; add --nproc N"),
     (["train.distributed.strategy=deepspeed", "train.distributed.deepspeed=zero3_offload"], "2",
@@ -51,6 +53,16 @@ def test_a_strategy_that_cannot_run_here_is_refused_in_one_line_before_anything_
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and error.startswith(f"error: {message}"), error
     assert not output.exists()
+
+
+def test_an_fsdp_run_is_not_resumed(tiny_llama, toy_data, tmp_path, capsys):
+    recipe = toy_recipe(tiny_llama, toy_data, task="sft")
+    recipe["data"] = {"source": str(toy_data), "prompt_template": "{sentence}", "response_template": " {sentiment}"}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "train.distributed.strategy=fsdp", "--output", str(tmp_path / "run"),
+                 "--nproc", "2", "--resume"]) == 2
+    assert capsys.readouterr().err.startswith("error: --resume cannot continue an fsdp run")
 
 
 def test_hybrid_sharding_needs_several_machines():
@@ -94,20 +106,19 @@ def test_presets_are_handed_out_as_copies():
     config = deepspeed_config("zero3")
     config["zero_optimization"]["stage"] = 2  # transformers fills in a config's "auto" values in place
     assert PRESETS["zero3"]["zero_optimization"]["stage"] == 3
-    assert training_options(DistributedConfig(strategy="deepspeed", deepspeed="zero2"), False) == {
+    assert training_options(DistributedConfig(strategy="deepspeed", deepspeed="zero2")) == {
         "deepspeed": PRESETS["zero2"]}
 
 
-def test_fsdp_options_select_fsdp2_with_a_full_state_dict(monkeypatch):
-    full = training_options(DistributedConfig(strategy="fsdp"), gradient_checkpointing=True)
-    assert full["fsdp"] is True and "parallelism_config" not in full
-    assert full["fsdp_config"] == {"version": 2, "state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True,
-                                   "activation_checkpointing": True}
-    assert full["activation_checkpointing"] is False  # FSDP's own, not the Trainer's (an extra all-gather)
+def test_fsdp_shards_the_model_as_it_loads(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    hybrid = training_options(DistributedConfig(strategy="fsdp", sharding="hybrid"), gradient_checkpointing=False)
-    mesh = hybrid["parallelism_config"]
-    assert (mesh.dp_replicate_size, mesh.dp_shard_size) == (2, 4)  # replicated over 2 machines, sharded over 4 GPUs
-    assert hybrid["fsdp_config"]["activation_checkpointing"] is False
-    assert training_options(DistributedConfig(), gradient_checkpointing=True) == {}  # ddp: the Trainer's default
+    full = fsdp_loading(DistributedConfig(strategy="fsdp"))["distributed_config"]
+    assert (full.fsdp_size, full.dp_replicate_size) == (8, 1)
+    hybrid = fsdp_loading(DistributedConfig(strategy="fsdp", sharding="hybrid"))["distributed_config"]
+    assert (hybrid.fsdp_size, hybrid.dp_replicate_size) == (4, 2)  # sharded over a machine's 4, replicated over 2
+    assert fsdp_loading(DistributedConfig()) == {}  # ddp: every process loads the whole model
+    # the Trainer takes the sharded model as it is, and checkpoints it without optimizer state (no resume)
+    assert training_options(DistributedConfig(strategy="fsdp")) == {"save_only_model": True}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert fsdp_loading(DistributedConfig(strategy="fsdp")) == {}

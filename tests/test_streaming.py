@@ -8,7 +8,7 @@ import json
 import datasets
 import pytest
 import yaml
-from conftest import WORDS, toy_rows, write_jsonl
+from conftest import toy_rows, write_jsonl
 
 from tunelab import api
 from tunelab.cli import main
@@ -19,7 +19,6 @@ from tunelab.models.loading import load_tokenizer
 from tunelab.recipe import validate_recipe
 from tunelab.stages import sft
 
-ANSWERS = {label: words[0] for label, words in WORDS.items()}
 RUN_FILES = {"recipe.yaml", "baseline.json", "log.jsonl", "metrics.json", "report.html", "model"}
 
 
@@ -36,16 +35,6 @@ def streamed_recipe(model, source, task="pretrain", **sections) -> dict:
     for section, value in sections.items():
         recipe[section] = {**recipe.get(section, {}), **value}
     return recipe
-
-
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory):
-    """Toy sentences whose answer (good / bad / table) follows from one keyword."""
-    folder = tmp_path_factory.mktemp("qa-data")
-    for split, count, seed in [("train", 90, 1), ("test", 30, 2)]:
-        write_jsonl(folder / f"{split}.jsonl", [{"sentence": row["sentence"], "answer": ANSWERS[row["sentiment"]]}
-                                                for row in toy_rows(count, seed)])
-    return folder
 
 
 def steps_logged(metrics: dict) -> list[int]:

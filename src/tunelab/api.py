@@ -143,7 +143,7 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
     Under several processes (torchrun) rank 0 validates and creates the folder first; the others, waiting for
     its name, load the same data after it (a recipe that fails on rank 0 ends the job before they do)."""
     world = current_world()
-    check_plan(recipe, world.size)
+    check_plan(recipe, world.size, resume=resume)
     join(world, recipe.train.distributed.strategy)
     if world.is_main:
         data, source = check_recipe(recipe)

@@ -281,7 +281,7 @@ def launch_train(args, recipe) -> int:
         raise TunelabError("--seeds runs one process per seed; drop --nproc, or run the seeds one by one")
     plan = Launch(args.nproc or 1, args.nnodes, args.node_rank, args.master_addr, args.master_port,
                   args.rdzv_endpoint)
-    check_plan(recipe, plan.nproc * plan.nnodes, plan.nnodes, launched=True)
+    check_plan(recipe, plan.nproc * plan.nnodes, plan.nnodes, launched=True, resume=args.resume)
     forwarded = [args.recipe, *args.overrides, *(["--output", args.output] if args.output else []),
                  *(["--resume"] if args.resume else []), *(["--quiet"] if args.quiet else []),
                  *(["--json"] if args.json else [])]

@@ -120,13 +120,15 @@ def shard_bounds(rows: int, world: World) -> tuple[int, int]:
     return start, start + base + (world.rank < extra)
 
 
-def score_sharded(rows: Sequence, score: Callable[[Sequence], Any], concatenate: Callable[[list], Any]) -> Any:
+def score_sharded(rows: Sequence, score: Callable[[Sequence], Any], concatenate: Callable[[list], Any],
+                  model=None) -> Any:
     """`score(rows)` computed in blocks, one per rank, and put back together in row order on every rank: the
-    same result as one process scoring all rows (each row is scored once; none is repeated to even the blocks)."""
+    same result as one process scoring all rows (each row is scored once; none is repeated to even the blocks).
+    When `model`'s weights are sharded (ZeRO-3, FSDP) every rank scores every row instead."""
     from tunelab.sharding import weights_are_sharded
 
     world = current_world()
-    if world.size == 1 or weights_are_sharded():  # sharded weights: every rank runs every pass, all rows
+    if world.size == 1 or weights_are_sharded(model):  # sharded weights: every rank runs every pass, all rows
         return score(rows)
     import torch.distributed as dist
 
@@ -137,7 +139,8 @@ def score_sharded(rows: Sequence, score: Callable[[Sequence], Any], concatenate:
     return concatenate(blocks)
 
 
-def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None, launched: bool | None = None) -> int:
+def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None, launched: bool | None = None,
+               resume: bool = False) -> int:
     """Refuse, before anything starts, what cannot run on `world_size` processes (over `nnodes` machines, under
     torch's launcher or not; default: as the launcher's environment says); return the per-process batch."""
     import torch
@@ -147,6 +150,15 @@ def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None, launc
     if recipe.task == "fewshot" and world_size > 1:
         raise TunelabError("task fewshot (SetFit) trains in one process; drop --nproc (it trains in seconds on "
                            "a few examples per class)")
+    if recipe.train.distributed.strategy == "fsdp" and (recipe.task not in ("sft", "pretrain")
+                                                        or recipe.method.name != "full"):
+        raise TunelabError(f"train.distributed.strategy fsdp shards decoders trained in full (tasks sft and pretrain, "
+                           f"method full: transformers' FSDP2 takes no peft adapters yet), not task {recipe.task} with "
+                           f"method {recipe.method.name}; use strategy deepspeed (zero3 shards the weights) or ddp")
+    if resume and recipe.train.distributed.strategy == "fsdp":
+        raise TunelabError("--resume cannot continue an fsdp run: transformers keeps no optimizer state for a model "
+                           "sharded as it loads; start the run again, or train with strategy deepspeed or ddp, which "
+                           "resume")
     if nnodes is None:
         nnodes = max(1, world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or 1))
     launched = "LOCAL_RANK" in os.environ if launched is None else launched

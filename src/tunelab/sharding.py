@@ -1,11 +1,13 @@
 """How the model's state is split over the processes of one run: DDP (a full copy each), FSDP or DeepSpeed ZeRO.
 
-The engines are accelerate's: this module only turns `train.distributed` into the TrainingArguments options that
-select them (`fsdp`/`fsdp_config`, `parallelism_config`, `deepspeed`), and refuses, in one line and before any
-process starts, what they would not do as asked:
+The engines are the libraries': this module only turns `train.distributed` into their options, and refuses, in one
+line and before any process starts, what they would not do as asked:
 
-- FSDP: accelerate applies its FSDP plugin on GPUs only; on CPU processes it silently trains plain DDP instead
-  (measured: `fsdp=True` under gloo gives a DistributedDataParallel model), so tunelab refuses fsdp without CUDA.
+- FSDP is transformers' own FSDP2 (`from_pretrained(distributed_config=…)` shards the model as it loads, and the
+  Trainer then leaves it to FSDP instead of wrapping it in DDP). It runs on CPU (gloo) and CUDA. accelerate's FSDP
+  plugin is not used: it applies FSDP on GPUs only and on CPU processes silently trains plain DDP instead
+  (measured: `fsdp=True` under gloo gives a DistributedDataParallel model). transformers' FSDP2 does not take peft
+  adapters yet, so fsdp trains decoders in full (sft, pretrain).
 - DeepSpeed ZeRO-2/3 runs on CPU too (DeepSpeed's CPU accelerator, gloo): the presets below, or a user's JSON
   config, whose batch sizes and precision must be left to the recipe ("auto"), so that a recipe means the same
   under every strategy.
@@ -80,26 +82,37 @@ def zero_stage(distributed: DistributedConfig) -> int | None:
     return deepspeed_config(distributed.deepspeed)["zero_optimization"]["stage"]
 
 
-def weights_are_sharded() -> bool:
-    """Whether the Trainer of this process holds a shard of the weights (ZeRO-3, FSDP): every forward pass is then
-    a collective, so all processes must run the same passes (no per-rank blocks of rows to score). Read from the
-    libraries' own state: transformers notes a ZeRO-3 config, accelerate an FSDP plugin."""
+def weights_are_sharded(model=None) -> bool:
+    """Whether this process holds only a shard of the weights (ZeRO-3, FSDP): every forward pass is then a
+    collective, so all processes must run the same passes (no per-rank blocks of rows to score). Read from the
+    libraries' own marks: transformers notes a ZeRO-3 config, and marks a model it sharded with FSDP2."""
+    from transformers.distributed.fsdp import is_fsdp_managed_module
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    return is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return is_deepspeed_zero3_enabled() or (model is not None and is_fsdp_managed_module(model))
+
+
+def fsdp_loading(distributed: DistributedConfig) -> dict[str, Any]:
+    """from_pretrained's options that shard a model over this run's processes as it loads (strategy fsdp on
+    several processes: full sharding over all of them, or hybrid: sharded within each machine, replicated across
+    machines); none otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if distributed.strategy != "fsdp" or world_size < 2:
+        return {}
+    from transformers.distributed.configuration_utils import DistributedConfig as Layout
+
+    if distributed.sharding == "hybrid":
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        return {"distributed_config": Layout(fsdp_size=per_machine, dp_replicate_size=world_size // per_machine)}
+    return {"distributed_config": Layout(fsdp_size=world_size)}
 
 
 def check_strategy(distributed: DistributedConfig, world_size: int, nnodes: int, cuda: bool,
                    launched: bool = False) -> None:
     """Refuse, in one line, a strategy that cannot run as asked here (`launched`: under torch's launcher)."""
-    if distributed.strategy == "fsdp":
-        if not cuda:
-            raise TunelabError("train.distributed.strategy fsdp needs CUDA GPUs (accelerate applies FSDP on GPUs "
-                               "only and would train plain ddp here); on CPU use strategy deepspeed (ZeRO-3 shards "
-                               "the weights) or ddp")
-        if distributed.sharding == "hybrid" and nnodes < 2:
-            raise TunelabError("train.distributed.sharding hybrid shards within each machine and replicates across "
-                               "machines, and this run has one machine; use sharding: full")
+    if distributed.strategy == "fsdp" and distributed.sharding == "hybrid" and nnodes < 2:
+        raise TunelabError("train.distributed.sharding hybrid shards within each machine and replicates across "
+                           "machines, and this run has one machine; use sharding: full")
     if distributed.strategy == "deepspeed":
         config = deepspeed_config(distributed.deepspeed)
         zero = config["zero_optimization"]
@@ -116,34 +129,21 @@ def check_strategy(distributed: DistributedConfig, world_size: int, nnodes: int,
                            f"under the launcher) or use the default ddp")
 
 
-def training_options(distributed: DistributedConfig, gradient_checkpointing: bool) -> dict[str, Any]:
-    """The TrainingArguments options that select the strategy (none for ddp, the Trainer's default)."""
+def training_options(distributed: DistributedConfig) -> dict[str, Any]:
+    """The TrainingArguments options that select the strategy: DeepSpeed's config; none for ddp (the Trainer's
+    default); for fsdp (the model comes sharded: see fsdp_loading) checkpoints of the model alone."""
     if distributed.strategy == "deepspeed":
         return {"deepspeed": deepspeed_config(distributed.deepspeed)}
-    if distributed.strategy != "fsdp":
-        return {}
-    options: dict[str, Any] = {
-        "fsdp": True,
-        # FSDP2; the whole state dict gathered on rank 0 at save, so the model folder is plain transformers';
-        # its own activation checkpointing, which transformers prefers under FSDP (no extra all-gather).
-        "fsdp_config": {"version": 2, "state_dict_type": "FULL_STATE_DICT", "reshard_after_forward": True,
-                        "activation_checkpointing": gradient_checkpointing},
-        "activation_checkpointing": False,
-    }
-    if distributed.sharding == "hybrid":
-        from accelerate.parallelism_config import ParallelismConfig
-
-        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        machines = int(os.environ.get("WORLD_SIZE", "1")) // per_machine
-        options["parallelism_config"] = ParallelismConfig(dp_replicate_size=machines, dp_shard_size=per_machine)
-    return options
+    if distributed.strategy == "fsdp":  # transformers keeps no optimizer state of a model sharded at load
+        return {"save_only_model": True}
+    return {}
 
 
 def strategy_name(trainer) -> str:
     """What metrics.json records: 'single' on one process, else ddp, fsdp or deepspeed zeroN."""
     if trainer.args.world_size < 2:
         return "single"
-    if trainer.is_fsdp_enabled:
+    if weights_are_sharded(trainer.model) and not trainer.is_deepspeed_enabled:
         return "fsdp"
     if trainer.is_deepspeed_enabled:
         return f"deepspeed zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"

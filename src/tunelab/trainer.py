@@ -120,7 +120,7 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         activation_checkpointing=train.gradient_checkpointing,
         # every parameter that trains takes part in each forward pass; True would cost an extra graph traversal
         **({"ddp_backend": backend(), "ddp_find_unused_parameters": False} if world.size > 1 else {}),
-        **training_options(train.distributed, train.gradient_checkpointing),  # fsdp, deepspeed: their engines
+        **training_options(train.distributed),  # deepspeed's engine (fsdp: the model comes sharded)
     )
     return args_class(**{**options, **extra})  # a stage's extras win (e.g. no length grouping for pairs)
 

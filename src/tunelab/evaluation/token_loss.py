@@ -33,7 +33,7 @@ def token_weighted_loss(trainer, rows) -> float:
                             collate_fn=trainer.data_collator)
         return [batch_sums(trainer, trainer._prepare_inputs(batch)) for batch in loader]
 
-    parts = score_sharded(rows, sums, lambda blocks: [part for block in blocks for part in block])
+    parts = score_sharded(rows, sums, lambda blocks: [part for block in blocks for part in block], trainer.model)
     total, count = (sum(values) for values in zip(*parts, strict=True)) if parts else (0.0, 0)
     return total / max(count, 1)
 

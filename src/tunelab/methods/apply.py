@@ -71,10 +71,10 @@ def with_method(model: torch.nn.Module, method, new_modules: list[str], task_typ
                            f"{one_line(exc, 200)}; set method.target_modules or pick another method") from None
 
 
-def load_trainable_decoder(location: str, method, bf16: bool) -> torch.nn.Module:
-    """A decoder (causal LM) ready to train with `method`: its base loaded in 4-bit for qlora, then the method
-    applied (the shared start of the sft, dpo, kto and grpo stages)."""
-    return apply_method(load_causal_lm(location, quantize_4bit=method.name == "qlora"), method, [],
+def load_trainable_decoder(location: str, method, bf16: bool, sharding: dict | None = None) -> torch.nn.Module:
+    """A decoder (causal LM) ready to train with `method`: its base loaded in 4-bit for qlora (or sharded over the
+    processes, for fsdp), then the method applied (the shared start of the sft, dpo, kto and grpo stages)."""
+    return apply_method(load_causal_lm(location, quantize_4bit=method.name == "qlora", sharding=sharding), method, [],
                         TaskType.CAUSAL_LM, bf16)
 
 

@@ -183,10 +183,11 @@ def check_qlora_available() -> None:
         raise TunelabError("method qlora needs the bitsandbytes package; pip install bitsandbytes") from None
 
 
-def load_causal_lm(location: str, quantize_4bit: bool = False) -> torch.nn.Module:
+def load_causal_lm(location: str, quantize_4bit: bool = False, sharding: dict | None = None) -> torch.nn.Module:
     """Load a decoder with its language-modelling head; an earlier run's peft adapter is merged into its base.
 
     `quantize_4bit` (QLoRA, CUDA only) loads the base in 4-bit NF4 with bf16 compute and prepares it for training.
+    `sharding`: from_pretrained's options that shard the model over the run's processes (sharding.fsdp_loading).
     """
     from peft import PeftModel
 
@@ -203,7 +204,7 @@ def load_causal_lm(location: str, quantize_4bit: bool = False) -> torch.nn.Modul
         if (Path(location) / "adapter_config.json").is_file():
             base = AutoModelForCausalLM.from_pretrained(merged_adapter_base(location), dtype=torch.float32)
             return PeftModel.from_pretrained(base, location).merge_and_unload()
-        return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **(sharding or {}))
     except ValueError as exc:
         raise TunelabError(f"model '{location}' is not a decoder that can generate text: {one_line(exc, 200)}; "
                            f"use a causal LM (e.g. smollm2-135m)") from None

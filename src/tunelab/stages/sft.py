@@ -28,6 +28,7 @@ from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, context_length, load_tokenizer
 from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
+from tunelab.sharding import fsdp_loading
 from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
@@ -61,7 +62,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
-    model = load_trainable_decoder(source.location, recipe.method, bf16)
+    model = load_trainable_decoder(source.location, recipe.method, bf16, fsdp_loading(recipe.train.distributed))
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
     params = count_parameters(model)
