@@ -175,8 +175,8 @@ class DistributedConfig(Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="How several processes (tunelab train --nproc, torchrun) share the work. ddp: a full "
                            "model copy per process; fsdp: parameters, gradients and optimizer state sharded over "
-                           "the processes (PyTorch FSDP2 through accelerate; CUDA GPUs only); deepspeed: DeepSpeed "
-                           "ZeRO (train.distributed.deepspeed picks the stage; CPU or GPU)")
+                           "the processes (transformers' FSDP2; tasks sft and pretrain, method full); deepspeed: "
+                           "DeepSpeed ZeRO (train.distributed.deepspeed picks the stage). All run on CPU and GPU")
     sharding: Literal["full", "hybrid"] = Field(
         "full", description="fsdp: full shards over every process; hybrid shards within each machine and "
                             "replicates across machines (less traffic between machines)")
