@@ -75,8 +75,10 @@ def test_hybrid_sharding_needs_several_machines():
 def test_one_gpu_may_shard_under_the_launcher_for_offload():
     offload = DistributedConfig(strategy="deepspeed", deepspeed="zero3_offload")
     check_strategy(offload, world_size=1, nnodes=1, cuda=True, launched=True)  # --nproc 1 on one GPU
-    with pytest.raises(TunelabError, match="on one GPU, --nproc 1 runs it under the launcher"):
+    with pytest.raises(TunelabError, match="deepspeed on one GPU: --nproc 1 runs it under the launcher"):
         check_strategy(offload, world_size=1, nnodes=1, cuda=True, launched=False)
+    with pytest.raises(TunelabError, match="strategy fsdp shards the model over several processes"):
+        check_strategy(DistributedConfig(strategy="fsdp"), world_size=1, nnodes=1, cuda=True, launched=True)
 
 
 @pytest.mark.parametrize("config, message", [

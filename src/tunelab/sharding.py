@@ -122,11 +122,12 @@ def check_strategy(distributed: DistributedConfig, world_size: int, nnodes: int,
         if importlib.util.find_spec("deepspeed") is None:  # not imported here: it announces its accelerator
             raise TunelabError("train.distributed.strategy deepspeed needs the deepspeed package; install it with "
                                "`pip install --no-build-isolation deepspeed` (or use strategy ddp)")
-    # One GPU may still want ZeRO/FSDP for their offload; they need the launcher's environment even then.
-    if distributed.strategy != "ddp" and world_size < 2 and not (cuda and launched):
+    # One GPU may still want ZeRO for its offload; DeepSpeed needs the launcher's environment even then.
+    offloads_on_one_gpu = distributed.strategy == "deepspeed" and cuda and launched
+    if distributed.strategy != "ddp" and world_size < 2 and not offloads_on_one_gpu:
         raise TunelabError(f"train.distributed.strategy {distributed.strategy} shards the model over several "
-                           f"processes, and this run has one; add --nproc N (N ≥ 2; on one GPU, --nproc 1 runs it "
-                           f"under the launcher) or use the default ddp")
+                           f"processes, and this run has one; add --nproc N (N ≥ 2; deepspeed on one GPU: --nproc 1 "
+                           f"runs it under the launcher) or use the default ddp")
 
 
 def training_options(distributed: DistributedConfig) -> dict[str, Any]:
@@ -143,11 +144,9 @@ def strategy_name(trainer) -> str:
     """What metrics.json records: 'single' on one process, else ddp, fsdp or deepspeed zeroN."""
     if trainer.args.world_size < 2:
         return "single"
-    if weights_are_sharded(trainer.model) and not trainer.is_deepspeed_enabled:
-        return "fsdp"
     if trainer.is_deepspeed_enabled:
         return f"deepspeed zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
-    return "ddp"
+    return "fsdp" if weights_are_sharded(trainer.model) else "ddp"
 
 
 def join_deepspeed() -> None:
