@@ -187,8 +187,9 @@ class DistributedConfig(Section):
 
     @model_validator(mode="after")
     def options_match_the_strategy(self) -> DistributedConfig:
+        # Against the defaults, not the keys set: a resolved recipe (the run folder's recipe.yaml) lists them all.
         for key, owner in (("sharding", "fsdp"), ("deepspeed", "deepspeed")):
-            if key in self.model_fields_set and self.strategy != owner:
+            if getattr(self, key) != type(self).model_fields[key].default and self.strategy != owner:
                 raise ValueError(f"train.distributed.{key} applies to strategy {owner}, not {self.strategy}; set "
                                  f"train.distributed.strategy: {owner} or drop train.distributed.{key}")
         return self
