@@ -75,13 +75,6 @@ def deepspeed_config(option: str) -> dict[str, Any]:
     return config
 
 
-def zero_stage(distributed: DistributedConfig) -> int | None:
-    """The ZeRO stage of a deepspeed run (None for ddp and fsdp)."""
-    if distributed.strategy != "deepspeed":
-        return None
-    return deepspeed_config(distributed.deepspeed)["zero_optimization"]["stage"]
-
-
 def weights_are_sharded(model=None) -> bool:
     """Whether this process holds only a shard of the weights (ZeRO-3, FSDP): every forward pass is then a
     collective, so all processes must run the same passes (no per-rank blocks of rows to score). Read from the
