@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
@@ -134,3 +135,18 @@ def toy_recipe(model: Path, data: Path, **sections) -> dict:
     recipe.update(sections)
     return recipe
 
+
+def assert_train_refused(recipe: dict, tmp_path: Path, capsys, fragments, run_folder_possible: bool = False) -> None:
+    """`tunelab train` on `recipe` ends with exit 2 and one `error:` line holding every one of `fragments`, before
+    any run folder (unless `run_folder_possible`: a problem that only shows while the data is read)."""
+    from tunelab.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[0]
+    assert run_folder_possible or not (tmp_path / "run").exists()

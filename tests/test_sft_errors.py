@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
-
-from tunelab.cli import main
+from conftest import assert_train_refused
 
 QA = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Say bye", "input": "", "output": "bye"}]
 PAIRS = [{"prompt": "Say hi", "chosen": " hi", "rejected": " go away"}] * 2
@@ -107,12 +105,4 @@ def test_bad_generative_input_is_refused_before_training(tmp_path, capsys, tiny_
         recipe[section] = {**recipe.get(section, {}), **value} if isinstance(value, dict) else value
     if recipe["model"]["name"] == "ENCODER":
         recipe["model"]["name"] = str(tiny_bert)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    capsys.readouterr()
-    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for fragment in expected:
-        assert fragment in err[0]
-    assert not (tmp_path / "run").exists()
+    assert_train_refused(recipe, tmp_path, capsys, expected)

@@ -8,10 +8,9 @@ import json
 import datasets
 import pytest
 import yaml
-from conftest import toy_rows, write_jsonl
+from conftest import assert_train_refused, toy_rows, write_jsonl
 
 from tunelab import api
-from tunelab.cli import main
 from tunelab.data.sft_encoding import fit_prompts, prompt_format
 from tunelab.data.sources import load_splits, read_file
 from tunelab.errors import TunelabError
@@ -148,13 +147,13 @@ def test_what_a_stream_cannot_honour_is_refused_in_one_line(tiny_llama, toy_data
     recipe = streamed_recipe(tiny_llama, toy_data)
     for section, value in patch.items():
         recipe[section] = {**recipe[section], **value} if isinstance(value, dict) else value
-    assert_refused(recipe, tmp_path, capsys, expected)
+    assert_train_refused(recipe, tmp_path, capsys, [expected])
 
 
 def test_a_source_without_an_eval_split_is_refused(tiny_llama, toy_data, tmp_path, capsys):
     recipe = streamed_recipe(tiny_llama, toy_data / "train.jsonl")
-    assert_refused(recipe, tmp_path, capsys, "data.streaming reads split 'train' as a stream, so no eval rows can be "
-                                             "held out of it")
+    assert_train_refused(recipe, tmp_path, capsys, ["data.streaming reads split 'train' as a stream, so no eval rows "
+                                                    "can be held out of it"])
 
 
 def test_an_empty_row_in_the_stream_is_refused_by_its_number(tiny_llama, toy_data, tmp_path, capsys):
@@ -164,19 +163,6 @@ def test_an_empty_row_in_the_stream_is_refused_by_its_number(tiny_llama, toy_dat
     rows[40]["sentence"] = "  "
     write_jsonl(data / "train.jsonl", rows)
     (data / "test.jsonl").write_text((toy_data / "test.jsonl").read_text())
-    assert_refused(streamed_recipe(tiny_llama, data), tmp_path, capsys,
-                   "row 41 of split 'train' has an empty text; clean the data or set data.drop_empty: true",
-                   run_folder_possible=True)
-
-
-def assert_refused(recipe: dict, tmp_path, capsys, expected: str, run_folder_possible: bool = False) -> None:
-    """`tunelab train` ends with exit 2 and one `error:` line holding `expected` (before any run folder, unless the
-    problem only shows while the stream is read)."""
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
-    capsys.readouterr()
-    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert expected in err[0]
-    assert run_folder_possible or not (tmp_path / "run").exists()
+    assert_train_refused(streamed_recipe(tiny_llama, data), tmp_path, capsys,
+                         ["row 41 of split 'train' has an empty text; clean the data or set data.drop_empty: true"],
+                         run_folder_possible=True)
