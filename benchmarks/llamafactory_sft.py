@@ -189,6 +189,39 @@ def run_tunelab(overrides: list[str], work: Path) -> dict:
             "eval_loss": metrics["after"]["loss"], "wall": wall, "peak_rss_gib": rss}
 
 
+def common_losses(recipe, location: str, data, adapters: dict[str, Path]) -> dict[str, float]:
+    """One scorer for every model: the mean token cross-entropy over the response tokens of the eval rows, encoded
+    as tunelab encodes them (SmolLM2's chat template, prompt masked), one row at a time under bf16 autocast. Each
+    way reports its own eval loss its own way (LLaMA-Factory: the mean of per-batch means, labels ending with the
+    template's newline after <|im_end|>; tunelab: token-weighted), so their own figures are not like for like;
+    these are. "base" is the untrained model."""
+    import torch
+    from peft import PeftModel
+
+    from tunelab.data.sft_encoding import IGNORE_INDEX, encode_split, prompt_format
+    from tunelab.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(location)
+    fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name)
+    rows = encode_split(fmt, data.eval, recipe.train.completion_only_loss, recipe.model.max_length)
+    losses = {}
+    for name, adapter in {"base": None, **adapters}.items():
+        model = load_causal_lm(location).to(torch.bfloat16)
+        model = (PeftModel.from_pretrained(model, str(adapter)) if adapter else model).eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for row in rows:
+                ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+                logits = model(input_ids=ids).logits[0, :-1].float()
+                target = labels[0, 1:]
+                total += float(torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX,
+                                                                 reduction="sum"))
+                count += int((target != IGNORE_INDEX).sum())
+        losses[name] = total / count
+        print(f"llamafactory_sft: common scorer: {name} {losses[name]:.4f}", flush=True)
+    return losses
+
+
 def peaks() -> dict:
     """bf16 and fp32 2048² matmul peaks (FLOP/s) on all threads and on one."""
     import torch
@@ -204,7 +237,7 @@ def peaks() -> dict:
     return figures
 
 
-def table(lf: dict, ours: dict, flops_per_token: int, peak: float) -> str:
+def table(lf: dict, ours: dict, flops_per_token: int, peak: float, common: dict[str, float]) -> str:
     """The issue's table: LLaMA-Factory, tunelab and their ratio."""
     def derived(way: dict) -> dict:
         seconds = way["train_seconds"]
@@ -221,7 +254,9 @@ def table(lf: dict, ours: dict, flops_per_token: int, peak: float) -> str:
              f"{ours['peak_rss_gib'] / lf['peak_rss_gib']:.2f}x |",
              f"| whole process, wall | {lf['wall']:.0f} s (train) + {lf['eval_wall']:.0f} s (eval) | "
              f"{ours['wall']:.0f} s (all) | {ours['wall'] / lf['wall']:.2f}x of LF's train command |",
-             f"| eval loss (held-out) | {lf['eval_loss']:.4f} | {ours['eval_loss']:.4f} | |",
+             f"| eval loss, each way's own scorer | {lf['eval_loss']:.4f} | {ours['eval_loss']:.4f} | |",
+             f"| eval loss, one scorer for both (untrained: {common['base']:.4f}) | {common['lf']:.4f} | "
+             f"{common['tunelab']:.4f} | {common['tunelab'] - common['lf']:+.4f} |",
              f"| MFU (bf16 peak) | {a['mfu']:.1%} | {b['mfu']:.1%} | |"]
     return "\n".join(lines)
 
@@ -233,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, default=VENV, help="LLaMA-Factory's venv (created when missing)")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--order", choices=["lf-first", "tunelab-first"], default="lf-first")
+    parser.add_argument("--only", choices=["lf", "tunelab"], help="run one way alone (a probe: no table)")
     args = parser.parse_args(argv)
     python = ensure_llamafactory(args.venv)
     overrides = SETTINGS + (QUICK if args.quick else [])
@@ -249,18 +285,23 @@ def main(argv: list[str] | None = None) -> int:
         write_dataset(work / "lf-data", data)
         ways = {}
         order = ["lf", "tunelab"] if args.order == "lf-first" else ["tunelab", "lf"]
+        order = [args.only] if args.only else order
         for way in order:
             print(f"llamafactory_sft: running {way} ...", flush=True)
             ways[way] = run_llamafactory(python, recipe, location, work) if way == "lf" else \
                 run_tunelab(overrides, work)
             print(f"llamafactory_sft: {way}: {json.dumps(ways[way])}", flush=True)
+        adapters = {"lf": work / "lf-out", "tunelab": work / "tunelab-run" / "model"}
+        common = common_losses(recipe, location, data, {way: adapters[way] for way in ways})
+    if args.only:
+        return 0
     peak = measured[f"bf16_{os.cpu_count() or 1}t"]
     print(f"\nload average before / after: {load[0]:.2f} / {os.getloadavg()[0]:.2f}; bf16 peak {peak / 1e9:.0f} "
           f"GFLOP/s ({os.cpu_count()} threads); MFU at 4·N FLOPs per real token")
-    print(table(ways["lf"], ways["tunelab"], per_token, peak))
+    print(table(ways["lf"], ways["tunelab"], per_token, peak, common))
     if args.json:
         args.json.write_text(json.dumps({"peaks": measured, "load": load, "quick": args.quick, "ways": ways,
-                                         "flops_per_token": per_token}, indent=2))
+                                         "common_eval_loss": common, "flops_per_token": per_token}, indent=2))
     return 0
 
 

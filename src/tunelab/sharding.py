@@ -142,6 +142,14 @@ def strategy_name(trainer) -> str:
     return "fsdp" if weights_are_sharded(trainer.model) else "ddp"
 
 
+def name_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed (if installed) its accelerator before anything imports it: accelerate's model unwrapping
+    imports it in every run, and left to detect one on a machine without CUDA it warns on the console each time."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def join_deepspeed() -> None:
     """Start DeepSpeed's communication layer over torch's process group (what accelerate would do later), with
     its chatter kept off the console: on CPU it names the accelerator it chose and announces the shared-memory
@@ -151,7 +159,7 @@ def join_deepspeed() -> None:
 
     import torch
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    name_deepspeed_accelerator()
     with contextlib.redirect_stdout(io.StringIO()):
         import deepspeed
 

@@ -20,19 +20,17 @@ from transformers.trainer_utils import has_length
 from tunelab.console import format_seconds, interactive, is_quiet
 from tunelab.distributed import backend, current_world, per_process_batch
 from tunelab.errors import TunelabError
+from tunelab.fused_head import fit_fused_head_to_cpu
 from tunelab.heap import heap_kept_for_training
 from tunelab.recipe import EvalConfig, TrainConfig
 from tunelab.runs.folder import append_jsonl
 from tunelab.runs.lineage import run_chain
 from tunelab.runs.tracking import prepare_trackers
 from tunelab.sampling import FilledBatches, ShuffledLengthBatches
-from tunelab.sharding import strategy_name, training_options
+from tunelab.sharding import name_deepspeed_accelerator, strategy_name, training_options
 
 CHECKPOINTS = "checkpoints"
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
-# TRL's fused LM head (sft, dpo, kto, grpo) scores the vocabulary in tiles of 4096 tokens, sized for a GPU; on a
-# CPU it works each tile in fp32 copies of 4096 × 32768 logits, over 1.5 GiB at once. 512 gives the same figures.
-CPU_FUSED_HEAD_TOKENS = 512
 
 
 def bf16_supported() -> bool:
@@ -328,13 +326,6 @@ class TrainingMeter(TrainerCallback):
                    if self._ddp is not None else {})}
 
 
-def fit_fused_head_tiles() -> None:
-    """On a CPU, make TRL's fused LM head (if TRL is in use) work in tiles of CPU_FUSED_HEAD_TOKENS tokens."""
-    kernel = sys.modules.get("trl.kernels.chunked_logprob")
-    if kernel is not None and not torch.cuda.is_available():
-        kernel.TOKEN_CHUNK_SIZE = min(kernel.TOKEN_CHUNK_SIZE, CPU_FUSED_HEAD_TOKENS)
-
-
 def unmark_evaluated_model(trainer: Trainer) -> None:
     """Let the Trainer wrap the model in DDP although it was evaluated before training (the "before" scores).
 
@@ -389,12 +380,13 @@ class TunedMixin(MeteredMixin):
     processes split an epoch's short last batch exactly: it fills that batch up, adding nothing to the loss."""
 
     def __init__(self, *args, filler_row: dict | None = None, **kwargs) -> None:
+        name_deepspeed_accelerator()
         super().__init__(*args, **kwargs)
         self.filler = None
         if filler_row is not None and self.args.world_size > 1 and has_length(self.train_dataset):
             self.filler = len(self.train_dataset)
             self.train_dataset = self.train_dataset.add_item(filler_row)
-        fit_fused_head_tiles()
+        fit_fused_head_to_cpu()
         show_tunelab_progress(self)
 
     def train(self, *args, **kwargs):
