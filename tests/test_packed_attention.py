@@ -58,3 +58,11 @@ def test_padded_batches_and_generation_attend_as_before_and_the_model_saves_as_s
     model.save_pretrained(tmp_path / "saved")
     assert PACKED_ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
+
+
+def test_on_cuda_the_model_keeps_sdpas_block_mask(tiny_llama, monkeypatch):
+    """One attention call per row is launch-bound on a GPU (slower there): only CPUs attend row by row."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not use_packed_attention(model)
+    assert model.config._attn_implementation == "sdpa"

@@ -66,10 +66,15 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches s
 
 
 def use_packed_attention(model: torch.nn.Module) -> bool:
-    """Let a model that attends through SDPA (or tunelab's fast-dropout SDPA) attend row by row in packed batches;
-    return whether it does. It saves as SDPA, like the fast-dropout attention."""
+    """Off CUDA, let a model that attends through SDPA (or tunelab's fast-dropout SDPA) attend row by row in packed
+    batches; return whether it does. It saves as SDPA, like the fast-dropout attention.
+
+    Not on CUDA: there a step is bound by kernel launches, and one attention call per row made SmolLM2 LoRA steps
+    slower than SDPA's one call with the block mask (H200: 0.94x at 4 rows of ~140 tokens, 0.73x at 4 of ~490,
+    0.63x at 16 of ~140; `benchmarks/packed_attention_ab.py --device cuda`)."""
     transformer = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
-    if transformer is None or transformer.config._attn_implementation not in ("sdpa", FAST_DROPOUT_ATTENTION):
+    if torch.cuda.is_available() or transformer is None or \
+            transformer.config._attn_implementation not in ("sdpa", FAST_DROPOUT_ATTENTION):
         return False
     transformer.set_attn_implementation(PACKED_ATTENTION)
     return True
