@@ -10,6 +10,7 @@ from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTu
 from tunelab.errors import TunelabError, one_line
 from tunelab.methods.fast_dropout import use_fast_dropout
 from tunelab.methods.freeze import apply_freeze, apply_full
+from tunelab.methods.fused_lora import use_fused_lora
 from tunelab.models.loading import HEAD_NAMES, load_causal_lm
 from tunelab.recipe import FreezeMethod, FullMethod, IA3Method, LoraMethod, VirtualTokenMethod
 
@@ -45,9 +46,10 @@ def head_modules(model: torch.nn.Module, new_modules: list[str]) -> list[str]:
 def apply_method(model: torch.nn.Module, method, new_modules: list[str],
                  task_type: TaskType = TaskType.SEQ_CLS, bf16: bool = False) -> torch.nn.Module:
     """Return the model prepared for training with `method`; the head always trains. Dropout draws its masks the
-    fast way (fast_dropout.py). With `bf16` (training under bf16 autocast) an adapter method's frozen base is
-    stored in bf16."""
+    fast way (fast_dropout.py), and LoRA layers compute in one pass on a CPU (fused_lora.py). With `bf16` (training
+    under bf16 autocast) an adapter method's frozen base is stored in bf16."""
     prepared = use_fast_dropout(with_method(model, method, new_modules, task_type))  # after peft adds its dropouts
+    use_fused_lora(prepared)
     adapter = not isinstance(method, FullMethod | FreezeMethod)
     return frozen_weights_in_bf16(prepared) if bf16 and adapter else prepared
 
