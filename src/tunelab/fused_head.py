@@ -10,12 +10,17 @@ Its tiling is sized for GPUs, and three of its choices cost a CPU dearly:
 - The backward's gradient products run as fp32 matmuls on fp32 copies of bf16 tiles and weights (torch has no
   bf16 → fp32 `addmm` on a CPU), at a third of the bf16 matmul's speed. The head's vocabulary is taken in one
   chunk instead, so each product is rounded once, as in the unfused model under autocast, and runs in bf16.
+- Its torch fallback for the softmax statistics (Triton kernels elsewhere) makes about ten passes over each fp32
+  tile of logits in backward and several in forward (scales of 1.0, an index comparison as wide as the vocabulary,
+  a masked copy for the top-1 test). With the whole vocabulary in one tile the same figures take three passes
+  (`forward_tile`, `backward_tile`); any other case goes to TRL's own.
 
 TRL exposes these as module constants and helpers; no option reaches them, hence the patching here.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -35,6 +40,9 @@ def fit_fused_head_to_cpu() -> None:
     if getattr(utils._use_triton, "__wrapped__", None) is None:
         utils._use_triton = compact_on_cpu(utils._use_triton)
     kernel._addmm_fp32 = addmm_into_fp32
+    if getattr(kernel._forward_tile, "__wrapped__", None) is None:
+        kernel._forward_tile = lean_forward(kernel._forward_tile)
+        kernel._backward_tile = lean_backward(kernel._backward_tile)
 
 
 def compact_on_cpu(use_triton):
@@ -54,3 +62,51 @@ def addmm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         acc.add_(torch.mm(a, b))
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def plain(flags: dict) -> bool:
+    """No logit scale, temperature or soft-capping: the logits are the tile as it is."""
+    return not flags["HAS_SOFTCAP"] and flags["logit_scale"] == 1.0 and flags["inv_t"] == 1.0
+
+
+def lean_forward(trl_fold):
+    """TRL's forward fold, or for the first vocabulary tile of plain logits the same statistics in fewer passes."""
+
+    def forward_tile(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum, max_before_target,
+                     target_logit, vocab_start, n_cols, **flags):
+        if vocab_start != 0 or not plain(flags) or flags["HAS_LOG_SUM_SQ_PROBS"] or flags["HAS_MEAN_LOGITS"]:
+            return trl_fold(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum,
+                            max_before_target, target_logit, vocab_start, n_cols, **flags)
+        z = tile.float()
+        top, first = z.max(-1)  # the first maximum, as TRL's top-1 test counts it
+        e = (z - top.unsqueeze(-1)).exp_()
+        running_max.copy_(top)
+        sum_exp.copy_(e.sum(-1))
+        if flags["HAS_ENTROPY"]:
+            x_sum_exp.copy_(torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1))
+        in_tile = targets < n_cols
+        target_logit.copy_(torch.where(in_tile, z.gather(-1, targets.clamp(max=n_cols - 1).unsqueeze(-1)).squeeze(-1),
+                                       target_logit))
+        if flags["HAS_IS_TOP1"]:  # the largest logit before the target: below it when the target is the first maximum
+            max_before_target.copy_(torch.where(first == targets, torch.full_like(top, -math.inf), top))
+
+    forward_tile.__wrapped__ = trl_fold
+    return forward_tile
+
+
+def lean_backward(trl_fold):
+    """TRL's backward fold, or for plain logits with a log-probability gradient only: d log p_t / dz = 1[t] - p."""
+
+    def backward_tile(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols,
+                      **flags):
+        if not plain(flags) or flags["HAS_ENTROPY_GRAD"] or not flags["HAS_LOGPROB_GRAD"]:
+            return trl_fold(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start,
+                            n_cols, **flags)
+        grad = tile.float().sub_(log_z.unsqueeze(-1)).exp_().mul_(-grad_logprobs.unsqueeze(-1))
+        local = targets - vocab_start
+        rows = ((local >= 0) & (local < n_cols)).nonzero().squeeze(-1)
+        grad[rows, local[rows]] += grad_logprobs[rows]
+        tile.copy_(grad)
+
+    backward_tile.__wrapped__ = trl_fold
+    return backward_tile
