@@ -32,10 +32,14 @@ def scored(tiny_llama, bf16: bool):
 
 @pytest.fixture
 def trl_defaults(monkeypatch):
-    """TRL's own settings, restored after the test whatever fit_fused_head_to_cpu changed."""
-    for module, name in [(kernel, "TOKEN_CHUNK_SIZE"), (kernel, "_addmm_fp32"), (trl_utils, "_use_triton"),
-                         (trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")]:
-        monkeypatch.setattr(module, name, getattr(module, name))
+    """TRL's own settings and functions for the test (an earlier Trainer may have fitted them already), restored
+    after it."""
+    monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", 4096)
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    for module, name in [(kernel, "_addmm_fp32"), (kernel, "_forward_tile"), (kernel, "_backward_tile"),
+                         (trl_utils, "_use_triton")]:
+        function = getattr(module, name)
+        monkeypatch.setattr(module, name, getattr(function, "__wrapped__", None) or function)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -52,7 +56,7 @@ def test_cpu_fitted_head_gives_trls_figures(tiny_llama, trl_defaults, bf16):
     labelled = fitted[1]
     assert torch.allclose(fitted[3][labelled], reference[3][labelled], atol=tolerance, rtol=tolerance)
     assert torch.equal(fitted[4][labelled], reference[4][labelled])
-    assert kernel._forward_tile.__wrapped__ is not None  # the lean folds did the work
+    assert kernel._forward_tile.__wrapped__ is not None  # the lean folds did the work, TRL's the reference
 
 
 def test_lean_folds_give_trls_statistics_on_a_tile_with_ties_and_targets_everywhere(trl_defaults):

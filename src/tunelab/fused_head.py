@@ -39,10 +39,11 @@ def fit_fused_head_to_cpu() -> None:
     utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_VOCABULARY_CHUNK
     if getattr(utils._use_triton, "__wrapped__", None) is None:
         utils._use_triton = compact_on_cpu(utils._use_triton)
-    kernel._addmm_fp32 = addmm_into_fp32
-    if getattr(kernel._forward_tile, "__wrapped__", None) is None:
+    if getattr(kernel._forward_tile, "__wrapped__", None) is None:  # once: each replacement keeps TRL's own
         kernel._forward_tile = lean_forward(kernel._forward_tile)
         kernel._backward_tile = lean_backward(kernel._backward_tile)
+        addmm_into_fp32.__wrapped__ = kernel._addmm_fp32
+        kernel._addmm_fp32 = addmm_into_fp32
 
 
 def compact_on_cpu(use_triton):
