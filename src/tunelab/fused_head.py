@@ -1,7 +1,7 @@
 """TRL's fused LM head, fitted to a CPU.
 
 TRL's `add_fused_lm_head` (sft, dpo, kto, grpo) scores the vocabulary in tiles without materialising the logits.
-Its tiling is sized for GPUs, and three of its choices cost a CPU dearly:
+Its tiling is sized for GPUs, and four of its choices cost a CPU dearly:
 - Tiles of 4,096 tokens: its torch fallback then works on fp32 copies of 4,096 × 32,768 logits, over 1.5 GiB at
   once. 512 tokens give the same figures.
 - Every position is projected, labelled or not: only Triton devices score the labelled positions alone (elsewhere
@@ -37,13 +37,11 @@ def fit_fused_head_to_cpu() -> None:
         return
     kernel.TOKEN_CHUNK_SIZE = min(kernel.TOKEN_CHUNK_SIZE, CPU_TOKEN_TILE)
     utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_VOCABULARY_CHUNK
-    if getattr(utils._use_triton, "__wrapped__", None) is None:
-        utils._use_triton = compact_on_cpu(utils._use_triton)
     if getattr(kernel._forward_tile, "__wrapped__", None) is None:  # once: each replacement keeps TRL's own
+        utils._use_triton = compact_on_cpu(utils._use_triton)
+        kernel._addmm_fp32 = products_in_bf16(kernel._addmm_fp32)
         kernel._forward_tile = lean_forward(kernel._forward_tile)
         kernel._backward_tile = lean_backward(kernel._backward_tile)
-        addmm_into_fp32.__wrapped__ = kernel._addmm_fp32
-        kernel._addmm_fp32 = addmm_into_fp32
 
 
 def compact_on_cpu(use_triton):
@@ -56,13 +54,18 @@ def compact_on_cpu(use_triton):
     return compact
 
 
-def addmm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`acc += a @ b` for an fp32 `acc`: the product in a and b's own precision (bf16 runs at bf16 speed), then
-    added in fp32."""
-    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
-        acc.add_(torch.mm(a, b))
-    else:
-        acc.addmm_(a.float(), b.float())
+def products_in_bf16(trl_addmm):
+    """TRL's `acc += a @ b` for an fp32 `acc`, or for half-precision a and b: the product in their own precision
+    (bf16 runs at bf16 speed), then added in fp32."""
+
+    def addmm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+            acc.add_(torch.mm(a, b))
+        else:
+            trl_addmm(acc, a, b)
+
+    addmm_into_fp32.__wrapped__ = trl_addmm
+    return addmm_into_fp32
 
 
 def plain(flags: dict) -> bool:

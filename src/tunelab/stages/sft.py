@@ -143,7 +143,7 @@ def encode(recipe: Recipe, rows, tokenizer, fmt: PromptFormat | None):
     return encode_split(fmt, rows, recipe.train.completion_only_loss, recipe.model.max_length)
 
 
-def sft_options(recipe: Recipe, rows_apart: bool = False) -> dict:
+def sft_options(recipe: Recipe, rows_apart: bool) -> dict:
     """SFTConfig options: sequence length, packing, loss-only evaluation.
 
     pretrain chunks the concatenated texts into max_length blocks (TRL's "wrapped" packing), train and eval alike,
