@@ -24,7 +24,7 @@ from tunelab.models.loading import (
 )
 from tunelab.models.trained import earlier_run_labels, load_trained
 from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe, RewardSource
-from tunelab.rewards import load_reward_function
+from tunelab.rewards import load_reward_function, locate_reward_function
 from tunelab.runs.folder import open_run_folder
 from tunelab.runs.tracking import check_trackers
 from tunelab.stages.classify import run_classification
@@ -41,11 +41,13 @@ STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft
           "grpo": run_grpo}
 
 
-def check_recipe(recipe: Recipe):
-    """Everything that can be checked before a run folder exists: data, labels, model. Returns (data, model)."""
+def check_recipe(recipe: Recipe, import_code: bool = True):
+    """Everything that can be checked before a run folder exists: data, labels, model. Returns (data, model).
+
+    import_code=False (the web board) only locates a reward function's module: it never runs a recipe's code."""
     check_trackers(recipe.train.report_to)
     if recipe.eval.judge is not None:
-        check_reward_source(recipe.eval.judge, "eval.judge")
+        check_reward_source(recipe.eval.judge, "eval.judge", import_code)
     data = load_data_for(recipe)
     if recipe.task in GENERATIVE_TASKS:
         source = resolve_model(recipe.model.name)
@@ -58,7 +60,7 @@ def check_recipe(recipe: Recipe):
         if source.origin != "hub" and not is_decoder(source.location):
             raise TunelabError(f"task grpo trains a decoder (causal LM), but '{recipe.model.name}' is not one; use "
                                f"e.g. smollm2-135m or an sft run folder")
-        check_reward_source(recipe.reward, "reward")
+        check_reward_source(recipe.reward, "reward", import_code)
         return data, source
     if recipe.task in PREFERENCE_TASKS:
         source = resolve_model(recipe.model.name)
@@ -84,10 +86,11 @@ def load_data_for(recipe: Recipe):
     return load_labelled_data(recipe.data)
 
 
-def check_reward_source(source: RewardSource, field: str) -> None:
-    """The reward function imports and has the right signature, or the reward model is a reward run's folder."""
+def check_reward_source(source: RewardSource, field: str, import_code: bool = True) -> None:
+    """The reward function imports and has the right signature (with import_code=False: its module can be found),
+    or the reward model is a reward run's folder."""
     if source.function is not None:
-        load_reward_function(source.function)
+        (load_reward_function if import_code else locate_reward_function)(source.function)
         return
     earlier = earlier_run_labels(source.model)
     if earlier is None or earlier[0] != "reward":

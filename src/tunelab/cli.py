@@ -97,14 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantize", help="gguf weight type: f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, f32")
 
     serve = commands.add_parser("serve", help="serve a run, model folder or alias behind an OpenAI-compatible HTTP "
-                                              "API (chat/completions, embeddings, classify)")
+                                              "API (chat/completions, embeddings, classify)",
+                                description="Serve MODEL behind an OpenAI-compatible HTTP API. Listens on 127.0.0.1 "
+                                            "unless --host says otherwise; answers only Host headers naming this "
+                                            "machine (loopback names, IP addresses, --host, --allowed-hosts); a "
+                                            "request body must arrive whole within TUNELAB_SERVE_BODY_TIMEOUT "
+                                            "seconds (default 10) and be at most 1 MiB.")
     serve.add_argument("model", help="run folder (sft/pretrain/classify/fewshot), Hugging Face model folder (e.g. "
                                      "an export), .gguf file or alias")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
                                                            "machine only)")
     serve.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
-    serve.add_argument("--api-key", default=os.environ.get("TUNELAB_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on every request (default: env TUNELAB_API_KEY)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request; other users see it "
+                                         "in `ps`: prefer --api-key-file or env TUNELAB_API_KEY (read when neither "
+                                         "flag is given)")
+    serve.add_argument("--api-key-file", metavar="PATH", help="read the API key from the first line of this file")
+    serve.add_argument("--allowed-hosts", action="append", default=[], metavar="NAMES",
+                       help="comma-separated Host names answered besides loopback names, IP addresses and --host's "
+                            "own name (DNS rebinding guard); may repeat; '*' answers any Host")
     serve.add_argument("--max-batch", type=positive_int, default=16,
                        help="most answers generated together in one batch (default: %(default)s)")
     serve.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -135,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
                                                         "only)")
     ui.add_argument("--port", type=positive_int, default=7860, help="port (default: %(default)s)")
+    ui.add_argument("--allowed-hosts", action="append", default=[], metavar="NAMES",
+                    help="comma-separated Host names answered besides loopback names, IP addresses and --host's own "
+                         "name (DNS rebinding guard); may repeat; '*' answers any Host")
+    ui.add_argument("--token-file", help="file holding the token every request must carry (else $TUNELAB_UI_TOKEN; "
+                                         "else, on an address other than loopback, a random one printed at start)")
 
     add_bench_arguments(commands.add_parser("bench", help="speed/memory suite: each example job three ways "
                                                           "(tutorial, hand-written, tunelab), side by side"))
@@ -455,9 +470,11 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tunelab.serve.app import serve
+    from tunelab.serve.app import choose_api_key, serve
 
-    return serve(args.model, args.host, args.port, args.api_key or None, args.max_batch, args.dtype)
+    api_key = choose_api_key(args.api_key, args.api_key_file)
+    allowed_hosts = [name for names in args.allowed_hosts for name in names.split(",")]
+    return serve(args.model, args.host, args.port, api_key, args.max_batch, args.dtype, allowed_hosts)
 
 
 def cmd_bench(args) -> int:
@@ -478,7 +495,8 @@ def cmd_curve(args) -> int:
 def cmd_ui(args) -> int:
     from tunelab.ui.app import serve
 
-    serve(args.runs, args.host, args.port)
+    allowed_hosts = tuple(name for names in args.allowed_hosts for name in names.split(","))
+    serve(args.runs, args.host, args.port, allowed_hosts, args.token_file)
     return 0
 
 

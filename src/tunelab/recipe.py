@@ -6,11 +6,12 @@ from these classes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import TunelabError
 
@@ -338,8 +339,17 @@ class OutputConfig(Section):
     keep_checkpoints: bool = Field(False, description="Keep intermediate checkpoints after a successful run")
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def slug(text: str) -> str:
+    """A run name made from a file name (`my recipe (v2)` → `my-recipe-v2`), for recipes that name none."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).lstrip("-._")[:128].rstrip("-") or "run"
+
+
 class Recipe(Section):
-    name: str = Field(description="Run name; default: the recipe file's name")
+    name: str = Field(description="Run name: letters, digits, '-', '_' and '.', starting with a letter or digit, at "
+                                  "most 128 characters; default: the recipe file's name")
     task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo", "kto", "grpo"] = Field(
         description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
                     "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
@@ -359,6 +369,16 @@ class Recipe(Section):
                                                                            "(set function or model)")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task: grpo")
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        """Run folders and the board's files are named after the run, so a name is a slug: never a path (`../x`,
+        `/tmp/x`), a hidden or special folder (`.`, `..`), or longer than a file name may be."""
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError(f"'name' = {name!r} is not a valid run name; use letters, digits, '-', '_' and '.' "
+                             f"(starting with a letter or digit, at most 128 characters), e.g. my-run")
+        return name
 
     @model_validator(mode="before")
     @classmethod
@@ -550,7 +570,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if "stages" in raw and "task" not in raw:
         raise TunelabError(f"'{path}' is a pipeline (stages: {', '.join(map(str, raw['stages'] or []))}), not a "
                            f"recipe: run `tunelab pipeline {path}`")
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", slug(path.stem))
     for override in overrides or []:
         apply_override(raw, override)
     return validate_recipe(raw, source=str(path))

@@ -8,6 +8,8 @@ functions written for TRL work unchanged.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import inspect
 from collections.abc import Callable
 
@@ -61,6 +63,39 @@ def load_reward_function(spec: str) -> RewardFunction:
         raise TunelabError(f"reward.function '{spec}': module '{module_name}' has no function '{function_name}'")
     check_signature(function, spec)
     return function
+
+
+def locate_reward_function(spec: str) -> None:
+    """Check a reward spec without running any of its code: a built-in, or `module:function` whose module file can
+    be found. For a process that must not run a recipe's code (the web board): importing runs the module's top
+    level, so the import, the function and its signature are checked by the training process instead."""
+    if spec in BUILT_IN:
+        return
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise TunelabError(f"reward.function '{spec}' is neither a built-in ({', '.join(BUILT_IN)}) nor "
+                           f"'module:function'; write e.g. my_rewards:score")
+    if not module_file_exists(module_name):
+        raise TunelabError(f"reward.function '{spec}': cannot find module '{module_name}'; put it on PYTHONPATH or "
+                           f"in the folder you run tunelab from")
+
+
+def module_file_exists(module_name: str) -> bool:
+    """Whether a module can be found, importing nothing: `importlib.util.find_spec('a.b')` would import package
+    `a` (running its __init__), so each part is looked up in its parent's folders instead."""
+    parts = module_name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return False
+    try:
+        spec = importlib.util.find_spec(parts[0])  # a top-level name: looked up, not executed
+        for depth in range(1, len(parts)):
+            if spec is None or spec.submodule_search_locations is None:
+                return False
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth + 1]),
+                                                           list(spec.submodule_search_locations))
+    except (ImportError, ValueError):
+        return False
+    return spec is not None
 
 
 def check_signature(function: Callable, spec: str) -> None:

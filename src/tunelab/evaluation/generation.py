@@ -50,6 +50,18 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+# Sampling divides the logits by the temperature: a tiny one (1e-300 is a valid float) turns them into inf and the
+# softmax into NaN, and `generate` raises. Floored here, the likeliest token gets probability ~1: greedy, as asked.
+MIN_TEMPERATURE = 1e-6
+
+
+def sampling_settings(temperature: float) -> dict:
+    """`generate` keywords for a temperature: 0 is greedy, above 0 samples (floored at MIN_TEMPERATURE)."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": max(temperature, MIN_TEMPERATURE)}
+
+
 def autocast(bf16: bool):
     """bf16 autocast on the model's device type when asked, else nothing."""
     if not bf16:
@@ -75,11 +87,9 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerateConfig, bf
                           disable=is_quiet() or not interactive()):  # a bar only on a terminal
             batch = tokenizer(prompts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens).to(device)
-            sampling = {"do_sample": True, "temperature": cfg.temperature} if cfg.temperature > 0 else {
-                "do_sample": False}
             with autocast(bf16):
                 generated = model.generate(**batch, max_new_tokens=cfg.max_new_tokens,
-                                           pad_token_id=tokenizer.pad_token_id, **sampling)
+                                           pad_token_id=tokenizer.pad_token_id, **sampling_settings(cfg.temperature))
             new_tokens = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1]:]
             outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:

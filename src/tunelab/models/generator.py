@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,8 +13,8 @@ from transformers import TextIteratorStreamer
 
 from tunelab.data.generative import prompt_row
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
-from tunelab.errors import TunelabError
-from tunelab.evaluation.generation import autocast, generate_texts
+from tunelab.errors import TunelabError, one_line
+from tunelab.evaluation.generation import autocast, generate_texts, sampling_settings
 from tunelab.models.loading import load_causal_lm, load_tokenizer
 from tunelab.models.trained import read_run_recipe
 from tunelab.recipe import GENERATIVE_TASKS, DataConfig, GenerateConfig
@@ -52,19 +53,36 @@ class Generator:
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.prompt.chat_template,
                                                   add_generation_prompt=True, tokenize=False)
         inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {
-            "do_sample": False}
+        yield from stream_generate(self.model, self.tokenizer, inputs, settings, self.tokenizer.pad_token_id)
 
-        def work() -> None:
+
+STREAM_STALL_S = 600.0  # no new piece for this long: the generation is taken as stuck and the stream ends
+
+
+def stream_generate(model, tokenizer, inputs, settings: GenerateConfig, pad_token_id: int | None) -> Iterator[str]:
+    """`model.generate` in a thread, its decoded pieces handed over as they come (transformers' streamer). When the
+    generation raises, the stream ends with that error as a TunelabError instead of waiting for pieces forever."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_STALL_S)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
             with torch.no_grad(), autocast(bf16_supported()):
-                self.model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
-                                    pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
+                               pad_token_id=pad_token_id, **sampling_settings(settings.temperature))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader below, which raises it as the run's error
+            failure.append(exc)
+            streamer.end()  # wakes the reader: the stream is over
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
         yield from streamer
-        thread.join()
+    except queue.Empty:
+        raise TunelabError(f"generation produced nothing for {STREAM_STALL_S:.0f} s; stopped waiting") from None
+    thread.join()
+    if failure:
+        raise TunelabError(f"generation failed: {type(failure[0]).__name__}: {one_line(failure[0], 200)}")
 
 
 def load_generator(run_dir: str | Path) -> Generator:

@@ -1,9 +1,15 @@
 """The HTTP app of `tunelab serve`: thin routes between the protocol (protocol.py) and the engine (engine.py).
 
 Every failure a client can cause ends as one `APIError`, written by one handler as OpenAI's error object with a
-4xx status; FastAPI's validation errors become 400s that name the field. The guard in front of the app checks the
-API key and the body size before a byte of the body is parsed. Start-up and shut-down of the batching worker
-live in the lifespan block.
+4xx status; FastAPI's validation errors become 400s that name the field. Two guards stand in front of the app:
+`HostAllowList` (tunelab.hosts) answers only a Host header that names this machine (DNS rebinding), then `Guard`
+checks the API key, the body size and how fast the body arrives, before a byte of the body is parsed. Start-up
+and shut-down of the batching worker live in the lifespan block.
+
+What a slow or absent client can hold: a body must arrive whole within TUNELAB_SERVE_BODY_TIMEOUT seconds (408
+and the connection closed otherwise), an idle keep-alive connection is closed after KEEP_ALIVE_S, at most
+MAX_CONNECTIONS connections are served at once (uvicorn answers 503 beyond), and a non-streaming request whose
+client hangs up is cancelled at once (a task watches for `http.disconnect` while the answer is collected).
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -24,8 +32,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import TunelabError
+from tunelab.hosts import HostAllowList, allowed_names
 from tunelab.serve.engine import Choice, GenerationEngine, load_engine
 from tunelab.serve.protocol import (
+    BODY_TIMEOUT_S,
     MAX_BODY_BYTES,
     APIError,
     ChatRequest,
@@ -48,21 +58,26 @@ ENDPOINTS = {"generate": ("/v1/chat/completions", "/v1/completions"), "embed": (
              "classify": ("/v1/classify",)}
 UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
 KIND_NAMES = {"generate": "a text generator", "embed": "an encoder", "classify": "a classifier"}
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default, set here on purpose)
+MAX_CONNECTIONS = 512  # connections and requests in flight; beyond, uvicorn answers 503 instead of piling up
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 class Guard:
-    """ASGI middleware in front of everything: the API key (when set), then the body size (413 over the limit).
+    """ASGI middleware in front of the app: the API key (when set), then the body: its size (413 over the limit)
+    and its pace (408 when it has not arrived whole within `body_timeout` seconds).
 
-    Runs before FastAPI reads the body, so an unauthenticated or oversized request costs no parsing. A body sent
-    without Content-Length (chunked) is read here up to the limit and handed on whole.
+    Runs before FastAPI reads the body, so an unauthenticated or oversized request costs no parsing. The body is
+    read here (at most `max_body` bytes) and handed on whole, so a client that announces 100 bytes and sends 10, or
+    trickles a chunked body, holds its connection for `body_timeout` seconds at most instead of for ever.
     """
 
-    def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES,
+                 body_timeout: float = BODY_TIMEOUT_S) -> None:
+        self.app, self.api_key, self.max_body, self.body_timeout = app, api_key, max_body, body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -72,30 +87,43 @@ class Guard:
         length = headers.get(b"content-length")
         if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
             refusal = self.too_large()
-        if refusal is None and length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            body = b""
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                body += message.get("body", b"")
-                if len(body) > self.max_body:
-                    refusal = self.too_large()
-                    break
-                if not message.get("more_body"):
-                    receive = replay(body, receive)
-                    break
         if refusal is not None:
             return await error_response(refusal)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        body = await self.read_body(receive)
+        if body is None:  # the client left while sending
+            return None
+        if isinstance(body, APIError):
+            # the rest of the body may still be on its way: close the connection rather than read it as a request
+            return await error_response(body, {"Connection": "close"})(scope, receive, send)
+        return await self.app(scope, replay(body, receive), send)
+
+    async def read_body(self, receive) -> bytes | APIError | None:
+        """The whole body within the deadline, or the error to answer; None when the client disconnected."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
+        body = b""
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                return APIError(408, f"the request body did not arrive whole within {self.body_timeout:g} s "
+                                     f"(Content-Length larger than the body sent?)", None, "request_timeout")
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                return self.too_large()
+            if not message.get("more_body"):
+                return body
 
     def check_key(self, header: bytes | None) -> APIError | None:
         if self.api_key is None:
             return None
-        if header is None or not header.startswith(b"Bearer "):
+        scheme, _, token = (header or b"").strip().partition(b" ")
+        if scheme.lower() != b"bearer":  # RFC 7235: the scheme is case-insensitive
             return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>' (the server was "
-                                 "started with --api-key / TUNELAB_API_KEY)", None, "invalid_api_key")
-        if not hmac.compare_digest(header[len(b"Bearer "):].strip(), self.api_key.encode()):
+                                 "started with an API key)", None, "invalid_api_key")
+        if not hmac.compare_digest(token.strip(), self.api_key.encode()):
             return APIError(401, "invalid API key in the Authorization header", None, "invalid_api_key")
         return None
 
@@ -118,8 +146,10 @@ def replay(body: bytes, receive):
     return receive_again
 
 
-def create_app(engine, model_id: str, names: set[str], api_key: str | None = None) -> FastAPI:
-    """The app serving `engine` under the model id `model_id` (requests may name any of `names`)."""
+def create_app(engine, model_id: str, names: set[str], api_key: str | None = None,
+               hosts: frozenset[str] = allowed_names("127.0.0.1"), body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
+    """The app serving `engine` under the model id `model_id` (requests may name any of `names`), answering the
+    Host names `hosts` (tunelab.hosts.allowed_names)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -128,7 +158,10 @@ def create_app(engine, model_id: str, names: set[str], api_key: str | None = Non
         engine.stop()
 
     app = FastAPI(title="tunelab serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=api_key)
+    app.add_middleware(Guard, api_key=api_key, body_timeout=body_timeout)
+    # added last, so it runs first: a page on a foreign name learns nothing, not even whether a key is needed
+    app.add_middleware(HostAllowList, names=hosts,
+                       refuse=lambda message: error_response(APIError(400, message, None, "invalid_host")))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -197,8 +230,12 @@ def create_app(engine, model_id: str, names: set[str], api_key: str | None = Non
 
 
 def validation_error(error: RequestValidationError) -> APIError:
-    """FastAPI/pydantic's first complaint as a 400 that names the field (`messages.0.role`) and what was wrong."""
-    first = error.errors()[0]
+    """FastAPI/pydantic's first complaint as a 400 that names the field (`messages.0.role`) and what was wrong.
+
+    A union (`str | list[str]`) fails once per branch; a complaint about a value (a lone surrogate in `input.1`)
+    says more than the branch whose type did not match (`input` is not a string), so it comes first."""
+    errors = error.errors()
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
     # pydantic names the branch of a union it tried (`content.str`, `input.list[str]`): the field is what is left
     path = [str(part) for part in first.get("loc", ()) if part != "body" and str(part) not in UNION_BRANCHES
             and not any(mark in str(part) for mark in "[-")]
@@ -211,6 +248,8 @@ def validation_error(error: RequestValidationError) -> APIError:
                         "invalid_body")
     if kind == "missing":
         return APIError(400, f"field '{param}' is required", param, "missing_field")
+    if kind == "unsupported":
+        return APIError(400, str(first.get("msg")), param, "unsupported_parameter")
     got = json.dumps(first.get("input"), default=str)
     got = got if len(got) <= 60 else got[:59] + "…"
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
@@ -221,14 +260,14 @@ async def generate(engine: GenerationEngine, request: Request, body: Sampling, p
                    chat: bool):
     """Queue the request's choices; stream them as server-sent events, or wait for them and answer once."""
     choices = engine.submit(prompt, max_tokens=body.token_budget(), temperature=body.temperature, top_p=body.top_p,
-                            stops=body.stop, seed=body.seed, n=body.n, ignore_eos=body.ignore_eos)
+                            top_k=body.top_k, stops=body.stop, seed=body.seed, n=body.n, ignore_eos=body.ignore_eos)
     request_id = new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(stream(choices, request_id, model_id, len(prompt), chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        answers = [await collect(choice, request) for choice in choices]
+        answers = await unless_client_leaves(request, collect_all(choices))
     finally:
         for choice in choices:
             choice.cancel()  # no-op for finished ones; frees the rest when the client has gone
@@ -237,16 +276,37 @@ async def generate(engine: GenerationEngine, request: Request, body: Sampling, p
     return build(request_id, model_id, answers, len(prompt), completion_tokens)
 
 
-async def collect(choice: Choice, request: Request) -> tuple[str, str]:
-    """(text, finish_reason) of a choice, checking every second whether the client is still there."""
+async def unless_client_leaves(request: Request, work):
+    """`work`'s result; when the client hangs up first, `work` is cancelled and a 499 raised (nobody reads it).
+
+    The hang-up is watched for concurrently: polling between tokens missed it while tokens kept coming, so a
+    long answer ran to its end for nobody and held its batch slot."""
+    working, watching = asyncio.ensure_future(work), asyncio.ensure_future(client_left(request))
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        working.cancel()  # no-op when done
+    if working.done() and not working.cancelled():
+        return working.result()
+    raise APIError(499, "the client closed the connection", None, "client_closed")
+
+
+async def client_left(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already: receive now only reports the hang-up)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect_all(choices: list[Choice]) -> list[tuple[str, str]]:
+    return [await collect(choice) for choice in choices]
+
+
+async def collect(choice: Choice) -> tuple[str, str]:
+    """(text, finish_reason) of a choice."""
     text = ""
     while True:
-        try:
-            event = await asyncio.wait_for(choice.events.get(), timeout=1.0)
-        except TimeoutError:
-            if await request.is_disconnected():
-                raise APIError(499, "the client closed the connection", None, "client_closed") from None
-            continue
+        event = await choice.events.get()
         if event[0] == "text":
             text += event[1]
         elif event[0] == "done":
@@ -320,13 +380,53 @@ def check_port_free(host: str, port: int) -> None:
                                f"--host") from None
 
 
-def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "float32") -> int:
+def choose_api_key(flag: str | None, key_file: str | None) -> str | None:
+    """The API key from --api-key, --api-key-file (its first line) or env TUNELAB_API_KEY, in that order; a key
+    given on the command line gets one note on stderr, since other users of the machine see it in `ps`."""
+    if flag and key_file:
+        raise TunelabError("give the API key once: --api-key or --api-key-file, not both")
+    if flag:
+        print("note: a key given with --api-key is visible to other users of this machine in `ps`; prefer env "
+              "TUNELAB_API_KEY or --api-key-file PATH", file=sys.stderr)
+        return flag
+    if key_file:
+        try:
+            lines = Path(key_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TunelabError(f"--api-key-file '{key_file}' cannot be read ({exc.__class__.__name__}); give a "
+                               f"readable text file whose first line is the key") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise TunelabError(f"--api-key-file '{key_file}' has no key on its first line; write the key there")
+        return key
+    return os.environ.get("TUNELAB_API_KEY") or None
+
+
+def body_timeout_from_env() -> float:
+    """TUNELAB_SERVE_BODY_TIMEOUT (seconds), else BODY_TIMEOUT_S."""
+    value = os.environ.get("TUNELAB_SERVE_BODY_TIMEOUT", "").strip()
+    if not value:
+        return BODY_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 3600:
+        raise TunelabError(f"TUNELAB_SERVE_BODY_TIMEOUT='{value}' is not a number of seconds between 0 and 3600; "
+                           f"unset it for the default of {BODY_TIMEOUT_S:g}")
+    return seconds
+
+
+def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "float32",
+          allowed_hosts: Iterable[str] = ()) -> int:
     """Load MODEL and serve it until interrupted."""
     import uvicorn
 
     warning = bind_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr)
+    body_timeout = body_timeout_from_env()
+    hosts = allowed_names(host, allowed_hosts)
     check_port_free(host, port)
     engine = load_engine(model, max_batch)
     if dtype == "bfloat16":
@@ -334,9 +434,10 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
             raise TunelabError(f"--dtype bfloat16 applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
         engine.use_bfloat16()
     model_id = model if "/" not in model.rstrip("/") else model.rstrip("/").rsplit("/", 1)[1]
-    app = create_app(engine, model_id, {model, model_id}, api_key)
+    app = create_app(engine, model_id, {model, model_id}, api_key, hosts, body_timeout)
     print(f"tunelab: serving '{model_id}' ({KIND_NAMES[engine.kind]}) on http://{host}:{port} — endpoints "
           f"{', '.join(ENDPOINTS[engine.kind])}; API key {'required' if api_key else 'not required'}",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_S,
+                limit_concurrency=MAX_CONNECTIONS)
     return 0

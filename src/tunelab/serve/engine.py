@@ -3,8 +3,10 @@
 A decoder gets a `GenerationEngine`, which batches concurrent requests: a worker thread takes the requests that
 are waiting (up to --max-batch, after waiting a few milliseconds for more to arrive), left-pads them into one batch
 and runs `model.generate` once for all of them. Each row keeps its own settings — max_tokens, temperature, top_p,
-seed and stop sequences — through a logits processor (samples a row's token with the row's own seeded generator)
-and a stopping criterion that returns one bool per row and streams each row's new text to its request.
+top_k, seed and stop sequences — through a logits processor (samples a row's token with the row's own seeded
+generator) and a stopping criterion that returns one bool per row and streams each row's new text to its request.
+A row whose sampling or decoding raises ends alone with an error event; the other rows of its batch go on, so one
+request cannot fail the requests it happened to be batched with.
 
 Why not transformers' continuous batching (`init_continuous_batching`)? It runs on CPU here and is fast (SmolLM2,
 8 requests: 4.4x the tokens/s of one at a time, greedy answers equal), but greedy vs sampling, `n` and the default
@@ -42,6 +44,10 @@ from transformers import (
 from tunelab.errors import TunelabError, one_line
 from tunelab.serve.protocol import APIError
 
+# Sampling divides logits by the temperature: a tiny one (1e-300 passes validation) turned them into inf and the
+# softmax into NaN. With the row's maximum subtracted first and the temperature floored here, the likeliest token
+# gets probability ~1 instead: a tiny temperature samples as greedy does.
+MIN_TEMPERATURE = 1e-6
 BATCH_WAIT_S = 0.02  # a batch waits this long after each arrival for one more request ...
 MAX_BATCH_WAIT_S = 0.15  # ... and no longer than this in all
 MAX_WAITING = 512  # choices queued beyond this are refused (429) rather than piling up
@@ -58,6 +64,7 @@ class Choice:
     max_tokens: int
     temperature: float
     top_p: float
+    top_k: int
     stops: list[str]
     ignore_eos: bool
     generator: torch.Generator | None
@@ -80,34 +87,53 @@ class Choice:
         self.finished = True
         self.send("done", reason)
 
+    def fail(self, exc: Exception) -> None:
+        """End this choice alone with an error event (the traceback goes to the server's log)."""
+        traceback.print_exc(file=sys.stderr)
+        self.finished = True
+        self.send("error", f"generation failed: {one_line(exc, 200)}")
+
     def cancel(self) -> None:
         """The client went away: the worker stops generating for this choice at its next step."""
         self.cancelled = True
 
 
 class RowSampler(LogitsProcessor):
-    """Per-row sampling inside a greedy `generate`: a sampling row's token is drawn here (temperature, top_p, the
-    row's seeded generator) and its scores become one-hot, so the greedy argmax picks it; greedy rows pass as is
-    (an ignore_eos row with its end-of-sequence tokens masked)."""
+    """Per-row sampling inside a greedy `generate`: a sampling row's token is drawn here (temperature, top_k, top_p,
+    the row's seeded generator) and its scores become one-hot, so the greedy argmax picks it; greedy rows pass as is
+    (an ignore_eos row with its end-of-sequence tokens masked). A row that raises here fails alone."""
 
     def __init__(self, rows: list[Choice], eos_ids: set[int]) -> None:
         self.rows, self.eos_ids = rows, sorted(eos_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for i, row in enumerate(self.rows):
-            if row.ignore_eos:
-                scores[i, self.eos_ids] = float("-inf")
-            if row.temperature == 0 or row.finished:
+            if row.finished:
                 continue
-            probabilities = torch.softmax(scores[i].float() / row.temperature, dim=-1)
-            if row.top_p < 1:
-                ordered, order = probabilities.sort(descending=True)
-                outside = ordered.cumsum(-1) - ordered > row.top_p  # keep the smallest set reaching top_p
-                probabilities[order[outside]] = 0
-            token = int(torch.multinomial(probabilities, 1, generator=row.generator))
-            scores[i] = float("-inf")
-            scores[i, token] = 0
+            try:
+                if row.ignore_eos:
+                    scores[i, self.eos_ids] = float("-inf")
+                if row.temperature > 0:
+                    token = self.sample(row, scores[i])
+                    scores[i] = float("-inf")
+                    scores[i, token] = 0
+            except Exception as exc:  # any failure of one row ends that row, not the batch
+                row.fail(exc)
         return scores
+
+    @staticmethod
+    def sample(row: Choice, scores: torch.FloatTensor) -> int:
+        """The row's next token, drawn from its scores with its own settings and generator."""
+        logits = scores.float()
+        logits = (logits - logits.max()) / max(row.temperature, MIN_TEMPERATURE)  # see MIN_TEMPERATURE
+        if 0 < row.top_k < len(logits):
+            logits[logits < logits.topk(row.top_k).values[-1]] = float("-inf")
+        probabilities = torch.softmax(logits, dim=-1)
+        if row.top_p < 1:
+            ordered, order = probabilities.sort(descending=True)
+            outside = ordered.cumsum(-1) - ordered > row.top_p  # keep the smallest set reaching top_p
+            probabilities[order[outside]] = 0
+        return int(torch.multinomial(probabilities, 1, generator=row.generator))
 
 
 class RowStopper(StoppingCriteria):
@@ -121,7 +147,10 @@ class RowStopper(StoppingCriteria):
         done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
         for i, row in enumerate(self.rows):
             if not row.finished:
-                self.advance(row, int(input_ids[i, -1]))
+                try:
+                    self.advance(row, int(input_ids[i, -1]))
+                except Exception as exc:  # a row that cannot be decoded ends alone, not the batch
+                    row.fail(exc)
             done[i] = row.finished or row.cancelled
         return done
 
@@ -197,7 +226,7 @@ class GenerationEngine:
         return self.tokenizer(text)["input_ids"]
 
     def submit(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float, stops: list[str],
-               seed: int | None, n: int, ignore_eos: bool = False) -> list[Choice]:
+               seed: int | None, n: int, ignore_eos: bool = False, top_k: int = -1) -> list[Choice]:
         """Queue `n` choices for one prompt; their events arrive on each choice's queue."""
         if self.context is not None and len(prompt) + max_tokens > self.context:
             raise APIError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}: together over "
@@ -212,7 +241,7 @@ class GenerationEngine:
             generator = None
             if temperature > 0:
                 generator = torch.Generator().manual_seed(seed + i if seed is not None else random.getrandbits(63))
-            choices.append(Choice(prompt, max_tokens, temperature, top_p, stops, ignore_eos, generator, loop))
+            choices.append(Choice(prompt, max_tokens, temperature, top_p, top_k, stops, ignore_eos, generator, loop))
         for choice in choices:
             self.waiting.put(choice)
         return choices

@@ -4,6 +4,22 @@ Requests are pydantic models, so a wrong type or a value out of range is refused
 (the app turns the validation error into a 400 naming the field). Responses are plain dicts built by the helpers
 at the bottom, shaped as the OpenAI API documents them, so the official `openai` client parses them unchanged.
 Every limit a client can hit is a constant here.
+
+Types are strict, as OpenAI's are: an integer field refuses strings, floats and booleans (`"max_tokens": "16"`,
+`"top_k": true`), a float field takes integers but no strings or booleans, a boolean refuses 0/1 and "true", and
+floats refuse NaN and infinities (Python's JSON reader accepts them). Lax coercion hid client bugs.
+
+Texts (message content and text parts, prompt, input, stop, model) are any Unicode a client can send, control
+characters included: \n and \t are ordinary text, and NUL and the other C0 controls are passed to the tokenizer
+like any character (they are valid UTF-8; refusing them would break clients that send binary-ish logs or code).
+Only a lone UTF-16 surrogate (`"a\ud800b"`, valid JSON) is refused with a 400 naming the field: it is no
+character, cannot be encoded as UTF-8, and made the tokenizer raise (a 500).
+
+OpenAI parameters tunelab does not implement (logprobs, tools, response_format json, logit_bias, penalties, echo,
+best_of, suffix, …) are refused with a 400 naming the parameter rather than ignored, so a client never takes an
+answer for what it did not ask; their neutral values, which clients send by default (`logprobs: false`,
+`presence_penalty: 0`, `response_format: {"type": "text"}`, …), pass. Unknown fields (`user`, `metadata`,
+`store`) are ignored. `top_k` is supported as vLLM's extension: an int, -1 or 0 = off.
 """
 
 from __future__ import annotations
@@ -11,12 +27,15 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from typing import Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused with 413 before it is parsed
+BODY_TIMEOUT_S = 10.0  # a body must arrive whole within this (env TUNELAB_SERVE_BODY_TIMEOUT), else 408
 MAX_TOKENS_LIMIT = 1024  # ceiling of max_tokens (the model's context length may set a lower one)
 DEFAULT_MAX_TOKENS = 128  # when a request names none
 MAX_CHOICES = 8  # ceiling of n
@@ -24,15 +43,19 @@ MAX_STOPS = 4  # stop sequences per request, as OpenAI allows
 MAX_INPUTS = 256  # texts per embeddings / classify request
 MAX_MESSAGES = 256
 MAX_TEXT_CHARS = 100_000  # one message, prompt or input text
+MAX_TOP_K = 100_000  # top_k above a vocabulary's size is the same as off
 
 
 class APIError(Exception):
     """The one error a request can end in; the app writes it as `{"error": {message, type, param, code}}`."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+             405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        # a message quoting the client's text must still encode as UTF-8 (a lone surrogate would not)
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -42,32 +65,73 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-class Request(BaseModel):
-    """Fields every endpoint shares. Unknown fields (sent by some clients: user, logprobs: false, …) are ignored."""
+def no_lone_surrogate(text: Any) -> Any:
+    """A text that UTF-8 can carry: a lone surrogate is refused here, before a tokenizer raises on it (checked
+    before the type, so the message says why rather than pydantic's "should be a valid string")."""
+    try:
+        text.encode("utf-8") if isinstance(text, str) else None
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at character "
+                         f"{exc.start}; send valid Unicode") from None
+    return text
 
-    model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=512)
+Text = Annotated[str, BeforeValidator(no_lone_surrogate)]
 
 
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    """Strict types (see the module docstring); unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class Request(Strict):
+    """Fields every endpoint shares. Unknown fields (sent by some clients: user, metadata, store, …) are ignored."""
+
+    model: Text = Field(min_length=1, max_length=512)
+
+
+class TextPart(Strict):
     """One part of a message's content given as a list (only text parts exist on a text model)."""
 
     type: Literal["text"]
-    text: str = Field(max_length=MAX_TEXT_CHARS)
+    text: Text = Field(max_length=MAX_TEXT_CHARS)
 
 
-class Message(BaseModel):
+class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+    content: Text | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
 
     def text(self) -> str:
         """The content as one string."""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
+
+
+def is_zero(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and value == 0)
+
+
+# OpenAI parameters tunelab does not implement, each with the test of its neutral value(s): the values clients send
+# when the user asked for nothing (None is JSON null). Anything else is refused naming the parameter.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": lambda value: value is None or value is False,
+    "top_logprobs": is_zero,
+    "tools": lambda value: value is None or value == [],
+    "tool_choice": lambda value: value is None or value == "none",
+    "functions": lambda value: value is None or value == [],
+    "function_call": lambda value: value is None or value == "none",
+    "response_format": lambda value: value is None or value == {"type": "text"},
+    "logit_bias": lambda value: value is None or value == {},
+    "presence_penalty": is_zero,
+    "frequency_penalty": is_zero,
+    "echo": lambda value: value is None or value is False,
+    "best_of": lambda value: value is None or (type(value) is int and value == 1),
+    "suffix": lambda value: value is None or value == "",
+}
 
 
 class Sampling(Request):
@@ -75,14 +139,37 @@ class Sampling(Request):
 
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(-1, ge=-1, le=MAX_TOP_K)  # vLLM's extension: sample among the k likeliest; -1 or 0: off
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = Field(None, validate_default=True)
+    stop: Text | list[Text] | None = Field(None, validate_default=True)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension: answers run to max_tokens (load tests)
     stream_options: StreamOptions | None = None
+    # declared only to be refused unless neutral (UNSUPPORTED); typed Any so the refusal names them, not their type
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def refuse_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if not UNSUPPORTED[info.field_name](value):
+            raise PydanticCustomError("unsupported", f"'{info.field_name}' is not supported by tunelab serve; "
+                                                     f"leave it out")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -104,7 +191,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: Text | list[Text] = Field(min_length=1)
 
     @field_validator("prompt")
     @classmethod
@@ -131,7 +218,7 @@ def text_list(value: str | list[str]) -> list[str]:
 
 
 class EmbeddingRequest(Request):
-    input: str | list[str]
+    input: Text | list[Text]
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai client's default)
     dimensions: None = None  # a fixed-size encoder cannot shorten its vectors
 
@@ -144,7 +231,7 @@ class EmbeddingRequest(Request):
 class ClassifyRequest(Request):
     """tunelab's own endpoint: `{"model", "input": [texts], "top_k": 3}` → labels with probabilities."""
 
-    input: str | list[str]
+    input: Text | list[Text]
     top_k: int = Field(1, ge=1, le=100)
 
     @field_validator("input")

@@ -1,7 +1,10 @@
 """The board's HTTP app: pages, a JSON API over the runs folder, file links and the playground's streams.
 
 Routes stay thin: reading runs is runs_index.py, launching is launcher.py, the form is forms.py, trying a model is
-playground.py, and the origin and path checks are security.py.
+playground.py, and the Host, token, origin and path checks are security.py (and tunelab/hosts.py).
+
+Every answer is JSON the pages can show, errors included: a bad request is a 400 naming what is wrong, never a
+plain-text 500 (the request's own values are not echoed: they may not even be valid UTF-8).
 """
 
 from __future__ import annotations
@@ -11,19 +14,23 @@ from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.errors import TunelabError
+from tunelab.hosts import HostAllowList, allowed_names
 from tunelab.recipe import GenerateConfig
 from tunelab.ui import forms
 from tunelab.ui.launcher import Launcher
 from tunelab.ui.playground import Playground
 from tunelab.ui.runs_index import RunsIndex
-from tunelab.ui.security import file_inside, same_origin
+from tunelab.ui.security import TokenGate, board_token, file_inside, is_loopback, same_origin
 
 STATIC = Path(__file__).parent / "static"
 # The pages may load only what this server serves (a second line of defence behind having no outside URLs at all).
@@ -37,33 +44,48 @@ PAGES = {"/": "runs.html", "/run": "run.html", "/compare": "compare.html", "/new
 
 @dataclass
 class Settings:
-    """Where the board reads runs and examples, and the address it serves (for the origin check)."""
+    """Where the board reads runs and examples, the address it serves (for the Host and origin checks), the other
+    names it answers to (--allowed-hosts) and the token every request must carry (None: no token)."""
 
     runs_dir: Path
     examples_dir: Path
     host: str
     port: int
+    allowed_hosts: tuple[str, ...] = ()
+    token: str | None = None
+
+
+def utf8_text(text: str) -> str:
+    """Refuse text that cannot be written as UTF-8 (a lone surrogate such as "\\ud800", which JSON can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone UTF-16 surrogate, which is not text; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(utf8_text)]
 
 
 class FormValues(BaseModel):
-    values: dict[str, str]
+    values: dict[Text, Text]
 
 
 class RunName(BaseModel):
-    run: str
+    run: Text
 
 
 class PredictRequest(BaseModel):
-    run: str
-    text: str = Field(min_length=1)
+    run: Text
+    text: Text = Field(min_length=1)
 
 
 class ChatRequest(BaseModel):
-    run: str
-    model: str = "tuned"  # tuned | base
-    text: str = Field(min_length=1)
+    run: Text
+    model: Text = "tuned"  # tuned | base
+    text: Text = Field(min_length=1)
     max_new_tokens: int = Field(64, ge=1, le=1024)
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0, le=100)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -82,15 +104,35 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="tunelab studio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    names = allowed_names(settings.host, settings.allowed_hosts)
+    # Added innermost first: the Host check runs before the token check, and both before any route or static file.
+    app.add_middleware(TokenGate, token=settings.token, port=settings.port, pages=frozenset(PAGES),
+                       refuse=lambda message: JSONResponse({"error": message}, status_code=401))
+    app.add_middleware(HostAllowList, names=names,
+                       refuse=lambda message: JSONResponse({"error": message}, status_code=400))
 
     def from_own_page(request: Request) -> None:
-        if not same_origin(request.headers.get("origin"), request.headers.get("host"), settings.host, settings.port):
+        if not same_origin(request.headers.get("origin"), request.headers.get("host"), names):
             raise HTTPException(403, "refused: state-changing requests must come from the board's own page "
                                      "(Origin and Host must name this server)")
 
     @app.exception_handler(TunelabError)
     async def tunelab_error(request: Request, exc: TunelabError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": describe_bad_request(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a bad request: still JSON, so the page shows it instead of failing to parse a text body.
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the board's console"},
+                            status_code=500)
 
     for route, page in PAGES.items():
         app.add_api_route(route, page_handler(STATIC / page), methods=["GET"], include_in_schema=False)
@@ -101,7 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "jobs": launcher.state()}
 
     @app.get("/api/run")
-    def run_detail(name: str) -> dict:
+    def run_detail(name: Text) -> dict:
         try:
             return index.detail(name, launcher.active_runs(), launcher.ended, frozenset(launcher.queued_runs()))
         except TunelabError as exc:
@@ -122,7 +164,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {**forms.form_schema(), "examples": examples, "runs": runs}
 
     @app.get("/api/form/values")
-    def form_values(kind: str, name: str) -> dict:
+    def form_values(kind: Text, name: Text) -> dict:
         return {"values": forms.template_values(settings.examples_dir, index, kind, name)}
 
     @app.post("/api/validate", dependencies=[Depends(from_own_page)])
@@ -162,6 +204,17 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def describe_bad_request(exc: RequestValidationError) -> str:
+    """The first problem of a request body or query as one line: where, and what is wrong (never the value)."""
+    errors = exc.errors()
+    if not errors:
+        return "bad request"
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "query"))
+    message = str(first.get("msg", "is invalid")).removeprefix("Value error, ")
+    return f"bad request: {where or 'body'}: {message}".encode("utf-8", "replace").decode("utf-8")
+
+
 def page_handler(path: Path):
     """A route returning one of the static pages."""
     def handler() -> FileResponse:
@@ -177,6 +230,9 @@ def server_sent_events(pieces: Iterator[str]) -> Iterator[str]:
                 yield f"data: {json.dumps({'text': piece})}\n\n"
     except TunelabError as exc:
         yield f"event: error\ndata: {json.dumps({'error': str(exc)})}\n\n"
+        return
+    except Exception as exc:  # noqa: BLE001 - the response has started: an error can only be an event now
+        yield f"event: error\ndata: {json.dumps({'error': f'generation failed ({type(exc).__name__})'})}\n\n"
         return
     yield "event: done\ndata: {}\n\n"
 
@@ -198,14 +254,26 @@ def check_port_free(host: str, port: int) -> None:
         raise TunelabError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port or --host") from None
 
 
-def serve(runs_dir: str, host: str, port: int) -> None:
+def serve(runs_dir: str, host: str, port: int, allowed_hosts: tuple[str, ...] = (),
+          token_file: str | None = None) -> None:
     """Run the board until Ctrl-C (a run it started is interrupted so that it can be resumed)."""
     import uvicorn
 
     check_port_free(host, port)
-    settings = Settings(Path(runs_dir), default_examples_dir(), host, port)
+    token, origin = board_token(host, token_file)
+    settings = Settings(Path(runs_dir), default_examples_dir(), host, port, tuple(allowed_hosts), token)
     app = create_app(settings)
-    print(f"tunelab ui: http://{'[' + host + ']' if ':' in host else host}:{port}/ (runs: {settings.runs_dir}); "
-          f"Ctrl-C stops it", flush=True)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # a wildcard is no address to open
+    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
+    if origin == "generated":
+        url += f"?token={token}"  # printed once, like Jupyter's: whoever can read this console may use the board
+    print(f"tunelab ui: {url} (runs: {settings.runs_dir}); Ctrl-C stops it", flush=True)
+    if origin in ("env", "file"):
+        print(f"tunelab ui: every request needs the token from {'$TUNELAB_UI_TOKEN' if origin == 'env' else token_file}"
+              f" (open {url}?token=TOKEN once)", flush=True)
+    if not is_loopback(host):
+        print(f"tunelab ui: warning: listening on {host}, which other machines may reach: anyone with the token can "
+              f"start runs, read every run folder and run a recipe's code on this machine; prefer the default "
+              f"127.0.0.1 with an SSH tunnel", flush=True)
     # An open page keeps connections alive; after a few seconds shutting down does not wait for them any more.
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -161,16 +161,24 @@ def field_of(message: str, paths: list[str]) -> str | None:
 
 
 def check_form(values: dict[str, str]) -> tuple[Recipe | None, dict]:
-    """Validate the form as `tunelab validate` would (schema, then data and model); (recipe, result for the page)."""
+    """Validate the form as `tunelab validate` would (schema, then data and model); (recipe, result for the page).
+
+    Unlike `tunelab validate`, a reward function the recipe names is only located, never imported: importing runs
+    the module's code, and the board's process must not run code a form names (the training process imports it,
+    and refuses the run there if it does not fit)."""
     from tunelab import api
     from tunelab.data.sources import row_count
 
     try:
         recipe = validate_recipe(raw_recipe(values), source="recipe")
-        data, source = api.check_recipe(recipe)
+        data, source = api.check_recipe(recipe, import_code=False)
     except TunelabError as exc:
         message = str(exc)
         return None, {"ok": False, "error": message, "field": field_of(message, list(all_fields()))}
+    except Exception as exc:  # noqa: BLE001 - the data and model loaders are libraries: whatever they raise on the
+        # form's values (a NUL byte in a path, a corrupt file) is the form's error, not the board's crash
+        return None, {"ok": False, "error": f"the recipe cannot be checked: {type(exc).__name__}: {exc}",
+                      "field": None}
     return recipe, {"ok": True, "summary": f"{row_count(data.train) or 'streamed'} train rows, {len(data.eval)} eval "
                                            f"rows; model {source.location}"}
 
@@ -191,9 +199,15 @@ def example_names(examples_dir: Path) -> list[str]:
 def template_values(examples_dir: Path, runs_index, kind: str, name: str) -> dict[str, str]:
     """The form's texts from an example recipe (examples/NAME.yaml) or an earlier run's recipe.yaml."""
     if kind == "example":
-        path = (examples_dir / f"{name}.yaml").resolve()
-        if not path.is_relative_to(examples_dir.resolve()):
-            raise TunelabError(f"no example '{name}'")
+        try:
+            path = (examples_dir / f"{name}.yaml").resolve()
+            found = path.is_relative_to(examples_dir.resolve()) and path.is_file()
+        except (OSError, RuntimeError, ValueError):  # a NUL byte, a symlink loop
+            found = False
+        if not found:
+            raise TunelabError(f"no example {name!r}")
         return recipe_values(load_recipe(path).model_dump(mode="json"))
+    if kind != "run":
+        raise TunelabError(f"kind must be 'example' or 'run', not {kind!r}")
     run_dir = runs_index.resolve(name)
     return recipe_values(load_recipe(run_dir / "recipe.yaml").model_dump(mode="json"))

@@ -1,5 +1,7 @@
 """Runs `tunelab train` for the board: one process at a time (a CPU machine trains one run well, not two), the
 rest queued. Only `tunelab train` on a recipe tunelab validated is ever started, as an argument list (no shell).
+Every path the board writes is built from a run name and checked to lie inside the runs folder (the recipe schema
+already allows only slug names; this is the second guard).
 
 Stop sends SIGINT, which tunelab turns into "interrupted; resume with … --resume" (its checkpoints stay), then
 SIGTERM if the process has not ended after a grace period. Resume is the same command plus `--output RUN --resume`.
@@ -23,6 +25,7 @@ from tunelab.errors import TunelabError
 from tunelab.recipe import Recipe
 from tunelab.runs.folder import write_text_atomic
 from tunelab.ui.runs_index import UI_ERROR_FILE
+from tunelab.ui.security import inside
 
 STUDIO_FOLDER = ".studio"  # inside the runs folder: the recipes the board queued and its processes' output
 STOP_GRACE_SECONDS = 30.0
@@ -72,15 +75,16 @@ class Launcher:
         """Queue a new run of a validated recipe into a fresh folder `<runs>/<name>-<time>`."""
         job_id = next(self._ids)
         studio = self.runs_dir / STUDIO_FOLDER
-        recipe_file = studio / "recipes" / f"{recipe.name}-{int(time.time())}-{job_id}.yaml"
+        recipe_file = inside(studio / "recipes" / f"{recipe.name}-{int(time.time())}-{job_id}.yaml", self.runs_dir)
+        run_dir = inside(self.fresh_run_dir(recipe.name), self.runs_dir)
         write_text_atomic(recipe_file, recipe.to_yaml())
-        run_dir = self.fresh_run_dir(recipe.name)
         return self._queue(job_id, run_dir, ["train", str(recipe_file), "--output", str(run_dir)])
 
     def submit_resume(self, run_dir: Path) -> Job:
         """Queue `tunelab train RUN/recipe.yaml --output RUN --resume` for an interrupted or failed run."""
         from tunelab.recipe import load_recipe
 
+        run_dir = inside(run_dir, self.runs_dir)
         load_recipe(run_dir / "recipe.yaml")  # the saved recipe must still validate (raises TunelabError)
         if self.job_for(run_dir) is not None:
             raise TunelabError(f"run '{run_dir.name}' is already queued or running")

@@ -30,7 +30,14 @@ class Playground:
     def _load(self, key: tuple[Path, str], load) -> object:
         with self._lock:  # one load at a time: two copies of one model would only cost memory
             if key not in self._models:
-                self._models[key] = load()
+                try:
+                    self._models[key] = load()
+                except TunelabError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a run folder is untrusted input: a missing or corrupt
+                    # model file is the run's problem, answered as an error, not a crash of the board
+                    raise TunelabError(f"run '{key[0].name}': its model cannot be loaded ({type(exc).__name__}: "
+                                       f"{exc})") from None
                 while len(self._models) > KEPT_MODELS:
                     self._models.popitem(last=False)
             self._models.move_to_end(key)
@@ -44,7 +51,10 @@ class Playground:
         from tunelab.models.trained import load_trained
 
         trained = self._load((run_dir, "classifier"), lambda: load_trained(run_dir))
-        row = trained.probabilities([text])[0]
+        try:
+            row = trained.probabilities([text])[0]
+        except Exception as exc:  # noqa: BLE001 - the tokenizer and model are the run's; their failure is its error
+            raise TunelabError(f"run '{run_dir.name}' could not label the text ({type(exc).__name__}: {exc})") from None
         order = row.argsort()[::-1][:top_k]
         return {"text": text, "labels": [{"label": trained.labels[i], "probability": round(float(row[i]), 6)}
                                          for i in order]}
@@ -61,7 +71,10 @@ class Playground:
         if which == "base":
             if recipe["task"] not in BASE_TASKS:
                 raise TunelabError(f"the base of a {recipe['task']} run cannot answer on its own")
-            generator = self._load((run_dir, "base"), lambda: base_generator(tuned, recipe["model"]["name"]))
+            model = recipe.get("model")
+            if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+                raise TunelabError(f"run '{run_dir.name}': its recipe.yaml names no model.name to answer with")
+            generator = self._load((run_dir, "base"), lambda: base_generator(tuned, model["name"]))
         elif which == "tuned":
             generator = tuned
         else:
@@ -95,26 +108,10 @@ def stream_answer(generator, text: str, settings: GenerateConfig) -> Iterator[st
 
 
 def stream_plain(generator, prompt: str, settings: GenerateConfig) -> Iterator[str]:
-    """Generate in a thread and hand the decoded pieces over as they come."""
-    import torch
-    from transformers import TextIteratorStreamer
+    """The rendered prompt continued, piece by piece (with the tokenizer's own start token)."""
+    from tunelab.models.generator import stream_generate
 
-    from tunelab.evaluation.generation import autocast
-    from tunelab.trainer import bf16_supported
-
-    inputs = generator.tokenizer(prompt, return_tensors="pt")
-    streamer = TextIteratorStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {
-        "do_sample": False}
-    pad = generator.tokenizer.pad_token_id if generator.tokenizer.pad_token_id is not None else \
-        generator.tokenizer.eos_token_id
-
-    def work() -> None:
-        with torch.no_grad(), autocast(bf16_supported()):
-            generator.model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
-                                     pad_token_id=pad, **sampling)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
+    tokenizer = generator.tokenizer
+    inputs = tokenizer(prompt, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    yield from stream_generate(generator.model, tokenizer, inputs, settings, pad)

@@ -5,6 +5,10 @@ finished = metrics.json; running = the board's own `tunelab train` works on it, 
 last minute (a run started from a terminal); queued = the board resumes it when the running job ends;
 failed = the board saw its process end with an error (ui_error.txt); interrupted = anything else (killed,
 stopped, machine restarted): `tunelab train … --resume` finishes it.
+
+Run folders are untrusted input (runs/reading.py parses them typed): a folder, or a file in one, that is a symlink
+leading out of the runs folder is neither listed nor found by name, and a folder that cannot be read is left out of
+the list rather than failing it.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.runs.folder import METRICS_FILE, RECIPE_FILE
-from tunelab.runs.reading import LOG_FILE, headline, progress, read_log, read_metrics, read_recipe
+from tunelab.runs.reading import LOG_FILE, headline, progress, read_log, read_metrics, read_recipe, read_text
 
 UI_ERROR_FILE = "ui_error.txt"
 BASELINE_FILE = "baseline.json"
 RECENT_SECONDS = 60.0  # a folder written this recently belongs to a run still going (started elsewhere)
 HIDDEN = (".", "_")  # the board's own folder (.studio) and staging folders are not runs
+MAX_LISTED_FILES = 2000  # a run folder holds a few dozen; a bigger tree is not the board's to list in full
 
 
 @dataclass
@@ -35,15 +40,24 @@ class RunsIndex:
         """Folders holding a recipe.yaml, at the top or one level down (pipelines: runs/<pipeline>/<stage>)."""
         found = []
         for entry in scandir(self.root):
-            if not entry.is_dir() or entry.name.startswith(HIDDEN):
+            if not self.is_folder_inside(entry):
                 continue
             path = Path(entry.path)
             if (path / RECIPE_FILE).is_file():
                 found.append(path)
                 continue
-            found += [Path(sub.path) for sub in scandir(path) if sub.is_dir() and not sub.name.startswith(HIDDEN)
+            found += [Path(sub.path) for sub in scandir(path) if self.is_folder_inside(sub)
                       and (Path(sub.path) / RECIPE_FILE).is_file()]
         return found
+
+    def is_folder_inside(self, entry: os.DirEntry) -> bool:
+        """A visible folder that is really inside the runs folder (a symlink may not lead out of it)."""
+        try:
+            if entry.name.startswith(HIDDEN) or not entry.is_dir():
+                return False
+            return not entry.is_symlink() or Path(entry.path).resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError):
+            return False
 
     def name_of(self, run_dir: Path) -> str:
         """The run's name in URLs: its path under the runs folder."""
@@ -51,15 +65,24 @@ class RunsIndex:
 
     def resolve(self, name: str) -> Path:
         """The run folder called `name`, only ever inside the runs folder."""
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self.root.resolve()) or not (path / RECIPE_FILE).is_file():
-            raise TunelabError(f"no run '{name}' in {self.root}")
+        try:
+            path = (self.root / name).resolve()
+            found = path.is_relative_to(self.root.resolve()) and (path / RECIPE_FILE).is_file()
+        except (OSError, RuntimeError, ValueError):  # a NUL byte, a symlink loop
+            found = False
+        if not found:
+            raise TunelabError(f"no run {name!r} in {self.root}")
         return path
 
     def summaries(self, active: set[Path], ended: dict[Path, float],
                   queued: frozenset[Path] = frozenset()) -> list[dict]:
-        """One summary per run folder, newest first."""
-        rows = [self.summary(path, active, ended, queued) for path in self.run_dirs()]
+        """One summary per run folder, newest first; a folder that vanished or cannot be read is left out."""
+        rows = []
+        for path in self.run_dirs():
+            try:
+                rows.append(self.summary(path, active, ended, queued))
+            except (OSError, ValueError):
+                continue
         return sorted(rows, key=lambda row: row["started"] or 0, reverse=True)
 
     def summary(self, run_dir: Path, active: set[Path], ended: dict[Path, float],
@@ -77,12 +100,13 @@ class RunsIndex:
         """A run's summary plus its log, progress, metrics, recipe text and files."""
         run_dir = self.resolve(name)
         log = read_log(run_dir)
-        error = run_dir / UI_ERROR_FILE
-        return {**self.summary(run_dir, active, ended, queued), "log": log, "progress": progress(log),
-                "metrics": read_metrics(run_dir), "recipe": read_recipe(run_dir),
-                "recipe_text": (run_dir / RECIPE_FILE).read_text(encoding="utf-8"),
-                "error": error.read_text(encoding="utf-8") if error.is_file() else None,
-                "files": list_files(run_dir)}
+        try:
+            summary = self.summary(run_dir, active, ended, queued)
+        except (OSError, ValueError):
+            raise TunelabError(f"run {name!r} cannot be read") from None
+        return {**summary, "log": log, "progress": progress(log), "metrics": read_metrics(run_dir),
+                "recipe": read_recipe(run_dir), "recipe_text": read_text(run_dir, RECIPE_FILE) or "",
+                "error": read_text(run_dir, UI_ERROR_FILE), "files": list_files(run_dir)}
 
 
 def scandir(path: Path) -> list[os.DirEntry]:
@@ -109,12 +133,19 @@ def static_summary(run_dir: Path, name: str) -> dict:
     """The parts of a summary that change only when a file changes."""
     recipe = read_recipe(run_dir) or {}
     metrics = read_metrics(run_dir)
-    method = recipe.get("method")
-    return {"name": name, "task": recipe.get("task"), "model": (recipe.get("model") or {}).get("name"),
-            "method": method.get("name") if isinstance(method, dict) else method,
+    model, method = recipe.get("model"), recipe.get("method")
+    return {"name": name, "task": text_or_none(recipe.get("task")),
+            "model": text_or_none(model.get("name") if isinstance(model, dict) else None),
+            "method": text_or_none(method.get("name") if isinstance(method, dict) else method),
             "headline": headline(metrics),
             "samples_per_second": (metrics or {}).get("train_samples_per_second"),
             "started": os.stat(run_dir / RECIPE_FILE).st_mtime}
+
+
+def text_or_none(value) -> str | None:
+    """A recipe value shown as a word in the table: its text, None when absent (a hand-edited recipe may hold a list
+    or a number where a name belongs)."""
+    return None if value is None else str(value)
 
 
 def status(run_dir: Path, stamps: tuple, active: set[Path], ended: dict[Path, float],
@@ -134,10 +165,23 @@ def status(run_dir: Path, stamps: tuple, active: set[Path], ended: dict[Path, fl
 
 
 def list_files(run_dir: Path) -> list[dict]:
-    """The run folder's files (not checkpoints) with their sizes, for links."""
+    """The run folder's files (not checkpoints, not hidden) with their sizes, for links; symlinked folders are not
+    entered and a symlinked file is listed only when it stays inside the run folder (as /files serves it)."""
+    base = run_dir.resolve()
     files = []
-    for path in sorted(run_dir.rglob("*")):
-        relative = path.relative_to(run_dir)
-        if path.is_file() and relative.parts[0] != "checkpoints" and not relative.name.startswith("."):
-            files.append({"path": relative.as_posix(), "bytes": path.stat().st_size})
-    return files
+    for folder, subfolders, names in os.walk(run_dir):  # os.walk does not enter symlinked folders
+        here = Path(folder)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
+                               and not (here == run_dir and name == "checkpoints"))
+        for name in sorted(names):
+            path = here / name
+            if name.startswith(".") or len(files) >= MAX_LISTED_FILES:
+                continue
+            try:
+                if not path.resolve().is_relative_to(base) or not path.is_file():
+                    continue
+                size = path.stat().st_size
+            except (OSError, RuntimeError):
+                continue
+            files.append({"path": path.relative_to(run_dir).as_posix(), "bytes": size})
+    return sorted(files, key=lambda file: file["path"])

@@ -1,4 +1,4 @@
-// Shared helpers of the board's pages: JSON calls to this server, escaping, number formats and line charts.
+// Shared helpers of the board's pages: JSON calls to this server, building elements, number formats and charts.
 "use strict";
 
 async function getJSON(url) {
@@ -16,9 +16,25 @@ async function postJSON(url, data) {
   return body;
 }
 
-function esc(text) {
-  return String(text ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
-                                                         "'": "&#39;"}[c]));
+// Builds an element: el("td", {class: "num"}, "text", child, [more]). Strings go in as text nodes and attribute
+// values through setAttribute, never as HTML: run folders are untrusted input (anyone who can write into the runs
+// folder writes them), so nothing read from one is ever parsed as markup.
+function el(tag, attrs = {}, ...children) {
+  return build(document.createElement(tag), attrs, children);
+}
+
+function svg(tag, attrs = {}, ...children) {
+  return build(document.createElementNS("http://www.w3.org/2000/svg", tag), attrs, children);
+}
+
+function build(node, attrs, children) {
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value == null || value === false) continue;
+    node.setAttribute(key, value === true ? "" : String(value));
+  }
+  node.append(...children.flat(Infinity).filter(c => c != null && c !== false)
+    .map(c => c instanceof Node ? c : String(c)));
+  return node;
 }
 
 function num(value, digits = 4) {
@@ -33,7 +49,7 @@ function duration(seconds) {
 }
 
 function runLink(name) {
-  return `<a href="/run?name=${encodeURIComponent(name)}">${esc(name)}</a>`;
+  return el("a", {href: `/run?name=${encodeURIComponent(name)}`}, name);
 }
 
 function param(name) {
@@ -42,10 +58,10 @@ function param(name) {
 
 const COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d"];
 
-// A line chart as inline SVG. series: [{name, points: [[x, y], ...], colour, dots}]
+// A line chart as inline SVG, with its legend below. series: [{name, points: [[x, y], ...], colour, dots, dashed}]
 function lineChart(series, {width = 640, height = 260, xLabel = "step", yLabel = ""} = {}) {
-  const all = series.flatMap(s => s.points);
-  if (!all.length) return `<p class="muted">no points yet</p>`;
+  const all = series.flatMap(s => s.points).filter(p => Number.isFinite(p[0]) && Number.isFinite(p[1]));
+  if (!all.length) return el("p", {class: "muted"}, "no points yet");
   const pad = {left: 56, right: 12, top: 12, bottom: 36};
   const xs = all.map(p => p[0]), ys = all.map(p => p[1]);
   let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
@@ -53,25 +69,30 @@ function lineChart(series, {width = 640, height = 260, xLabel = "step", yLabel =
   if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
   const X = x => pad.left + (x - x0) / (x1 - x0) * (width - pad.left - pad.right);
   const Y = y => height - pad.bottom - (y - y0) / (y1 - y0) * (height - pad.top - pad.bottom);
-  let svg = `<svg class="chart" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}">`;
+  const chart = svg("svg", {class: "chart", width, height, viewBox: `0 0 ${width} ${height}`});
   for (let i = 0; i <= 4; i++) {
     const y = y0 + (y1 - y0) * i / 4, x = x0 + (x1 - x0) * i / 4;
-    svg += `<line x1="${pad.left}" x2="${width - pad.right}" y1="${Y(y)}" y2="${Y(y)}" stroke="#eee"/>`;
-    svg += `<text x="${pad.left - 6}" y="${Y(y) + 4}" font-size="11" text-anchor="end">${+y.toPrecision(3)}</text>`;
-    svg += `<text x="${X(x)}" y="${height - pad.bottom + 16}" font-size="11" text-anchor="middle">${+x.toPrecision(3)}</text>`;
+    chart.append(svg("line", {x1: pad.left, x2: width - pad.right, y1: Y(y), y2: Y(y), stroke: "#eee"}),
+      svg("text", {x: pad.left - 6, y: Y(y) + 4, "font-size": 11, "text-anchor": "end"}, +y.toPrecision(3)),
+      svg("text", {x: X(x), y: height - pad.bottom + 16, "font-size": 11, "text-anchor": "middle"}, +x.toPrecision(3)));
   }
-  svg += `<text x="${width / 2}" y="${height - 4}" font-size="12" text-anchor="middle">${esc(xLabel)}</text>`;
-  svg += `<text x="12" y="${height / 2}" font-size="12" transform="rotate(-90 12 ${height / 2})" text-anchor="middle">${esc(yLabel)}</text>`;
+  chart.append(svg("text", {x: width / 2, y: height - 4, "font-size": 12, "text-anchor": "middle"}, xLabel),
+    svg("text", {x: 12, y: height / 2, "font-size": 12, transform: `rotate(-90 12 ${height / 2})`,
+                 "text-anchor": "middle"}, yLabel));
+  const legend = el("div", {class: "legend"});
   series.forEach((s, i) => {
     const colour = s.colour || COLOURS[i % COLOURS.length];
-    const path = s.points.map((p, j) => `${j ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
-    svg += `<path class="series" data-name="${esc(s.name)}" d="${path}" fill="none" stroke="${colour}" stroke-width="1.8"`
-         + (s.dashed ? ` stroke-dasharray="5,3"` : "") + `/>`;
-    if (s.dots) s.points.forEach(p => { svg += `<circle cx="${X(p[0])}" cy="${Y(p[1])}" r="3" fill="${colour}"/>`; });
+    const points = s.points.filter(p => Number.isFinite(p[0]) && Number.isFinite(p[1]));
+    const path = points.map((p, j) => `${j ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
+    chart.append(svg("path", {class: "series", "data-name": s.name, d: path, fill: "none", stroke: colour,
+                              "stroke-width": 1.8, "stroke-dasharray": s.dashed ? "5,3" : null}));
+    if (s.dots) points.forEach(p => chart.append(svg("circle", {cx: X(p[0]), cy: Y(p[1]), r: 3, fill: colour})));
+    if (i) legend.append(" \u00a0 ");
+    legend.append(el("span", {style: `color:${colour}`}, `${s.dashed ? "┄" : "━"} ${s.name}`));
   });
-  const legend = series.map((s, i) => `<span style="color:${s.colour || COLOURS[i % COLOURS.length]}">`
-    + `${s.dashed ? "┄" : "━"} ${esc(s.name)}</span>`).join(" &nbsp; ");
-  return svg + `</svg><div class="legend">${legend}</div>`;
+  const figure = document.createDocumentFragment();
+  figure.append(chart, legend);
+  return figure;
 }
 
 // The loss series of a run's log.jsonl rows: training loss per step and eval loss per evaluation.
@@ -85,6 +106,6 @@ function lossSeries(log, prefix = "") {
 
 function navigation(here) {
   const links = [["/", "Runs"], ["/compare", "Compare"], ["/new", "New run"], ["/playground", "Playground"]];
-  document.querySelector("header").innerHTML = `<b>tunelab studio</b>` + links.map(([href, text]) =>
-    `<a href="${href}"${href === here ? ' class="here"' : ""}>${text}</a>`).join("");
+  document.querySelector("header").replaceChildren(el("b", {}, "tunelab studio"),
+    ...links.map(([href, text]) => el("a", {href, class: href === here ? "here" : null}, text)));
 }

@@ -15,33 +15,33 @@ function flatten(value, prefix = "", out = {}) {
 function metricsTable(runs, phase) {
   const keys = [...new Set(runs.flatMap(r => Object.keys((r.metrics || {})[phase] || {})))]
     .filter(k => runs.some(r => typeof ((r.metrics || {})[phase] || {})[k] === "number"));
-  if (!keys.length) return "";
+  if (!keys.length) return [];
   const rows = keys.map(key => {
     const values = runs.map(r => ((r.metrics || {})[phase] || {})[key]);
     const numbers = values.filter(v => typeof v === "number");
     const best = LOWER_IS_BETTER.includes(key) ? Math.min(...numbers) : Math.max(...numbers);
     const distinct = new Set(numbers).size > 1;
-    return `<tr><td>${esc(key)}</td>` + values.map(v => typeof v !== "number" ? "<td></td>"
-      : `<td class="num${distinct && v === best ? " better" : ""}">${num(v)}${distinct && v === best ? " ★" : ""}</td>`).join("") + "</tr>";
-  }).join("");
-  return `<h2>Metrics ${phase} training</h2><table id="metrics-${phase}"><tr><th>metric</th>`
-       + runs.map(r => `<th>${esc(r.name)}</th>`).join("") + `</tr>${rows}</table>`;
+    return el("tr", {}, el("td", {}, key), values.map(v => typeof v !== "number" ? el("td")
+      : el("td", {class: `num${distinct && v === best ? " better" : ""}`}, num(v) + (distinct && v === best ? " ★" : ""))));
+  });
+  return [el("h2", {}, `Metrics ${phase} training`), el("table", {id: `metrics-${phase}`},
+    el("tr", {}, el("th", {}, "metric"), runs.map(r => el("th", {}, r.name))), rows)];
 }
 
 function recipeDiff(runs) {
   const flat = runs.map(r => flatten(r.recipe || {}));
   const keys = [...new Set(flat.flatMap(Object.keys))].sort()
     .filter(k => new Set(flat.map(f => f[k] ?? "(absent)")).size > 1);
-  if (!keys.length) return "<h2>Recipe differences</h2><p>The recipes are the same.</p>";
-  return `<h2>Recipe differences</h2><table id="recipe-diff"><tr><th>key</th>` + runs.map(r => `<th>${esc(r.name)}</th>`).join("")
-       + "</tr>" + keys.map(k => `<tr><td>${esc(k)}</td>` + flat.map(f => `<td>${esc(f[k] ?? "(absent)")}</td>`).join("") + "</tr>").join("")
-       + "</table>";
+  if (!keys.length) return [el("h2", {}, "Recipe differences"), el("p", {}, "The recipes are the same.")];
+  return [el("h2", {}, "Recipe differences"), el("table", {id: "recipe-diff"},
+    el("tr", {}, el("th", {}, "key"), runs.map(r => el("th", {}, r.name))),
+    keys.map(k => el("tr", {}, el("td", {}, k), flat.map(f => el("td", {}, f[k] ?? "(absent)")))))];
 }
 
 async function compare(names) {
   const out = document.getElementById("out");
   if (names.length < 2) {
-    out.innerHTML = "<p>Pick at least two runs.</p>";
+    out.replaceChildren(el("p", {}, "Pick at least two runs."));
     return;
   }
   const runs = await Promise.all(names.map(n => getJSON(`/api/run?name=${encodeURIComponent(n)}`)));
@@ -50,16 +50,18 @@ async function compare(names) {
     name: `${r.name}: eval ${m}`, colour: COLOURS[i % COLOURS.length], dots: true, dashed: m !== "accuracy",
     points: r.log.filter(x => typeof x[`eval_${m}`] === "number").map(x => [x.epoch, x[`eval_${m}`]])}))
     .filter(s => s.points.length && !(s.name.endsWith("eval loss") && r.log.some(x => typeof x.eval_accuracy === "number"))));
-  out.innerHTML = `<h2>Loss</h2><div id="loss-chart">${lineChart(loss, {yLabel: "loss", width: 760, height: 300})}</div>`
-    + `<h2>Eval curves</h2><div id="eval-chart">${lineChart(evalSeries, {xLabel: "epoch", width: 760, height: 300})}</div>`
-    + metricsTable(runs, "after") + metricsTable(runs, "before") + recipeDiff(runs);
+  out.replaceChildren(el("h2", {}, "Loss"),
+    el("div", {id: "loss-chart"}, lineChart(loss, {yLabel: "loss", width: 760, height: 300})),
+    el("h2", {}, "Eval curves"),
+    el("div", {id: "eval-chart"}, lineChart(evalSeries, {xLabel: "epoch", width: 760, height: 300})),
+    ...metricsTable(runs, "after"), ...metricsTable(runs, "before"), ...recipeDiff(runs));
 }
 
 async function init() {
   const body = await getJSON("/api/runs");
   const chosen = (param("runs") || "").split(",").filter(Boolean);
-  document.getElementById("pick").innerHTML = body.runs.map(r =>
-    `<option${chosen.includes(r.name) ? " selected" : ""}>${esc(r.name)}</option>`).join("");
+  document.getElementById("pick").replaceChildren(...body.runs.map(r =>
+    el("option", {selected: chosen.includes(r.name)}, r.name)));
   if (chosen.length) await compare(chosen);
 }
 

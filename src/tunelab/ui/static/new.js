@@ -5,31 +5,32 @@ let schema = null, values = {}, startedRun = null;
 
 function fieldId(path) { return "f-" + path.replace(/\./g, "-"); }
 
-function fieldHtml(field) {
+// A field's row; values may come from an earlier run's recipe.yaml (untrusted), so they go in as text and properties.
+function fieldNode(field) {
   const value = values[field.path] ?? field.default;
   const id = fieldId(field.path);
   let input;
   if (field.kind === "choice" || field.kind === "bool") {
     const choices = field.kind === "bool" ? ["true", "false"] : field.choices;
-    input = `<select id="${id}" name="${esc(field.path)}">` + choices.map(c =>
-      `<option${c === value ? " selected" : ""}>${esc(c)}</option>`).join("") + `</select>`;
+    input = el("select", {id, name: field.path}, choices.map(c => el("option", {selected: c === value}, c)));
   } else {
-    input = `<input id="${id}" name="${esc(field.path)}" value="${esc(value)}" size="28"`
-          + ` placeholder="${field.required ? "required" : "default: " + esc(field.default || "none")}">`;
+    input = el("input", {id, name: field.path, size: 28,
+                         placeholder: field.required ? "required" : "default: " + (field.default || "none")});
+    input.value = value ?? "";
   }
-  return `<div class="field" data-path="${esc(field.path)}"><label for="${id}">${esc(field.path)}</label>`
-       + `<div>${input}<div class="error" id="error-${id}"></div></div>`
-       + `<div class="help">${esc(field.description)}${field.default && !field.required ? ` (default ${esc(field.default)})` : ""}</div></div>`;
+  return el("div", {class: "field", "data-path": field.path}, el("label", {for: id}, field.path),
+    el("div", {}, input, el("div", {class: "error", id: `error-${id}`})),
+    el("div", {class: "help"}, field.description + (field.default && !field.required ? ` (default ${field.default})` : "")));
 }
 
 function renderForm() {
   const method = values["method.name"] || "full";
-  document.getElementById("form").innerHTML = schema.sections.map(section => {
-    let fields = section.fields.map(fieldHtml).join("");
-    if (section.name === "method") fields += (schema.methods[method] || []).map(fieldHtml).join("");
-    return `<fieldset><legend>${esc(section.title)}</legend>`
-         + (section.description ? `<p class="help">${esc(section.description)}</p>` : "") + fields + `</fieldset>`;
-  }).join("");
+  document.getElementById("form").replaceChildren(...schema.sections.map(section => {
+    const fields = section.fields.map(fieldNode);
+    if (section.name === "method") fields.push(...(schema.methods[method] || []).map(fieldNode));
+    return el("fieldset", {}, el("legend", {}, section.title),
+      section.description ? el("p", {class: "help"}, section.description) : null, fields);
+  }));
   document.getElementById(fieldId("method.name")).addEventListener("change", () => {
     values = collect();
     renderForm();
@@ -73,7 +74,7 @@ async function send(url) {
     showResult(result);
     if (result.ok && result.run) {
       startedRun = result.run;
-      out.innerHTML = `started: ${runLink(result.run)} (${esc(result.job.state)})`;
+      out.replaceChildren("started: ", runLink(result.run), ` (${result.job.state})`);
       document.getElementById("stop").hidden = false;
     }
   } catch (error) {
@@ -88,7 +89,7 @@ async function loadTemplate() {
   if (colon < 0) return;
   const kind = choice.slice(0, colon), name = choice.slice(colon + 1);
   try {
-    values = (await getJSON(`/api/form/values?kind=${kind}&name=${encodeURIComponent(name)}`)).values;
+    values = (await getJSON(`/api/form/values?kind=${encodeURIComponent(kind)}&name=${encodeURIComponent(name)}`)).values;
     renderForm();
     document.getElementById("result").textContent = "";
   } catch (error) {
@@ -99,10 +100,9 @@ async function loadTemplate() {
 async function init() {
   schema = await getJSON("/api/form");
   const preset = param("from");  // e.g. run:NAME or example:NAME
-  document.getElementById("template").innerHTML = `<option value="">(empty form)</option>`
-    + `<optgroup label="examples">` + schema.examples.map(e => `<option value="example:${esc(e)}">${esc(e)}</option>`).join("")
-    + `</optgroup><optgroup label="earlier runs">` + schema.runs.map(r => `<option value="run:${esc(r)}">${esc(r)}</option>`).join("")
-    + `</optgroup>`;
+  document.getElementById("template").replaceChildren(el("option", {value: ""}, "(empty form)"),
+    el("optgroup", {label: "examples"}, schema.examples.map(e => el("option", {value: `example:${e}`}, e))),
+    el("optgroup", {label: "earlier runs"}, schema.runs.map(r => el("option", {value: `run:${r}`}, r))));
   renderForm();
   if (preset) {
     document.getElementById("template").value = preset;
@@ -116,7 +116,7 @@ document.getElementById("start").addEventListener("click", () => send("/api/star
 document.getElementById("stop").addEventListener("click", async () => {
   try {
     await postJSON("/api/stop", {run: startedRun});
-    document.getElementById("result").innerHTML = `stopped: ${runLink(startedRun)} (resume it from its page)`;
+    document.getElementById("result").replaceChildren("stopped: ", runLink(startedRun), " (resume it from its page)");
   } catch (error) {
     document.getElementById("result").textContent = error.message;
   }

@@ -18,9 +18,10 @@ async function predict() {
   document.getElementById("predict-error").textContent = "";
   try {
     const result = await postJSON("/api/predict", {run: current().name, text: document.getElementById("text").value});
-    document.getElementById("labels").innerHTML = "<tr><th>label</th><th>probability</th><th></th></tr>"
-      + result.labels.map(l => `<tr><td>${esc(l.label)}</td><td class="num">${l.probability.toFixed(4)}</td>`
-      + `<td><span class="bar" style="width:${Math.round(l.probability * 200)}px"></span></td></tr>`).join("");
+    document.getElementById("labels").replaceChildren(
+      el("tr", {}, el("th", {}, "label"), el("th", {}, "probability"), el("th")),
+      ...result.labels.map(l => el("tr", {}, el("td", {}, l.label), el("td", {class: "num"}, l.probability.toFixed(4)),
+        el("td", {}, el("span", {class: "bar", style: `width:${Math.round(l.probability * 200)}px`})))));
   } catch (error) {
     document.getElementById("predict-error").textContent = error.message;
   }
@@ -59,7 +60,7 @@ async function stream(which) {
 
 async function init() {
   runs = (await getJSON("/api/runs")).runs.filter(r => r.status === "finished");
-  document.getElementById("run").innerHTML = runs.map(r => `<option>${esc(r.name)}</option>`).join("");
+  document.getElementById("run").replaceChildren(...runs.map(r => el("option", {}, r.name)));
   const wanted = param("run");
   if (wanted) document.getElementById("run").value = wanted;
   showPanel();

@@ -1,11 +1,12 @@
 // Run page: live progress while training (polled every two seconds), the report once finished, stop and resume.
+// Everything from the run folder goes in as text (el() in common.js), never as HTML.
 "use strict";
 navigation("");
 const name = param("name");
 let shownReport = false;
 
 function card(label, value, id) {
-  return `<div class="card" id="${id}"><div>${esc(label)}</div><div class="value">${value}</div></div>`;
+  return el("div", {class: "card", id}, el("div", {}, label), el("div", {class: "value"}, value));
 }
 
 function render(run) {
@@ -16,36 +17,39 @@ function render(run) {
   document.getElementById("what").textContent = `${run.task} · ${run.model} · ${run.method}`;
   const p = run.progress;
   const evals = Object.entries(p.latest_eval).filter(([k]) => !/runtime|per_second/.test(k))
-    .map(([k, v]) => `${esc(k)} ${num(v)}`).join("<br>") || "–";
-  let cards = card("step", `${p.step}${p.max_steps ? " / " + p.max_steps : ""}`, "step")
-    + card("epoch", num(p.epoch, 2), "epoch")
-    + card("ETA", run.status === "running" ? duration(p.eta_seconds) : "–", "eta")
-    + card("latest eval", `<span style="font-size:0.7em">${evals}</span>`, "latest-eval");
+    .map(([k, v]) => el("div", {}, `${k} ${num(v)}`));
+  const cards = [
+    card("step", `${p.step}${p.max_steps ? " / " + p.max_steps : ""}`, "step"),
+    card("epoch", num(p.epoch, 2), "epoch"),
+    card("ETA", run.status === "running" ? duration(p.eta_seconds) : "–", "eta"),
+    card("latest eval", el("span", {style: "font-size:0.7em"}, evals.length ? evals : "–"), "latest-eval"),
+  ];
   if (run.headline) {
     const h = run.headline;
-    cards += card(`${h.metric} before → after`, `${num(h.before)} → ${num(h.after)}`, "headline");
+    cards.push(card(`${h.metric} before → after`, `${num(h.before)} → ${num(h.after)}`, "headline"));
   }
-  document.getElementById("cards").innerHTML = cards;
-  document.getElementById("loss").innerHTML = lineChart(lossSeries(run.log), {yLabel: "loss"});
+  document.getElementById("cards").replaceChildren(...cards);
+  document.getElementById("loss").replaceChildren(lineChart(lossSeries(run.log), {yLabel: "loss"}));
   const metricSeries = ["accuracy", "macro_f1"].map(m => ({name: m, dots: true,
     points: run.log.filter(r => typeof r[`eval_${m}`] === "number").map(r => [r.epoch, r[`eval_${m}`]])}))
     .filter(s => s.points.length);
-  document.getElementById("evalchart").innerHTML = metricSeries.length
-    ? "<h2>Eval metrics per epoch</h2>" + lineChart(metricSeries, {xLabel: "epoch"}) : "";
+  document.getElementById("evalchart").replaceChildren(...(metricSeries.length
+    ? [el("h2", {}, "Eval metrics per epoch"), lineChart(metricSeries, {xLabel: "epoch"})] : []));
   document.getElementById("stop").hidden = !["running", "queued"].includes(run.status);
   document.getElementById("resume").hidden = !["interrupted", "failed"].includes(run.status);
   const tryLink = document.getElementById("try");
   tryLink.hidden = run.status !== "finished";
   tryLink.href = `/playground?run=${encodeURIComponent(run.name)}`;
-  document.getElementById("failure").innerHTML = run.status === "failed" && run.error
-    ? `<h2>Why it failed</h2><pre class="error">${esc(run.error)}</pre>` : "";
+  document.getElementById("failure").replaceChildren(...(run.status === "failed" && run.error
+    ? [el("h2", {}, "Why it failed"), el("pre", {class: "error"}, run.error)] : []));
   document.getElementById("recipe").textContent = run.recipe_text;
-  document.getElementById("files").innerHTML = run.files.map(f =>
-    `<li><a href="/files/${encodeURI(run.name)}/${encodeURI(f.path)}">${esc(f.path)}</a> (${f.bytes.toLocaleString()} bytes)</li>`).join("");
+  document.getElementById("files").replaceChildren(...run.files.map(f => el("li", {},
+    el("a", {href: `/files/${encodeURI(run.name)}/${encodeURI(f.path)}`}, f.path),
+    ` (${Number(f.bytes).toLocaleString()} bytes)`)));
   if (run.status === "finished" && !shownReport && run.files.some(f => f.path === "report.html")) {
     shownReport = true;
-    document.getElementById("report").innerHTML = `<h2>Report</h2>`
-      + `<iframe class="report" src="/files/${encodeURI(run.name)}/report.html" title="report"></iframe>`;
+    document.getElementById("report").replaceChildren(el("h2", {}, "Report"),
+      el("iframe", {class: "report", src: `/files/${encodeURI(run.name)}/report.html`, title: "report"}));
   }
 }
 

@@ -14,28 +14,29 @@ function render() {
     const x = sortValue(a, sortKey), y = sortValue(b, sortKey);
     return (x < y ? -1 : x > y ? 1 : 0) * (descending ? -1 : 1);
   });
-  document.querySelector("#runs tbody").innerHTML = sorted.map(row => {
+  document.querySelector("#runs tbody").replaceChildren(...sorted.map(row => {
     const h = row.headline;
-    const change = h ? `${esc(h.metric)} ${num(h.before)} → <b>${num(h.after)}</b>` : "";
-    return `<tr data-run="${esc(row.name)}">
-      <td><input type="checkbox" class="pick" value="${esc(row.name)}"${selected.has(row.name) ? " checked" : ""}></td>
-      <td>${runLink(row.name)}</td><td>${esc(row.task)}</td><td>${esc(row.model)}</td><td>${esc(row.method)}</td>
-      <td><span class="status ${row.status}">${row.status}</span></td><td>${change}</td>
-      <td class="num">${row.samples_per_second ? row.samples_per_second.toFixed(2) : ""}</td>
-      <td>${new Date(row.started * 1000).toLocaleString()}</td></tr>`;
-  }).join("");
-  document.querySelectorAll(".pick").forEach(box => box.addEventListener("change", () => {
-    box.checked ? selected.add(box.value) : selected.delete(box.value);
+    const change = h ? [`${h.metric} ${num(h.before)} → `, el("b", {}, num(h.after))] : "";
+    const speed = typeof row.samples_per_second === "number" ? row.samples_per_second.toFixed(2) : "";
+    const pick = el("input", {type: "checkbox", class: "pick", value: row.name, checked: selected.has(row.name)});
+    pick.addEventListener("change", () => { pick.checked ? selected.add(row.name) : selected.delete(row.name); });
+    const tr = el("tr", {}, el("td", {}, pick), el("td", {}, runLink(row.name)), el("td", {}, row.task ?? ""),
+      el("td", {}, row.model ?? ""), el("td", {}, row.method ?? ""),
+      el("td", {}, el("span", {class: `status ${row.status}`}, row.status)), el("td", {}, change),
+      el("td", {class: "num"}, speed), el("td", {}, new Date(row.started * 1000).toLocaleString()));
+    tr.dataset.run = row.name;
+    return tr;
   }));
 }
 
 function renderJobs(jobs) {
   const lines = [];
-  if (jobs.current) lines.push(`running: ${runLink(jobs.current.run)}`);
-  jobs.queued.forEach(job => lines.push(`queued: ${esc(job.run)}`));
+  if (jobs.current) lines.push(["running: ", runLink(jobs.current.run)]);
+  jobs.queued.forEach(job => lines.push(`queued: ${job.run}`));
   jobs.ended.filter(job => job.state === "failed").slice(-3).forEach(job =>
-    lines.push(`failed: ${esc(job.run)} <pre class="error">${esc(job.error)}</pre>`));
-  document.getElementById("jobs").innerHTML = lines.length ? "<h2>Board's jobs</h2><p>" + lines.join("<br>") + "</p>" : "";
+    lines.push([`failed: ${job.run} `, el("pre", {class: "error"}, job.error ?? "")]));
+  document.getElementById("jobs").replaceChildren(...(lines.length
+    ? [el("h2", {}, "Board's jobs"), el("p", {}, lines.flatMap((line, i) => i ? [el("br"), line] : [line]))] : []));
 }
 
 async function refresh() {
