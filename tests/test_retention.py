@@ -1,0 +1,242 @@
+"""Retention probes: scores equal a one-item-at-a-time reference, windows cover each token once, comparisons flag
+real changes only, and the shipped probes load as lm-evaluation-harness reads them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab.errors import TunelabError
+from tunelab.evaluation import retention
+from tunelab.evaluation.retention import ChoiceItem, Document
+
+GOALS = ["the day was", "a chair is", "this paper", "it was very", "the window"]
+CHOICES = [("good", "bad window"), ("a lovely happy table", "sad"), ("great", "poor ugly door is"),
+           ("fine day", "awful"), ("the door was happy", "it")]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def toy_items() -> list[ChoiceItem]:
+    return [ChoiceItem(retention.CHOICE_PROMPT.format(goal=goal), choices, row % 2, row)
+            for row, (goal, choices) in enumerate(zip(GOALS, CHOICES, strict=True))]
+
+
+def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """One sequence, no padding, no batching: the log-probability of the continuation's tokens."""
+    whole = tokenizer(context + continuation)["input_ids"]
+    start = len(tokenizer(context)["input_ids"])
+    with torch.no_grad():
+        logprobs = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+    return sum(float(logprobs[i - 1, whole[i]]) for i in range(start, len(whole)))
+
+
+def test_batched_choice_scores_equal_a_one_item_at_a_time_reference(llama):
+    model, tokenizer = llama
+    items = toy_items()
+    expected = [[reference_loglikelihood(model, tokenizer, item.context, " " + choice) for choice in item.choices]
+                for item in items]
+    for batch_size in (1, 3, 16):  # 3 mixes lengths in a batch, so rows are padded
+        scored = retention.score_multiple_choice(model, tokenizer, items, batch_size=batch_size)
+        np.testing.assert_allclose(scored["loglikelihoods"], expected, atol=1e-4)
+    right = [int(np.argmax(lls) == item.label) for lls, item in zip(expected, items, strict=True)]
+    assert scored["per_row"]["acc"] == right
+    assert scored["acc"] == pytest.approx(np.mean(right))
+
+
+def test_a_text_longer_than_the_context_keeps_its_last_tokens_as_the_harness_does(llama):
+    model, tokenizer = llama  # the tiny Llama has 64 positions
+    item = ChoiceItem(retention.CHOICE_PROMPT.format(goal=" ".join(["the good day"] * 30)), ("was lovely", "bad"), 0, 0)
+    whole = tokenizer(item.context + " was lovely")["input_ids"]
+    start = len(tokenizer(item.context)["input_ids"])
+    kept = whole[-65:]  # the harness: (context + continuation)[-(max_length + 1):], the last one only predicted
+    with torch.no_grad():
+        logprobs = model(torch.tensor([kept[:-1]])).logits[0].log_softmax(-1)
+    expected = sum(float(logprobs[i - 1, kept[i]]) for i in range(len(kept) - (len(whole) - start), len(kept)))
+    scored = retention.score_multiple_choice(model, tokenizer, [item])["loglikelihoods"][0][0]
+    assert len(whole) > 65 and scored == pytest.approx(expected, abs=1e-4)
+
+
+def test_scores_ignore_the_tokenizers_padding_side_and_the_models_training_mode(llama):
+    model, tokenizer = llama
+    items = toy_items()
+    baseline = retention.score_multiple_choice(model, tokenizer, items, batch_size=4)["loglikelihoods"]
+    tokenizer.padding_side = "left"
+    model.train()  # dropout would make two scorings differ if scoring did not switch it off
+    try:
+        again = retention.score_multiple_choice(model, tokenizer, items, batch_size=4)["loglikelihoods"]
+        assert model.training, "scoring must give the model back in the mode it found it"
+    finally:
+        tokenizer.padding_side = "right"
+        model.eval()
+    np.testing.assert_allclose(again, baseline, atol=1e-5)
+
+
+def test_acc_norm_divides_by_the_choices_characters_as_the_harness_does(llama, monkeypatch):
+    model, tokenizer = llama
+    # "ééééé" is 5 characters but 10 bytes: per character −5/5 = −1.0 loses to −6/8 = −0.75, per byte it would win
+    item = ChoiceItem("Question: q\nAnswer:", ("ééééé", "abcdefgh"), 1, 0)
+    monkeypatch.setattr(retention, "continuation_loglikelihoods", lambda *args: [-5.0, -6.0])
+    scored = retention.score_multiple_choice(model, tokenizer, [item])
+    assert scored["per_row"] == {"acc": [0], "acc_norm": [1]}  # acc takes the larger sum, −5
+
+
+def test_rolling_windows_match_the_harness_and_cover_every_token_once():
+    tokens = list(range(10, 20))
+    # lm-evaluation-harness's get_rolling_token_windows + make_disjoint_window for max_seq_len 4, context_len 1
+    assert retention.rolling_windows(tokens, 99, 4, 4) == [([99], [10, 11, 12, 13]), ([13], [14, 15, 16, 17]),
+                                                           ([15, 16, 17], [18, 19])]
+    for length in (1, 5, 9, 10, 23):
+        for max_length, stride in ((4, 4), (4, 1), (6, 3), (30, 30)):
+            windows = retention.rolling_windows(tokens[:length] * 3, 99, max_length, stride)
+            assert [t for _, continuation in windows for t in continuation] == (tokens[:length] * 3)
+            text = [99, *tokens[:length] * 3]
+            covered = 0
+            for context, continuation in windows:
+                assert len(context) + len(continuation) - 1 <= max_length
+                assert context[-1] == text[covered], "the token before a window's first target must be its context"
+                assert context == text[covered + 1 - len(context):covered + 1]
+                covered += len(continuation)
+
+
+def test_rolling_perplexity_equals_the_models_loss_and_does_not_depend_on_batching(llama):
+    model, tokenizer = llama
+    words = ["the", "day", "was", "good", "and", "this", "chair", "is", "very", "lovely", "it", "was", "a"]
+    docs = [Document(" ".join(words[:n]), n, len(" ".join(words[:n]))) for n in (3, 9, 13)]
+    one_window = retention.score_rolling_perplexity(model, tokenizer, docs, max_length=64)
+    for doc, ll in zip(docs, one_window["per_row"]["loglikelihood"], strict=True):
+        ids = [tokenizer.eos_token_id, *tokenizer(doc.text, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+        assert ll == pytest.approx(-float(loss) * (len(ids) - 1), rel=1e-5)
+    total = sum(one_window["per_row"]["loglikelihood"])
+    assert one_window["word_perplexity"] == pytest.approx(math.exp(-total / sum(d.words for d in docs)))
+    assert one_window["bits_per_byte"] == pytest.approx(-total / sum(d.bytes for d in docs) / math.log(2))
+    windowed = [retention.score_rolling_perplexity(model, tokenizer, docs, max_length=4, stride=stride,
+                                                   batch_size=batch)["per_row"]["loglikelihood"]
+                for stride, batch in ((4, 1), (4, 5), (2, 3))]
+    np.testing.assert_allclose(windowed[0], windowed[1], atol=1e-4)  # batched == unbatched
+    assert windowed[0] != pytest.approx(one_window["per_row"]["loglikelihood"])  # short windows do lose context
+    assert windowed[2] != pytest.approx(windowed[0])  # a shorter stride gives each window more context
+
+
+def test_a_lora_wrapped_model_scores_as_its_merged_weights(llama):
+    model, tokenizer = llama
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
+    wrapped = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    items = toy_items()
+    adapted = retention.score_multiple_choice(wrapped, tokenizer, items, batch_size=4)["loglikelihoods"]
+    plain = retention.score_multiple_choice(model, tokenizer, items, batch_size=4)["loglikelihoods"]
+    merged = wrapped.merge_and_unload()
+    np.testing.assert_allclose(adapted, retention.score_multiple_choice(merged, tokenizer, items, 4)["loglikelihoods"],
+                               atol=1e-4)
+    assert not np.allclose(adapted, plain, atol=1e-3), "the adapter must change the scores"
+
+
+def test_a_prompt_tuned_model_scores_its_inputs_not_its_virtual_tokens(llama):
+    model, tokenizer = llama
+    torch.manual_seed(2)
+    base = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32)
+    wrapped = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    item = toy_items()[1]
+    whole = tokenizer(item.context + " " + item.choices[0])["input_ids"]
+    start = len(tokenizer(item.context)["input_ids"])
+    with torch.no_grad():  # peft puts the 3 virtual tokens' logits first: the inputs' logits are the last ones
+        logprobs = wrapped(input_ids=torch.tensor([whole])).logits[0, 3:].log_softmax(-1)
+    expected = sum(float(logprobs[i - 1, whole[i]]) for i in range(start, len(whole)))
+    scored = retention.score_multiple_choice(wrapped, tokenizer, toy_items(), batch_size=4)["loglikelihoods"]
+    assert scored[1][0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_compare_flags_a_real_drop_and_not_a_null_one():
+    rng = np.random.default_rng(0)
+    before = (rng.random(500) < 0.7).astype(int)
+    dropped = before.copy()
+    dropped[np.flatnonzero(before)[:60]] = 0  # 60 of 500 items lost: −0.12
+    ll = -rng.uniform(50, 500, 40)
+    words = rng.integers(20, 200, 40)
+    perplexity_rows = {"loglikelihood": ll.tolist(), "words": words.tolist(), "bytes": (words * 5).tolist()}
+    worse_rows = {**perplexity_rows, "loglikelihood": (ll - 0.2 * words).tolist()}  # word ppl × e^0.2
+
+    def scores(right, rows):
+        return {"piqa": {"per_row": {"acc": right.tolist(), "acc_norm": right.tolist()}},
+                "wikitext": {"per_row": rows}}
+
+    null = retention.compare(scores(before, perplexity_rows), scores(before, perplexity_rows))
+    assert null["piqa"]["acc"]["change"] == 0 and not null["piqa"]["acc"]["significant"]
+    assert null["piqa"]["acc"]["p_value"] == 1.0
+    assert null["wikitext"]["word_perplexity"]["ratio"] == pytest.approx(1.0)
+    assert not null["wikitext"]["word_perplexity"]["significant"]
+
+    real = retention.compare(scores(before, perplexity_rows), scores(dropped, worse_rows))
+    acc = real["piqa"]["acc"]
+    assert acc["change"] == pytest.approx(-0.12) and acc["significant"] and acc["high"] < 0 and acc["p_value"] < 1e-6
+    ppl = real["wikitext"]["word_perplexity"]
+    assert ppl["ratio"] == pytest.approx(math.exp(0.2)) and ppl["significant"] and ppl["low"] > 1
+    assert ppl["after"] == pytest.approx(ppl["before"] * math.exp(0.2))
+
+    line = retention.summarize(real)
+    assert line.startswith("retained: PIQA acc 0.")
+    assert "(−0.120 [" in line and "WikiText word ppl" in line and "(+22% [" in line
+    assert "no significant change" in retention.summarize(null)
+
+
+def test_compare_refuses_scores_of_different_items():
+    with pytest.raises(TunelabError, match="same probe items"):
+        retention.compare({"piqa": {"per_row": {"acc": [1, 0], "acc_norm": [1, 0]}}},
+                          {"piqa": {"per_row": {"acc": [1], "acc_norm": [1]}}})
+
+
+def test_shipped_piqa_loads_all_rows_and_samples_reproducibly():
+    items = retention.load_piqa()
+    assert len(items) == 1838 and {item.label for item in items} == {0, 1}
+    assert items[0].context.startswith("Question: How do I ready a guinea pig cage") and items[0].context.endswith(
+        "\nAnswer:")
+    subset = retention.load_piqa(size=200)
+    assert [item.row for item in subset] == sorted(item.row for item in subset) and len(subset) == 200
+    assert subset == retention.load_piqa(size=200)
+    assert subset != retention.load_piqa(size=200, seed=1)
+
+
+def test_shipped_wikitext_cuts_the_harness_articles_and_counts_words_before_detokenizing():
+    docs = retention.load_wikitext()
+    assert len(docs) == 62  # the harness's wikitext test split has 62 documents
+    first = docs[0]
+    assert first.text.startswith(" = Robert <unk> =\n\nRobert") and " @-@ " not in first.text
+    assert "guest-starring role" in first.text  # " @-@ " joined
+    assert first.words > len(first.text.split())  # counted on the text before detokenizing
+
+
+def test_detokenizer_matches_the_harnesses():
+    sample = ' = = Career = = \n The " big " ( very ) cat @-@ like 1 @,@ 000 dogs \' s toy , they said . N \n'
+    expected = ' == Career ==\nThe "big" (very) cat-like 1,000 dogs\' s toy, they said. N\n'
+    assert retention.wikitext_detokenize(sample) == expected
+    harness = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext")  # only where lm_eval is installed
+    text = "\n".join(retention.wikitext_pages(retention.find_probe(retention.WIKITEXT_FILE).read_text())[:5])
+    assert retention.wikitext_detokenize(text) == harness.wikitext_detokenizer({"page": text})
+
+
+def test_user_probes_load_and_bad_rows_name_the_fix(tmp_path):
+    good = tmp_path / "mc.jsonl"
+    good.write_text(json.dumps({"goal": "sky colour", "choices": ["blue", "green", "red"], "label": 0}) + "\n")
+    assert retention.load_multiple_choice(good)[0].choices == ("blue", "green", "red")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"goal": "x", "choices": ["a", "b"], "label": 2}) + "\n")
+    with pytest.raises(TunelabError, match="row 1"):
+        retention.load_multiple_choice(bad)
+    text = tmp_path / "notes.txt"
+    text.write_text("First paragraph here.\n\nSecond one,\nover two lines.\n")
+    docs = retention.load_text(text)
+    assert [doc.words for doc in docs] == [3, 5] and docs[1].text == "Second one,\nover two lines."
