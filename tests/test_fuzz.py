@@ -31,11 +31,13 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from conftest import make_tokenizer, seeded_random_weights, toy_recipe
+import test_serve
+import test_serve_hardening
+from conftest import toy_recipe
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from studio import free_port, make_old
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from test_serve import CHAT_TEMPLATE
 
 import tunelab
 from tunelab import api
@@ -50,9 +52,6 @@ COVERAGE = os.environ.get("TUNELAB_FUZZ_COVERAGE", "1") not in ("", "0")
 KEEP_GOING = os.environ.get("TUNELAB_FUZZ_KEEP_GOING", "") not in ("", "0")
 LOG = os.environ.get("TUNELAB_FUZZ_LOG")
 REQUEST_TIMEOUT_S = 30  # the slowest valid request (8 choices of 1024 tokens from the tiny decoder) takes ~10 s
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}it was{% endif %}")
-LABELS = ["neg", "neu", "pos"]
 # Read event streams to their end (Schemathesis stops after 20 events by default), so that a stream cut off or left
 # hanging shows; print requests unmasked (its sanitizer hides fields named like secrets, max_tokens among them); and
 # read no schemathesis.toml from the working directory.
@@ -68,6 +67,10 @@ UI_ENDPOINTS = [("GET", "/api/runs"), ("GET", "/api/run"), ("GET", "/files/{rela
                 ("GET", "/api/form/values"), ("POST", "/api/validate"), ("POST", "/api/predict"),
                 ("POST", "/api/chat")]
 UI_RUNS = ["toy-classify", "toy-chat"]
+# the servers' models: a tiny classifier folder, and the tiny llama with a chat template and a 2048-token context
+# (conftest's own 64 would refuse most generated max_tokens before they reach the engine)
+tiny_classifier = test_serve.tiny_classifier
+long_llama = test_serve_hardening.long_llama
 
 
 class Server:
@@ -107,21 +110,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def chat_llama(tmp_path_factory) -> Path:
-    """conftest's tiny llama with a chat template and a context of 2048 tokens (the fixture's own 64 would refuse most
-    generated max_tokens before they reach the engine)."""
-    folder = tmp_path_factory.mktemp("fuzz-chat-llama")
-    tokenizer = make_tokenizer(decoder=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, pad_token_id=None)
-    seeded_random_weights(LlamaForCausalLM, config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def runs(tiny_bert, tiny_llama, toy_data, tmp_path_factory) -> Path:
     """A runs folder with a finished classifier run and a finished chat sft run (one epoch each: only finished)."""
     runs = tmp_path_factory.mktemp("fuzz-studio") / "runs"
@@ -145,18 +133,7 @@ def runs(tiny_bert, tiny_llama, toy_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_classifier(tiny_bert, tmp_path_factory) -> Path:
-    """A tiny BERT sequence classifier folder with three named labels (random weights; as in test_serve.py)."""
-    folder = tmp_path_factory.mktemp("fuzz-classifier")
-    config = BertConfig.from_pretrained(tiny_bert, num_labels=3, id2label=dict(enumerate(LABELS)),
-                                        label2id={label: i for i, label in enumerate(LABELS)})
-    seeded_random_weights(BertForSequenceClassification, config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def targets(chat_llama, tiny_classifier, runs, tmp_path_factory):
+def targets(long_llama, tiny_classifier, runs, tmp_path_factory):
     """The three servers under fuzz, started side by side, each with the OpenAPI schema of its app."""
     from tunelab.serve.app import create_app as serve_app
     from tunelab.serve.engine import load_engine
@@ -166,7 +143,7 @@ def targets(chat_llama, tiny_classifier, runs, tmp_path_factory):
     logs = tmp_path_factory.mktemp("fuzz-logs")
     started = {}
     try:
-        for name, model in (("generate", chat_llama), ("classify", tiny_classifier)):
+        for name, model in (("generate", long_llama), ("classify", tiny_classifier)):
             started[name] = Server(["serve", str(model), "--max-batch", "4"], "/health", logs / f"{name}.log")
             engine = load_engine(str(model), 4)
             started[name].schema = serve_app(engine, model.name, {model.name}, None).openapi()

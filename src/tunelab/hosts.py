@@ -42,6 +42,14 @@ def is_ip(name: str) -> bool:
     return True
 
 
+def is_loopback(bind_host: str) -> bool:
+    """Whether a bind address is reachable from this machine only (`127.0.0.1`, `::1`, `[::1]`, `localhost`)."""
+    name = bind_host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    return is_ip(name) and ipaddress.ip_address(name).is_loopback
+
+
 def allowed_names(bind_host: str, extra: Iterable[str] = ()) -> frozenset[str]:
     """The names answered: loopback names, the bind address (unless it is every address) and `extra`."""
     names = set(LOOPBACK_NAMES) | {name.strip().strip("[]").lower().rstrip(".") for name in extra if name.strip()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import os
 import socket
@@ -32,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import TunelabError
-from tunelab.hosts import HostAllowList, allowed_names
+from tunelab.hosts import HostAllowList, allowed_names, is_loopback
 from tunelab.serve.engine import Choice, GenerationEngine, load_engine
 from tunelab.serve.protocol import (
     BODY_TIMEOUT_S,
@@ -348,16 +347,6 @@ async def stream(choices: list[Choice], request_id: str, model_id: str, prompt_t
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind_warning(host: str, api_key: str | None) -> str | None:

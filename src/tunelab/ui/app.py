@@ -14,23 +14,23 @@ from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunelab.errors import TunelabError
-from tunelab.hosts import HostAllowList, allowed_names
+from tunelab.hosts import HostAllowList, allowed_names, is_loopback
 from tunelab.recipe import GenerateConfig
+from tunelab.serve.protocol import Text  # refuses lone UTF-16 surrogates, as serve does
 from tunelab.ui import forms
 from tunelab.ui.launcher import Launcher
 from tunelab.ui.playground import Playground
 from tunelab.ui.runs_index import RunsIndex
-from tunelab.ui.security import TokenGate, board_token, file_inside, is_loopback, same_origin
+from tunelab.ui.security import TokenGate, board_token, file_inside, same_origin
 
 STATIC = Path(__file__).parent / "static"
 # The pages may load only what this server serves (a second line of defence behind having no outside URLs at all).
@@ -53,18 +53,6 @@ class Settings:
     port: int
     allowed_hosts: tuple[str, ...] = ()
     token: str | None = None
-
-
-def utf8_text(text: str) -> str:
-    """Refuse text that cannot be written as UTF-8 (a lone surrogate such as "\\ud800", which JSON can carry)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("holds a lone UTF-16 surrogate, which is not text; send valid Unicode") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(utf8_text)]
 
 
 class FormValues(BaseModel):

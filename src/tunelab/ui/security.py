@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 from http.cookies import CookieError, SimpleCookie
@@ -22,20 +21,10 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode
 
 from tunelab.errors import TunelabError
-from tunelab.hosts import host_allowed
+from tunelab.hosts import host_allowed, is_loopback
 
 TOKEN_ENV = "TUNELAB_UI_TOKEN"
 TOKEN_HEADER = "x-tunelab-token"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a bind address is reachable from this machine only."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def board_token(bind_host: str, token_file: str | None = None, environ: dict | None = None) -> tuple[str | None, str]:
