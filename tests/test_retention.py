@@ -240,3 +240,116 @@ def test_user_probes_load_and_bad_rows_name_the_fix(tmp_path):
     text.write_text("First paragraph here.\n\nSecond one,\nover two lines.\n")
     docs = retention.load_text(text)
     assert [doc.words for doc in docs] == [3, 5] and docs[1].text == "Second one,\nover two lines."
+
+
+# ---------------------------------------------------------------------------------------------------- in a run
+
+PATTERN = "the chair was very lovely and the door was very happy"  # the replay text: learnable, unlike the qa rows
+
+
+def write_probes(folder) -> tuple[str, str]:
+    """A multiple-choice probe and a text probe (six documents of PATTERN) in the tiny tokenizer's words."""
+    choice = folder / "toy_choice.jsonl"
+    choice.write_text("".join(json.dumps({"goal": goal, "choices": list(choices), "label": row % 2}) + "\n"
+                              for row, (goal, choices) in enumerate(zip(GOALS, CHOICES, strict=True))))
+    text = folder / "toy_text.txt"
+    text.write_text("\n\n".join(" ".join([PATTERN] * (2 + row)) for row in range(6)) + "\n")
+    return str(choice), str(text)
+
+
+def retention_run(tiny_llama, qa_data, folder, name: str, task: str = "sft", replay: dict | None = None):
+    from test_generative_tiny import generative_recipe
+
+    from tunelab import api
+    from tunelab.recipe import validate_recipe
+
+    choice, text = write_probes(folder)
+    recipe = generative_recipe(tiny_llama, qa_data, task=task)
+    recipe["train"]["epochs"] = 4
+    recipe["eval"]["retention"] = {"enabled": True, "probes": [choice, text], "max_length": 32, "batch_size": 4}
+    if replay is not None:
+        recipe["data"]["replay"] = replay
+    return api.train(validate_recipe(recipe), str(folder / name))
+
+
+@pytest.fixture(scope="module")
+def replay_source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("replay")
+    (folder / "train.jsonl").write_text("".join(json.dumps({"line": PATTERN}) + "\n" for _ in range(5)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tiny_llama, qa_data, replay_source, tmp_path_factory):
+    """One sft run scored by the two toy probes, and the same run with the probe's kind of text replayed."""
+    folder = tmp_path_factory.mktemp("retention-runs")
+    plain = retention_run(tiny_llama, qa_data, folder, "plain")
+    replayed = retention_run(tiny_llama, qa_data, folder, "replayed",
+                             replay={"source": str(replay_source), "template": "{line}", "fraction": 0.5})
+    return plain, replayed
+
+
+def test_a_run_scores_its_probes_before_and_after_into_metrics_and_the_console(sft_runs, capsys):
+    (run_dir, metrics), _ = sft_runs
+    block = metrics["retention"]
+    assert list(block["before"]) == list(block["after"]) == list(block["change"]) == ["toy_choice", "toy_text"]
+    assert block["before"]["toy_choice"]["items"] == 5 and "per_row" not in block["before"]["toy_choice"]
+    assert set(block["change"]["toy_choice"]) == {"acc", "acc_norm"}
+    assert block["change"]["toy_text"]["word_perplexity"]["before"] == pytest.approx(
+        block["before"]["toy_text"]["word_perplexity"])
+    assert block["summary"].startswith("retained: toy_choice acc ") and block["seconds"] >= 0
+    assert "retention" not in metrics["before"] and "retention" not in metrics["after"]
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["retention"]["summary"] == block["summary"]
+    assert "retention" in json.loads((run_dir / "baseline.json").read_text())  # a resumed run reuses it
+
+
+def test_replay_is_a_lever_the_probes_see(sft_runs):
+    """Training on the qa rows leaves the text probe's perplexity where it was; replaying that kind of text into
+    the same training lowers it, significantly."""
+    (_, plain), (_, replayed) = sft_runs
+    assert plain["replay_rows"] == 0 and replayed["replay_rows"] == 45  # 0.5 × 90 train rows
+    without = plain["retention"]["change"]["toy_text"]["word_perplexity"]
+    with_replay = replayed["retention"]["change"]["toy_text"]["word_perplexity"]
+    assert with_replay["significant"] and with_replay["high"] < 1
+    assert with_replay["ratio"] < without["ratio"] / 2
+    assert replayed["after"]["exact_match"] >= 0.7  # the task is still learned
+
+
+def test_a_decoder_run_without_retention_says_how_to_turn_it_on(tiny_llama, qa_data, tmp_path, capsys):
+    from test_generative_tiny import generative_recipe
+
+    from tunelab import api
+    from tunelab.recipe import validate_recipe
+
+    recipe = generative_recipe(tiny_llama, qa_data, task="pretrain", train={"max_steps": 1, "precision": "fp32"})
+    _, metrics = api.train(validate_recipe(recipe), str(tmp_path / "run"))
+    assert "retention" not in metrics
+    assert "add eval.retention.enabled: true" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("task", "section", "message"), [
+    ("classify", {"eval": {"retention": {"enabled": True}}}, "eval.retention scores decoders"),
+    ("dpo", {"data": {"replay": {"source": "x"}}}, "data.replay mixes text rows"),
+    ("sft", {"data": {"replay": {"source": "x"}, "streaming": True}}, "data.replay samples rows"),
+])
+def test_retention_and_replay_are_refused_where_they_do_not_apply(task, section, message):
+    from tunelab.recipe import validate_recipe
+
+    raw = {"name": "r", "task": task, "model": {"name": "m"}, "data": {"source": "s"}, "train": {"max_steps": 1}}
+    for key, value in section.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    with pytest.raises(TunelabError, match=message):
+        validate_recipe(raw)
+
+
+def test_a_probe_that_is_neither_built_in_nor_a_file_is_refused_in_one_line(tmp_path):
+    with pytest.raises(TunelabError, match="neither a built-in probe"):
+        retention.load_probes(["hellaswag"], None, None)
+    one = tmp_path / "a" / "same.txt"
+    two = tmp_path / "b" / "same.txt"
+    for path in (one, two):
+        path.parent.mkdir()
+        path.write_text("some text\n")
+    with pytest.raises(TunelabError, match="two probes 'same'"):
+        retention.load_probes([str(one), str(two)], None, None)

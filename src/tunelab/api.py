@@ -206,11 +206,22 @@ def label_texts(trained, texts: list[str], top_k: int = 1) -> list[dict]:
     return results
 
 
-def export(run_dir: str, output: str, fmt: str = "hf", quantize: str | None = None) -> Path:
-    """Write a finished run as a plain Hugging Face folder, a GGUF file or an ONNX graph into the new `output`."""
+def export(run_dir: str, output: str, fmt: str = "hf", quantize: str | None = None, verify: bool = False,
+           verify_size: int | None = None) -> Path:
+    """Write a finished run as a plain Hugging Face folder, a GGUF file or an ONNX graph into the new `output`.
+    With `verify` (classify and sft runs), score the run's eval split (its first `verify_size` rows) through the
+    export in its runtime and through the run: the paired comparison lands in `output`/verify.json and the card."""
     from tunelab.export import export_run
 
-    return export_run(run_dir, output, fmt, quantize)
+    return export_run(run_dir, output, fmt, quantize, verify, verify_size)
+
+
+def verify_export(run_dir: str, folder: str, size: int | None = None) -> dict:
+    """Score an existing export `folder` of `run_dir` against the run (what `export --verify` does after writing);
+    returns what it writes to `folder`/verify.json."""
+    from tunelab.export.verify import verify_export as verify
+
+    return verify(run_dir, folder, size)
 
 
 def generation_settings(max_new_tokens: int = 64, temperature: float = 0.0) -> GenerateConfig:

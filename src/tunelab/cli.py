@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hf: merged safetensors folder (default); gguf: decoder runs (Llama, Qwen2); onnx: "
                              "encoder classifier and reward runs")
     export.add_argument("--quantize", help="gguf weight type: f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0, f32")
+    export.add_argument("--verify", action="store_true",
+                        help="then score the run's eval split through the exported file in its runtime (hf: "
+                             "transformers in a fresh process; onnx: ONNX Runtime; gguf: llama.cpp when "
+                             "llama-cpp-python is installed, else transformers' GGUF loader) and through the run: "
+                             "the difference with a paired 95%% interval, in verify.json and the model card "
+                             "(classify and sft runs)")
+    export.add_argument("--verify-size", type=positive_int, metavar="N",
+                        help="verify on the eval split's first N rows (implies --verify)")
 
     serve = commands.add_parser("serve", help="serve a run, model folder or alias behind an OpenAI-compatible HTTP "
                                               "API (chat/completions, embeddings, classify)",
@@ -452,9 +460,14 @@ def cmd_chat(args) -> int:
 def cmd_export(args) -> int:
     from tunelab import api
 
-    folder = api.export(args.model, args.output, args.format, args.quantize)
+    verify = args.verify or args.verify_size is not None
+    folder = api.export(args.model, args.output, args.format, args.quantize, verify, args.verify_size)
     print(f"tunelab: exported {args.model} as {args.format} to {folder}: "
           f"{', '.join(sorted(path.name for path in folder.iterdir()))}")
+    if verify:
+        verified = json.loads((folder / "verify.json").read_text(encoding="utf-8"))
+        for line in [verified["summary"], *verified["warnings"]]:
+            print(line)
     return 0
 
 

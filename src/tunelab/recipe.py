@@ -31,6 +31,18 @@ class ModelConfig(Section):
                                               "earlier run folder) but start a freshly initialised task head")
 
 
+class ReplayConfig(Section):
+    source: str = Field(description="General text mixed into training against forgetting: a Hub dataset id "
+                                    "(resolved offline through TUNELAB_DATA_PATH) or a csv/json/jsonl/parquet file or "
+                                    "folder")
+    template: str = Field("{text}", description="The text of a replay row, as a Python format string over its columns "
+                                                "(e.g. '{instruction}\\n{output}')")
+    split: str = Field("train", description="Split of the replay source to draw rows from")
+    fraction: float = Field(0.2, gt=0, le=4, description="Replay rows per task training row (0.2: one for every five), "
+                                                          "drawn at random with data.seed; trained with the loss on "
+                                                          "every token")
+
+
 class DataConfig(Section):
     source: str = Field(description="Hub dataset id (resolved offline through TUNELAB_DATA_PATH), a csv/json/jsonl/"
                                     "parquet file, or a folder holding train.*/test.*/validation.*")
@@ -85,6 +97,8 @@ class DataConfig(Section):
     completion: str = Field("completion", description="kto without chosen/rejected pairs: the column holding one "
                                                       "response, marked good or bad by data.label")
     seed: int = Field(42, description="Seed for subsampling, hold-out splits and few-shot sampling")
+    replay: ReplayConfig | None = Field(None, description="sft/pretrain: mix general text into the training rows, "
+                                                          "a lever against forgetting (eval.retention measures it)")
 
     @model_validator(mode="after")
     def _one_training_size(self) -> DataConfig:
@@ -169,6 +183,8 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
 GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
 STREAMING_TASKS = ("sft", "pretrain")  # tasks that can read their train split as a stream (data.streaming)
 PREFERENCE_TASKS = ("reward", "dpo", "kto")
+DECODER_TASKS = ("sft", "pretrain", "dpo", "kto", "grpo")  # causal LMs trained on text: retention probes apply
+REPLAY_TASKS = ("sft", "pretrain")  # tasks trained with a language-model loss, into which text rows can be mixed
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
@@ -292,6 +308,21 @@ class GrpoConfig(Section):
                                                "TRL's default; no reference model is kept)")
 
 
+class RetentionConfig(Section):
+    enabled: bool = Field(False, description="Decoders (sft, pretrain, dpo, kto, grpo): score general-ability probes "
+                                             "before and after training, to see what fine-tuning cost (forgetting)")
+    probes: list[str] = Field(["piqa", "wikitext"], min_length=1, description="Built-in probes (piqa: multiple "
+                              "choice; wikitext: perplexity) or your own: a .jsonl of {goal, choices, label} rows "
+                              "(multiple choice) or a text file (perplexity)")
+    size: int | None = Field(300, ge=1, description="Items scored per multiple-choice probe (a seeded sample, the "
+                                                    "same before and after; null: all)")
+    documents: int | None = Field(2, ge=1, description="Documents scored per perplexity probe (the first ones; "
+                                                       "null: all)")
+    max_length: int = Field(512, ge=16, description="Perplexity window in tokens (each token is scored once, "
+                                                     "after up to this many tokens of context)")
+    batch_size: int = Field(16, ge=1, description="Sequences scored together")
+
+
 class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Rows per batch when scoring")
     best_metric: Literal["accuracy", "macro_f1", "loss"] = Field(
@@ -311,6 +342,8 @@ class EvalConfig(Section):
     judge: RewardSource | None = Field(None, description="dpo/grpo: a reward-model run or reward function that "
                                        "judges the trained model's answers to the generation samples against the "
                                        "starting model's answers (win rate)")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="Decoders: general ability "
+                                       "before and after (PIQA, WikiText), with paired intervals")
 
 
 class FewshotConfig(Section):
@@ -530,6 +563,22 @@ class Recipe(Section):
         if self.eval.generate.num_samples == 0:
             raise ValueError("eval.judge compares generated answers, and eval.generate.num_samples is 0; set it to "
                              "the number of prompts to judge (e.g. 32)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_retention(self) -> Recipe:
+        """Probes of general ability score a causal LM's text likelihood; replay mixes text into LM training."""
+        if self.eval.retention.enabled and self.task not in DECODER_TASKS:
+            raise ValueError(f"eval.retention scores decoders (tasks {', '.join(DECODER_TASKS)}); drop it for task "
+                             f"{self.task}")
+        if self.data.replay is not None:
+            if self.task not in REPLAY_TASKS:
+                raise ValueError(f"data.replay mixes text rows into language-model training (tasks sft, pretrain); "
+                                 f"drop it for task {self.task} (for dpo/kto a larger preference.beta keeps the model "
+                                 f"closer to where it started)")
+            if self.data.streaming:
+                raise ValueError("data.replay samples rows in proportion to the train split, which data.streaming "
+                                 "never holds; drop one of them")
         return self
 
     @model_validator(mode="after")

@@ -4,10 +4,14 @@ Every sft/seq2seq row is normalised to three columns, whatever the input format:
   messages  the conversation as role/content turns; the last turn is the assistant's response
   prompt    the prompt as plain text, for models without a chat template ("" for chat data: it needs a template)
   response  the response text (the reference that generation is scored against)
+
+data.replay adds general text (a `text` column, trained with the loss on every token) to mix into the training
+rows: the lever against forgetting that eval.retention measures.
 """
 
 from __future__ import annotations
 
+import random
 import string
 from dataclasses import dataclass
 
@@ -16,7 +20,7 @@ import datasets
 from tunelab.data.sampling import sample_shots
 from tunelab.data.sources import Split, column_names, eval_split_name, load_splits, split_off_validation
 from tunelab.errors import TunelabError
-from tunelab.recipe import DataConfig
+from tunelab.recipe import DataConfig, ReplayConfig
 
 ROLES = ("system", "user", "assistant")
 # The Alpaca prompt: the documented default for instruction data on a model without a chat template.
@@ -50,6 +54,7 @@ class GenerativeData:
     dropped_empty: int = 0
     validation: datasets.Dataset | None = None  # picks the checkpoint; never the reported `eval` rows
     validation_split: str | None = None
+    replay: datasets.Dataset | None = None  # general text mixed into training (data.replay): a `text` column
 
 
 def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
@@ -80,8 +85,33 @@ def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
     if cfg.shots is not None:
         train = shots_per_response(train, cfg.shots, cfg.seed)
     evaluation = random_subsample(evaluation, cfg.eval_size, cfg.seed)
+    replay = load_replay(cfg.replay, len(train), cfg.seed) if cfg.replay is not None else None
     return GenerativeData(train=train, eval=evaluation, eval_split=eval_name, format=fmt, dropped_empty=dropped,
-                          validation=validation, validation_split=validation_name)
+                          validation=validation, validation_split=validation_name, replay=replay)
+
+
+def load_replay(cfg: ReplayConfig, train_rows: int, seed: int) -> datasets.Dataset:
+    """round(fraction × train_rows) texts of the replay source, drawn at random with `seed` (each row once before
+    any row twice, when the source has fewer rows than asked for)."""
+    splits = load_splits(cfg.source)
+    if cfg.split not in splits:
+        raise TunelabError(f"data.replay.split '{cfg.split}' is not a split of '{cfg.source}' (splits: "
+                           f"{', '.join(splits)}); name one of them")
+    split = splits[cfg.split]
+    missing = [field for field in template_fields(cfg.template) if field not in split.column_names]
+    if missing:
+        raise TunelabError(f"data.replay.template reads column '{missing[0]}', which '{cfg.source}' lacks (columns: "
+                           f"{', '.join(split.column_names)}); write the template over its columns")
+    texts = [text for text in (cfg.template.format(**row) for row in split) if text.strip()]
+    if not texts:
+        raise TunelabError(f"data.replay source '{cfg.source}' has no non-empty text; give a source with text in it")
+    wanted = max(1, round(cfg.fraction * train_rows))
+    rng, order = random.Random(seed), []
+    while len(order) < wanted:  # each pass a new shuffle of every row
+        rows = list(range(len(texts)))
+        rng.shuffle(rows)
+        order += rows
+    return datasets.Dataset.from_dict({"text": [texts[i] for i in order[:wanted]]})
 
 
 def detect_format(cfg: DataConfig, columns: list[str]) -> str:

@@ -139,3 +139,13 @@ def encode_text_split(tokenizer, split: datasets.Dataset | datasets.IterableData
         return {"input_ids": ids, "labels": [list(row) for row in ids]}
 
     return split.map(encode, batched=True, remove_columns=split.column_names)
+
+
+def mix_in_replay(rows: datasets.Dataset, replay: datasets.Dataset, tokenizer, max_length: int | None
+                  ) -> datasets.Dataset:
+    """The training rows with data.replay's texts added, each text + EOS with every token a label (cut to
+    `max_length` when rows are not packed into blocks later); the Trainer's sampler then mixes them in."""
+    encoded = encode_text_split(tokenizer, replay)
+    if max_length is not None:
+        encoded = encoded.map(lambda row: {key: value[:max_length] for key, value in row.items()})
+    return datasets.concatenate_datasets([rows, encoded.cast(rows.features)])

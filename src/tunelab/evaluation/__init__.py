@@ -5,3 +5,6 @@
 # modules read this list.)
 HEADLINE_METRICS = ("accuracy", "macro_f1", "loss", "perplexity", "exact_match", "rouge_l", "pairwise_accuracy",
                     "preference_accuracy", "label_accuracy", "reward_margin", "mean_reward")
+
+# How the console, the report and the web board name the built-in general-ability probes (evaluation/retention.py)
+PROBE_NAMES = {"piqa": "PIQA", "wikitext": "WikiText"}

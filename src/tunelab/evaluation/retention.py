@@ -12,7 +12,8 @@ Two probes, scored the way lm-evaluation-harness scores them so the numbers can 
   detokenized (` @-@ ` → `-`, ...) as the harness's `wikitext` task does with `EleutherAI/wikitext_document_level`,
   while words and bytes are counted on the text before detokenizing, as it counts them.
 
-Model and tokenizer in, numbers out: nothing here knows about stages or recipes. Sequences are padded on the right
+Model and tokenizer in, numbers out: nothing here knows about stages or recipes (`runs/artifacts.with_retention`
+wires the probes a recipe names into a run's before/after scoring). Sequences are padded on the right
 by this module (the tokenizer's pad token and padding side are never used), so a position's logits never depend
 on padding, and a peft-wrapped model scores as its base would with the adapter applied. The before/after
 comparison reuses `uncertainty.py`'s paired bootstrap and McNemar test: the two scorings share the rows, so the
@@ -34,6 +35,7 @@ import torch
 
 from tunelab.data.sources import data_search_path
 from tunelab.errors import TunelabError
+from tunelab.evaluation import PROBE_NAMES
 from tunelab.evaluation.uncertainty import interval, mcnemar_p_value, mean_interval, mean_of, paired_gain
 from tunelab.models.loading import context_length
 
@@ -197,6 +199,56 @@ def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Probe:
+    """A loaded probe: its name (a built-in's, or a file's stem) and its multiple-choice items or documents."""
+
+    name: str
+    items: tuple[ChoiceItem, ...] | tuple[Document, ...]
+
+    @property
+    def multiple_choice(self) -> bool:
+        return bool(self.items) and isinstance(self.items[0], ChoiceItem)
+
+
+def load_probes(names: Sequence[str], size: int | None, documents: int | None) -> list[Probe]:
+    """The probes named: `piqa` and `wikitext` from the data folders, else a file of the user's (a .jsonl is a
+    multiple-choice probe, anything else a text probe), `size` items of each multiple-choice probe and the first
+    `documents` of each text probe."""
+    probes = []
+    for name in names:
+        if name == "piqa":
+            probe = Probe("piqa", tuple(load_piqa(size=size)))
+        elif name == "wikitext":
+            probe = Probe("wikitext", tuple(load_wikitext(docs=documents)))
+        else:
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise TunelabError(f"eval.retention probe '{name}' is neither a built-in probe (piqa, wikitext) nor "
+                                   f"an existing file; name one of those, or a .jsonl / text file")
+            items = load_multiple_choice(path, size) if path.suffix == ".jsonl" else load_text(path, documents)
+            probe = Probe(path.stem, tuple(items))
+        if any(probe.name == other.name for other in probes):
+            raise TunelabError(f"eval.retention names two probes '{probe.name}'; rename one of the files")
+        if not probe.items:
+            raise TunelabError(f"eval.retention probe '{name}' has no items; give a probe with rows in it")
+        probes.append(probe)
+    return probes
+
+
+def score_probes(model, tokenizer, probes: Sequence[Probe], max_length: int | None = None,
+                 batch_size: int = 16) -> dict[str, dict]:
+    """Each probe's scores (with their per-row records), by its name."""
+    return {probe.name: score_multiple_choice(model, tokenizer, probe.items, batch_size) if probe.multiple_choice
+            else score_rolling_perplexity(model, tokenizer, probe.items, max_length, batch_size=batch_size)
+            for probe in probes}
+
+
+def headline(scores: dict) -> dict:
+    """A probe's scores without its per-row records: what metrics.json keeps."""
+    return {key: value for key, value in scores.items() if key not in ("per_row", "loglikelihoods")}
+
+
 # ---------------------------------------------------------------------------------------------------- scoring
 
 
@@ -235,8 +287,9 @@ def score_rolling_perplexity(model, tokenizer, docs: Sequence[Document], max_len
     """Word perplexity, byte perplexity and bits per byte over `docs`, each token scored once; the per-document
     log-likelihoods, words and bytes under `per_row`. `max_length` (default: the model's context) caps a window;
     `stride` (default max_length, as the harness) is how many new tokens each later window scores, the rest of
-    it being context."""
-    max_length = max_length or context_length(model.config) or 2048
+    it being context. A window never exceeds the model's context."""
+    context = context_length(model.config)
+    max_length = min(max_length or context or 2048, context or 2048)  # never a window longer than the model reads
     stride = stride or max_length
     if not 1 <= stride <= max_length:
         raise TunelabError(f"perplexity stride {stride} must be between 1 and max_length {max_length}")
@@ -257,7 +310,7 @@ def score_rolling_perplexity(model, tokenizer, docs: Sequence[Document], max_len
     byte_counts = np.array([doc.bytes for doc in docs], dtype=float)
     nats = -totals.sum()
     return {"word_perplexity": math.exp(nats / words.sum()), "byte_perplexity": math.exp(nats / byte_counts.sum()),
-            "bits_per_byte": nats / byte_counts.sum() / math.log(2), "documents": len(docs),
+            "bits_per_byte": float(nats / byte_counts.sum() / math.log(2)), "documents": len(docs),
             "tokens": sum(len(window[1]) for window in windows), "windows": len(windows),
             "max_length": max_length, "stride": stride,
             "per_row": {"loglikelihood": [round(float(ll), 6) for ll in totals],
@@ -363,9 +416,6 @@ def _compare_perplexity(rows_before: dict, rows_after: dict) -> dict:
 
 def _exp(bounds: dict) -> dict:
     return {"low": math.exp(bounds["low"]), "high": math.exp(bounds["high"])}
-
-
-PROBE_NAMES = {"piqa": "PIQA", "wikitext": "WikiText"}
 
 
 def summarize(comparison: dict[str, dict]) -> str:

@@ -10,12 +10,16 @@ from tunelab.errors import TunelabError
 FORMATS = ("hf", "gguf", "onnx")
 
 
-def export_run(run_dir: str | Path, output: str | Path, fmt: str = "hf", quantize: str | None = None) -> Path:
+def export_run(run_dir: str | Path, output: str | Path, fmt: str = "hf", quantize: str | None = None,
+               verify: bool = False, verify_size: int | None = None) -> Path:
     """Write `run_dir`'s model to the new folder `output` in format `fmt`; return the folder.
 
     Everything is checked before the model loads, and the folder appears only once complete (staged, renamed).
+    With `verify`, the published export is then scored against the run on its eval split (its first `verify_size`
+    rows): verify.json and the model card's "Verified" section (export/verify.py).
     """
-    from tunelab.export.run import check_mergeable, check_new_output, load_merged, publish_folder, read_finished_run
+    from tunelab.export.run import check_mergeable, check_new_output, read_finished_run
+    from tunelab.export.verify import check_verifiable, verify_export
 
     if fmt not in FORMATS:
         raise TunelabError(f"export: --format '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -24,6 +28,18 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "hf", quantiz
     output = check_new_output(output)
     run = read_finished_run(run_dir)
     check_mergeable(run)
+    if verify:
+        check_verifiable(run)
+    folder = write_export(run, output, fmt, quantize)
+    if verify:
+        verify_export(run.path, folder, verify_size)
+    return folder
+
+
+def write_export(run, output: Path, fmt: str, quantize: str | None) -> Path:
+    """The export itself, in one format (the checks common to all formats are done)."""
+    from tunelab.export.run import load_merged, publish_folder
+
     if fmt == "gguf":
         from tunelab.export.gguf import check_gguf_exportable, write_gguf
 

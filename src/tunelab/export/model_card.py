@@ -57,3 +57,37 @@ def alias_note(name: str) -> str:
 def format_number(value) -> str:
     """A metric for the table: four decimals, or a dash when missing."""
     return f"{value:.4f}" if isinstance(value, int | float) else "–"
+
+
+VERIFIED_HEADING = "## Verified"
+
+
+def verified_section(result: dict) -> str:
+    """The card's "Verified" section: what `tunelab export --verify` measured (verify.json) as a table."""
+    run, file, gain = result["run"], result["file"], result["difference"]
+    lines = [VERIFIED_HEADING, "",
+             f"`tunelab export --verify` scored {result['rows']} eval rows of the run through this file with "
+             f"{result['runtime']}, and the same rows through the run's own model (paired 95% bootstrap intervals):",
+             "", "| metric | run | file | file − run | rows answered differently | McNemar p |",
+             "|---|---|---|---|---|---|",
+             f"| {result['metric']} | {run['value']:.4f} [{run['low']:.3f}, {run['high']:.3f}] | {file['value']:.4f} "
+             f"[{file['low']:.3f}, {file['high']:.3f}] | {gain['value']:+.4f} [{gain['low']:+.3f}, {gain['high']:+.3f}]"
+             f" | {1 - result['same_outputs']:.1%} | {result['p_value']:.3g} |", ""]
+    checked = result.get("template_and_eos") or {}
+    if checked.get("checked"):
+        differ = "; ".join(checked.get("differ") or [])
+        found = f"differ from the run's: {differ}" if differ else "match the run's tokenizer"
+        lines += [f"The file's chat template and EOS {found}.", ""]
+    lines += [f"**{line}**" for line in result.get("warnings") or []] + ([""] if result.get("warnings") else [])
+    return "\n".join(lines)
+
+
+def with_verified_section(card: str, result: dict) -> str:
+    """The card with its "Verified" section put (or replaced) before the recipe, or at the end."""
+    section = verified_section(result) + "\n"
+    if VERIFIED_HEADING in card:
+        start = card.index(VERIFIED_HEADING)
+        following = card.find("\n## ", start + len(VERIFIED_HEADING))
+        card = card[:start] + (card[following + 1:] if following >= 0 else "")
+    recipe = card.find("## Recipe")
+    return card[:recipe] + section + card[recipe:] if recipe >= 0 else card.rstrip("\n") + "\n\n" + section

@@ -6,7 +6,9 @@ file half-way through being written (log.jsonl's last line) is skipped rather th
 A run folder is also untrusted input: anyone who can write into the runs folder (or copied a run in) decides its
 contents. So metrics.json and log.jsonl rows are parsed into typed models where a value of the wrong type (a string
 `max_steps`, a NaN) is dropped on its own, not the whole row or file; a file that is a symlink leading out of its
-run folder is not read; and what is returned is always JSON-safe (no NaN, no surrogates, plain types).
+run folder is not read; and what is returned is always JSON-safe (no NaN, no surrogates, plain types). metrics.json's
+`retention` block (a decoder's general ability before and after, runs/artifacts.py) is typed apart from the rest: a
+malformed one loses its bad parts, or all of it, never the run's other metrics.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from tunelab.evaluation import HEADLINE_METRICS
+from tunelab.evaluation import HEADLINE_METRICS, PROBE_NAMES
 from tunelab.runs.folder import METRICS_FILE, RECIPE_FILE
 
 LOG_FILE = "log.jsonl"
 REPORT_FILE = "report.html"
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity")  # and metrics named ...loss or ...perplexity (word_perplexity)
 YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads a recipe ~10x faster
 MAX_READ_BYTES = 64 * 1024 * 1024  # a file bigger than this is not a run's own metrics or log: not read
 MAX_STEPS = 10**12  # far above any real run, low enough that arithmetic on steps stays finite
@@ -55,10 +57,42 @@ class Metrics(BaseModel):
     after: dict[str, Number] = Field(default_factory=dict)
 
 
+class Interval(BaseModel):
+    low: Number
+    high: Number
+
+
+class RetentionChange(BaseModel):
+    """One probe metric before and after training (evaluation/retention.compare): an accuracy's change is a
+    difference, a perplexity's a ratio (after / before); low and high bound it (paired 95%)."""
+
+    before: Number
+    after: Number
+    interval_before: Interval | None = None
+    interval_after: Interval | None = None
+    change: Number | None = None
+    ratio: Number | None = None
+    low: Number | None = None
+    high: Number | None = None
+    significant: StrictBool | None = None
+    p_value: Number | None = None
+
+
+class Retention(BaseModel):
+    """metrics.json's `retention`: each probe's scores before and after (by probe name), their comparison (by probe,
+    then metric), the one-line summary and the seconds the probes took."""
+
+    before: dict[str, dict[str, Number]] = Field(default_factory=dict)
+    after: dict[str, dict[str, Number]] = Field(default_factory=dict)
+    change: dict[str, dict[str, RetentionChange]] = Field(default_factory=dict)
+    summary: StrictStr | None = None
+    seconds: Number | None = None
+
+
 def typed(model: type[BaseModel], raw: dict) -> dict:
-    """`raw` through `model`, each value that does not fit dropped alone (one entry of a nested dict, at most)."""
+    """`raw` through `model`, each value that does not fit dropped alone (the innermost entry holding it)."""
     raw = dict(raw)
-    for _ in range(len(raw) + 1):
+    for _ in range(len(raw) + 3):  # a round drops at least one value; a required one dropped takes its model next
         try:
             return model.model_validate(raw).model_dump(exclude_unset=True)
         except ValidationError as exc:
@@ -68,13 +102,17 @@ def typed(model: type[BaseModel], raw: dict) -> dict:
 
 
 def drop(raw: dict, loc: tuple) -> None:
-    """Remove the value at `loc`: a key of `raw`, or a key of a dict inside it (copied, so the caller's is kept)."""
+    """Remove the value at `loc`: a key of `raw`, or of a dict nested in it (copied on the way, so the caller's are
+    kept). Where `loc` names a key that is missing (a required field), the dict lacking it goes instead."""
     if not loc:
         raw.clear()
         return
-    key = loc[0]
-    if len(loc) > 1 and isinstance(raw.get(key), dict) and loc[1] in raw[key]:
-        raw[key] = {k: v for k, v in raw[key].items() if k != loc[1]}
+    key, rest = loc[0], loc[1:]
+    inner = raw.get(key)
+    if rest and isinstance(inner, dict) and rest[0] in inner:
+        inner = dict(inner)
+        drop(inner, rest)
+        raw[key] = inner
     else:
         raw.pop(key, None)
 
@@ -140,9 +178,63 @@ def read_recipe(run_dir: Path) -> dict | None:
 
 
 def read_metrics(run_dir: Path) -> dict | None:
-    """metrics.json (present only once a run finished), its values typed: see Metrics."""
+    """metrics.json (present only once a run finished), its values typed: see Metrics and Retention."""
     raw = read_json(run_dir, METRICS_FILE)
-    return typed(Metrics, raw) if raw is not None else None
+    if raw is None:
+        return None
+    metrics = typed(Metrics, {key: value for key, value in raw.items() if key != "retention"})
+    retention = typed_retention(raw.get("retention"))
+    return {**metrics, "retention": retention} if retention else metrics
+
+
+def typed_retention(raw: Any) -> dict | None:
+    """A `retention` block typed (see Retention) and JSON-safe, or None when it is absent or nothing of it fits."""
+    if not isinstance(raw, dict):
+        return None
+    block = json_safe(typed(Retention, raw))  # probe names and the summary are any text: no lone surrogates out
+    for part in ("before", "after", "change"):  # a probe whose every value was dropped goes too
+        if part in block:
+            block[part] = {probe: values for probe, values in block[part].items() if values}
+    return block if block.get("change") or block.get("after") else None
+
+
+def retention_rows(retention: dict | None) -> list[dict]:
+    """The `retention` block (typed) as table rows, one per probe metric compared, for the report and the board:
+    the probe's name as shown and its size, before and after with their intervals, the change (a difference) or
+    ratio with its interval, and a verdict (better, worse or no significant change; None when unknown)."""
+    rows = []
+    for probe, metrics in ((retention or {}).get("change") or {}).items():
+        for metric, compared in metrics.items():
+            rows.append({"probe": probe, "name": PROBE_NAMES.get(probe, probe),
+                         "size": probe_size(((retention.get("after") or {}).get(probe)) or {}), "metric": metric,
+                         **{key: compared.get(key) for key in ("before", "after", "interval_before", "interval_after",
+                                                               "change", "ratio", "low", "high", "significant",
+                                                               "p_value")},
+                         "verdict": verdict(metric, compared)})
+    return rows
+
+
+def probe_size(scores: dict) -> str | None:
+    """How much of a probe was scored, in words: '300 items' or '10 documents, 20,480 tokens'."""
+    if isinstance(scores.get("items"), int | float):
+        return f"{scores['items']:,.0f} items"
+    if isinstance(scores.get("documents"), int | float):
+        tokens = f", {scores['tokens']:,.0f} tokens" if isinstance(scores.get("tokens"), int | float) else ""
+        return f"{scores['documents']:,.0f} documents{tokens}"
+    return None
+
+
+def verdict(metric: str, compared: dict) -> str | None:
+    """better, worse or no significant change (the paired interval includes no change); None when not known."""
+    if compared.get("significant") is None:
+        return None
+    if not compared["significant"]:
+        return "no significant change"
+    ratio, change = compared.get("ratio"), compared.get("change")
+    if ratio is None and change is None:
+        return None
+    went_up = ratio > 1 if ratio is not None else change > 0
+    return "worse" if went_up == metric.endswith(LOWER_IS_BETTER) else "better"
 
 
 def read_log(run_dir: Path) -> list[dict]:

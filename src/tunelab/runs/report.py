@@ -14,11 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
 from tunelab.runs.folder import write_text_atomic  # noqa: E402
+from tunelab.runs.reading import retention_rows, typed_retention  # noqa: E402
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
 th:first-child,td:first-child{text-align:left}.gain{color:#070}.loss{color:#a00}pre{background:#f6f6f6;padding:1em;
-overflow:auto}img{max-width:100%}"""
+overflow:auto}img{max-width:100%}.retention :is(td,th):is(:nth-child(2),:nth-child(6)){text-align:left}
+.retention td:is(:nth-child(3),:nth-child(4),:nth-child(5)){white-space:nowrap}"""
 
 
 def figure_to_img(fig) -> str:
@@ -105,9 +107,9 @@ def before_after_table(before: dict, after: dict, intervals: dict | None = None,
               "rows before and after).</p>")
 
 
-def bounds(span: dict | None) -> str:
+def bounds(span: dict | None, digits: str = ".3f") -> str:
     """' [low, high]' of an interval, or nothing."""
-    return f" [{span['low']:.3f}, {span['high']:.3f}]" if span else ""
+    return f" [{span['low']:{digits}}, {span['high']:{digits}}]" if span else ""
 
 
 def selection_paragraph(metrics: dict) -> str:
@@ -129,6 +131,58 @@ def per_class_table(per_class: dict) -> str:
             + rows + "</table>")
 
 
+def retention_section(block: dict) -> str | None:
+    """The general ability a decoder kept: per probe metric, before and after with their 95% intervals, the paired
+    change (accuracies: a difference; perplexities: a ratio, as ±%) and its verdict; then the one-line summary. The
+    block is read as the board reads it (runs/reading.py), so a part that does not fit is left out, never fatal;
+    None when nothing of it does."""
+    retention = typed_retention(block)
+    if retention is None:
+        return None
+    rows = []
+    for row in retention_rows(retention):
+        digits = ".1f" if row["ratio"] is not None else ".3f"
+        if row["ratio"] is not None:
+            change = f"{percent(row['ratio'])}{signed_bounds(row, percent)}"
+        elif row["change"] is not None:
+            change = f"{signed(row['change'])}{signed_bounds(row, signed)}"
+        else:
+            change = ""
+        verdict = row["verdict"] or ""
+        if verdict and row["p_value"] is not None:
+            verdict += f" (p = {row['p_value']:.3g})"
+        css = {"better": " class=gain", "worse": " class=loss"}.get(row["verdict"], "")
+        size = f" ({html.escape(row['size'])})" if row["size"] else ""
+        rows.append(f"<tr><td>{html.escape(row['name'])}{size}</td><td>{html.escape(row['metric'])}</td>"
+                    f"<td>{row['before']:{digits}}{bounds(row['interval_before'], digits)}</td>"
+                    f"<td>{row['after']:{digits}}{bounds(row['interval_after'], digits)}</td>"
+                    f"<td{css}>{change}</td><td{css}>{html.escape(verdict)}</td></tr>")
+    table = ("<table class=retention><tr><th>probe</th><th>metric</th><th>before</th><th>after</th><th>change</th>"
+             "<th>verdict</th></tr>" + "".join(rows) + "</table>") if rows else ""
+    summary = f"<p>{html.escape(retention['summary'])}</p>" if retention.get("summary") else ""
+    seconds = f" Scoring them before and after took {retention['seconds']:.1f} s." if "seconds" in retention else ""
+    return (table + summary + "<p>General-ability probes, scored on the same items before and after training. "
+            "Brackets: 95% bootstrap intervals; the change's is paired, and a change whose interval includes no "
+            f"change is not significant. A perplexity's change is its ratio after / before, as ±%.{seconds}</p>")
+
+
+def signed(value: float) -> str:
+    """A difference with its sign (a true minus sign, as the summary line writes it)."""
+    return f"{value:+.3f}".replace("-", "\N{MINUS SIGN}")
+
+
+def percent(ratio: float) -> str:
+    """A ratio as a signed percentage change: 1.19 → '+19%'."""
+    return f"{100 * (ratio - 1):+.0f}%".replace("-", "\N{MINUS SIGN}")
+
+
+def signed_bounds(row: dict, written) -> str:
+    """' [low, high]' of a change's interval, each bound written like the change itself, or nothing."""
+    if row["low"] is None or row["high"] is None:
+        return ""
+    return f" [{written(row['low'])}, {written(row['high'])}]"
+
+
 def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, labels: list[str] | None = None,
                  extra_sections: list[tuple[str, str]] | None = None) -> Path:
     """Write `report.html` for a finished run and return its path."""
@@ -140,6 +194,9 @@ def write_report(run_dir: Path, title: str, metrics: dict, recipe_yaml: str, lab
                         f"({metrics.get('trainable_percent', 0):.2f}%), trained for {metrics['train_seconds']:.1f} s "
                         f"at {metrics['train_samples_per_second']:.2f} samples/s"
                         + (f", on {metrics['shots']} examples per class" if metrics.get("shots") else "") + ".</p>")]
+    retained = retention_section(metrics["retention"]) if "retention" in metrics else None
+    if retained:  # decoders with eval.retention: what the training cost in general ability
+        sections.insert(1, ("Retained general ability", retained))
     if len(metrics.get("chain", [])) > 1:  # this run started from an earlier one: show how it came about
         sections.append(("Started from", "<p>" + " → ".join(html.escape(str(link)) for link in metrics["chain"])
                          + " → this run</p>"))

@@ -28,7 +28,7 @@ from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
-from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
@@ -141,6 +141,7 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
 
     # Before, DPO's policy equals its reference, so every implicit reward is 0 (accuracy 0, margin 0) and the
     # log-probs show what the starting model prefers; the reference-free losses score the starting model itself.
+    score = with_retention(score, recipe, trainer, tokenizer, bf16)
     before = load_or_score_baseline(run_dir, score)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()

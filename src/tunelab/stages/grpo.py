@@ -24,7 +24,7 @@ from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
-from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
@@ -77,6 +77,7 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
         return {"mean_reward": float(np.mean(rewards)), **scores,
                 "generations": answers}
 
+    score = with_retention(score, recipe, trainer, tokenizer, bf16)
     before = load_or_score_baseline(run_dir, score)
     say(f"tunelab: before training: mean reward {before['mean_reward']:.4f}")
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)

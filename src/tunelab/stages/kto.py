@@ -24,7 +24,7 @@ from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
-from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
 from tunelab.stages.dpo import single_pass_options
 from tunelab.trainer import (
     JsonlLogCallback,
@@ -99,6 +99,7 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
                                                    recipe.eval.generate, bf16)
         return scores
 
+    score = with_retention(score, recipe, trainer, tokenizer, bf16)
     before = load_or_score_baseline(run_dir, score)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
     after = score()

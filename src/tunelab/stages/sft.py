@@ -20,7 +20,14 @@ from trl import SFTConfig, SFTTrainer
 
 from tunelab.console import say
 from tunelab.data.generative import GenerativeData, shuffle_stream
-from tunelab.data.sft_encoding import IGNORE_INDEX, PromptFormat, encode_split, encode_text_split, prompt_format
+from tunelab.data.sft_encoding import (
+    IGNORE_INDEX,
+    PromptFormat,
+    encode_split,
+    encode_text_split,
+    mix_in_replay,
+    prompt_format,
+)
 from tunelab.data.sources import row_count
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
@@ -28,7 +35,7 @@ from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.methods.packed_attention import use_packed_attention
 from tunelab.models.loading import ModelSource, context_length, load_tokenizer
 from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
-from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
+from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
 from tunelab.sharding import fsdp_loading
 from tunelab.trainer import (
     JsonlLogCallback,
@@ -73,8 +80,11 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
     # A stream has no sampler to shuffle it: its order comes from the buffer, drawn from the training seed.
     train = shuffle_stream(data.train, recipe.train.seed) if recipe.data.streaming else data.train
     train_rows, eval_rows = encode(recipe, train, tokenizer, fmt), encode(recipe, data.eval, tokenizer, fmt)
+    if data.replay is not None:  # general text against forgetting; pretrain's blocks are cut after mixing
+        train_rows = mix_in_replay(train_rows, data.replay, tokenizer, recipe.model.max_length if fmt else None)
     epoch_rows = None if selection.rows is None else encode(recipe, selection.rows, tokenizer, fmt)
-    say(f"tunelab: {params}; {row_count(data.train) or 'streamed'} train rows, {len(data.eval)} eval rows "
+    replayed = f" + {len(data.replay)} replay rows" if data.replay is not None else ""
+    say(f"tunelab: {params}; {row_count(data.train) or 'streamed'} train rows{replayed}, {len(data.eval)} eval rows "
         f"({data.eval_split})")
 
     trainer = TunedSFTTrainer(
@@ -93,6 +103,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         return score_generative(trainer, eval_rows, samples, lambda rows: generate_answers(
             trainer.model, tokenizer, fmt, rows, recipe, bf16))
 
+    score = with_retention(score, recipe, trainer, tokenizer, bf16)
     # Before: the model with the method applied but untrained (LoRA/IA3 start as the identity, so this is the
     # base model; prompt/prefix tuning start from random virtual tokens).
     before = load_or_score_baseline(run_dir, score)
@@ -114,6 +125,7 @@ def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: 
         "packing": recipe.train.packing or recipe.task == "pretrain",
         "padding_free": recipe.task == "sft" and uses_padding_free(recipe),
         "streaming": recipe.data.streaming,  # train_rows is then null: train_loop_samples counts what trained
+        "replay_rows": len(data.replay) if data.replay is not None else 0,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
 

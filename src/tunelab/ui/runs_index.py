@@ -20,7 +20,16 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.runs.folder import METRICS_FILE, RECIPE_FILE
-from tunelab.runs.reading import LOG_FILE, headline, progress, read_log, read_metrics, read_recipe, read_text
+from tunelab.runs.reading import (
+    LOG_FILE,
+    headline,
+    progress,
+    read_log,
+    read_metrics,
+    read_recipe,
+    read_text,
+    retention_rows,
+)
 
 UI_ERROR_FILE = "ui_error.txt"
 BASELINE_FILE = "baseline.json"
@@ -97,14 +106,19 @@ class RunsIndex:
 
     def detail(self, name: str, active: set[Path], ended: dict[Path, float],
                queued: frozenset[Path] = frozenset()) -> dict:
-        """A run's summary plus its log, progress, metrics, recipe text and files."""
+        """A run's summary plus its log, progress, metrics, general ability retained (a decoder's, when measured:
+        table rows, summary line, seconds), recipe text and files."""
         run_dir = self.resolve(name)
         log = read_log(run_dir)
         try:
             summary = self.summary(run_dir, active, ended, queued)
         except (OSError, ValueError):
             raise TunelabError(f"run {name!r} cannot be read") from None
-        return {**summary, "log": log, "progress": progress(log), "metrics": read_metrics(run_dir),
+        metrics = read_metrics(run_dir)
+        retained = (metrics or {}).get("retention")
+        retention = {"rows": retention_rows(retained), "summary": retained.get("summary"),
+                     "seconds": retained.get("seconds")} if retained else None
+        return {**summary, "log": log, "progress": progress(log), "metrics": metrics, "retention": retention,
                 "recipe": read_recipe(run_dir), "recipe_text": read_text(run_dir, RECIPE_FILE) or "",
                 "error": read_text(run_dir, UI_ERROR_FILE), "files": list_files(run_dir)}
 

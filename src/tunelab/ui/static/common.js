@@ -48,6 +48,37 @@ function duration(seconds) {
        : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }
 
+// A decoder's retained general ability (rows of /api/run's `retention`, one per probe metric compared), written as
+// the report writes it: an accuracy's change as a signed difference, a perplexity's as its ratio in ±%.
+const VERDICT_CLASS = {better: "gain", worse: "drop"};
+
+function signed(value, digits = 3) {
+  const text = Math.abs(value).toFixed(digits);
+  return (value < 0 && Number(text) !== 0 ? "\u2212" : "+") + text;
+}
+
+function signedPercent(ratio) {
+  return signed(100 * (ratio - 1), 0) + "%";
+}
+
+function retentionValue(row, key, withInterval = true) {
+  const digits = row.ratio != null ? 1 : 3, value = row[key], span = row[`interval_${key}`];
+  if (typeof value !== "number") return "";
+  const interval = withInterval && span ? ` [${span.low.toFixed(digits)}, ${span.high.toFixed(digits)}]` : "";
+  return value.toFixed(digits) + interval;
+}
+
+function retentionChange(row) {
+  const write = row.ratio != null ? signedPercent : signed, value = row.ratio ?? row.change;
+  if (typeof value !== "number") return "";
+  return write(value) + (row.low != null && row.high != null ? ` [${write(row.low)}, ${write(row.high)}]` : "");
+}
+
+function retentionVerdict(row) {
+  if (!row.verdict) return "";
+  return row.verdict + (typeof row.p_value === "number" ? ` (p = ${+row.p_value.toPrecision(3)})` : "");
+}
+
 function runLink(name) {
   return el("a", {href: `/run?name=${encodeURIComponent(name)}`}, name);
 }

@@ -28,6 +28,31 @@ function metricsTable(runs, phase) {
     el("tr", {}, el("th", {}, "metric"), runs.map(r => el("th", {}, r.name))), rows)];
 }
 
+// Each run's retained general ability side by side: per probe metric, the score after training and its paired
+// change (a perplexity's as its ratio, ±%); a run that did not measure it shows a dash.
+function retentionTable(runs) {
+  const byRun = runs.map(r => new Map(((r.retention || {}).rows || [])
+    .map(row => [`${row.probe}\u0000${row.metric}`, row])));
+  const keys = [...new Set(byRun.flatMap(rows => [...rows.keys()]))];
+  if (!keys.length) return [];
+  const rows = keys.map(key => {
+    const first = byRun.find(rows => rows.has(key)).get(key);
+    return el("tr", {"data-probe": first.probe, "data-metric": first.metric},
+      el("td", {}, `${first.name} · ${first.metric}`), byRun.map(rows => {
+        const row = rows.get(key);
+        if (!row) return el("td", {class: "num"}, "–");
+        const before = `before ${retentionValue(row, "before")}`;
+        return el("td", {class: `num ${VERDICT_CLASS[row.verdict] || ""}`, title: before},
+          el("div", {}, retentionValue(row, "after", false)),
+          el("div", {class: "sub"}, [retentionChange(row), retentionVerdict(row)].filter(Boolean).join(" · ")));
+      }));
+  });
+  return [el("h2", {}, "Retained general ability"), el("table", {id: "retention-compare"},
+    el("tr", {}, el("th", {}, "probe · metric"), runs.map(r => el("th", {}, r.name))), rows),
+    el("p", {class: "note"}, "Each cell: the score after training, then its change with the paired 95% interval ",
+       "(a perplexity's as its ratio, ±%) and the verdict; – : not measured (eval.retention off).")];
+}
+
 function recipeDiff(runs) {
   const flat = runs.map(r => flatten(r.recipe || {}));
   const keys = [...new Set(flat.flatMap(Object.keys))].sort()
@@ -54,7 +79,7 @@ async function compare(names) {
     el("div", {id: "loss-chart"}, lineChart(loss, {yLabel: "loss", width: 760, height: 300})),
     el("h2", {}, "Eval curves"),
     el("div", {id: "eval-chart"}, lineChart(evalSeries, {xLabel: "epoch", width: 760, height: 300})),
-    ...metricsTable(runs, "after"), ...metricsTable(runs, "before"), ...recipeDiff(runs));
+    ...metricsTable(runs, "after"), ...retentionTable(runs), ...metricsTable(runs, "before"), ...recipeDiff(runs));
 }
 
 async function init() {

@@ -9,6 +9,23 @@ function card(label, value, id) {
   return el("div", {class: "card", id}, el("div", {}, label), el("div", {class: "value"}, value));
 }
 
+// What training cost in general ability (decoders with eval.retention): before → after with intervals, the paired
+// change and its verdict, then the one-line summary.
+function retentionSection(retention) {
+  if (!retention) return [];
+  const heads = ["probe", "metric", "before", "after", "change", "verdict"].map(h => el("th", {}, h));
+  const rows = retention.rows.map(r => el("tr", {"data-probe": r.probe, "data-metric": r.metric},
+    el("td", {}, r.name, r.size ? el("div", {class: "sub"}, r.size) : null), el("td", {}, r.metric),
+    el("td", {class: "num"}, retentionValue(r, "before")), el("td", {class: "num"}, retentionValue(r, "after")),
+    el("td", {class: `num ${VERDICT_CLASS[r.verdict] || ""}`}, retentionChange(r)),
+    el("td", {class: VERDICT_CLASS[r.verdict]}, retentionVerdict(r))));
+  return [el("h2", {}, "Retained general ability"),
+    rows.length ? el("table", {id: "retention-table"}, el("tr", {}, heads), rows) : null,
+    retention.summary ? el("p", {id: "retention-summary"}, retention.summary) : null,
+    el("p", {class: "note"}, "Brackets: 95% intervals; the change's is paired (the same items before and after). ",
+       "A perplexity's change is its ratio after / before, as ±%.")];
+}
+
 function render(run) {
   document.getElementById("title").textContent = run.name;
   const status = document.getElementById("status");
@@ -29,6 +46,7 @@ function render(run) {
     cards.push(card(`${h.metric} before → after`, `${num(h.before)} → ${num(h.after)}`, "headline"));
   }
   document.getElementById("cards").replaceChildren(...cards);
+  document.getElementById("retention").replaceChildren(...retentionSection(run.retention));
   document.getElementById("loss").replaceChildren(lineChart(lossSeries(run.log), {yLabel: "loss"}));
   const metricSeries = ["accuracy", "macro_f1"].map(m => ({name: m, dots: true,
     points: run.log.filter(r => typeof r[`eval_${m}`] === "number").map(r => [r.epoch, r[`eval_${m}`]])}))
