@@ -126,3 +126,13 @@ def test_a_taken_port_is_one_error_line():
         port = taken.getsockname()[1]
         with pytest.raises(TunelabError, match=f"cannot listen on 127.0.0.1:{port}.*pass another --port"):
             check_port_free("127.0.0.1", port)
+
+
+def test_an_optional_section_at_its_defaults_is_left_out_and_filled_in_is_kept():
+    from tunelab.ui.forms import all_fields, raw_recipe
+
+    values = {path: field["default"] or "" for path, field in all_fields().items()
+              if not path.startswith("method.") or path == "method.name"}
+    assert "replay" not in raw_recipe(values)["data"]  # its template/split/fraction defaults alone ask for nothing
+    values["data.replay.source"] = "self_instruct"
+    assert raw_recipe(values)["data"]["replay"] == {"source": "self_instruct"}

@@ -128,7 +128,8 @@ def recipe_values(recipe: dict) -> dict[str, str]:
 
 def raw_recipe(values: dict[str, str]) -> dict:
     """The recipe dict the form's texts describe: only the chosen method's fields; an optional section left empty
-    is left out (e.g. eval.judge); an empty required field is left out, so the schema names it as missing."""
+    or at its defaults is left out (e.g. eval.judge, data.replay); an empty required field is left out, so the
+    schema names it as missing."""
     fields = all_fields()
     method = (values.get("method.name") or "full").strip()
     method_paths = {f["path"] for f in form_schema()["methods"].get(method, [])} | {"method.name"}
@@ -142,6 +143,8 @@ def raw_recipe(values: dict[str, str]) -> dict:
         value = from_text(text, field["kind"])
         if value is None and (field["required"] or field.get("optional_section")):
             continue
+        if field.get("optional_section") and text.strip() == (field["default"] or "").strip():
+            continue  # a default of an optional section (e.g. data.replay.fraction) alone does not ask for it
         node = raw
         parts = path.split(".")
         for part in parts[:-1]:
