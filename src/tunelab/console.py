@@ -80,6 +80,16 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def signed(value: float, spec: str = ".3f") -> str:
+    """A change with its sign, a true minus sign for a negative one: '+0.009', '−0.005'."""
+    return format(value, "+" + spec).replace("-", "\N{MINUS SIGN}")
+
+
+def percent(ratio: float) -> str:
+    """A ratio (after / before) as a signed percentage change: 1.19 → '+19%'."""
+    return signed(100 * (ratio - 1), ".0f") + "%"
+
+
 def headline_changes(metrics: dict) -> str:
     """The headline metrics before → after, each gain with its paired 95% interval ("no significant change" when
     that interval includes 0), and the win rate when judged: the line a run ends on."""

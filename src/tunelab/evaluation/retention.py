@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunelab.console import percent, signed
 from tunelab.data.sources import data_search_path
 from tunelab.errors import TunelabError
 from tunelab.evaluation import PROBE_NAMES
@@ -427,22 +428,14 @@ def summarize(comparison: dict[str, dict]) -> str:
         if "acc" in metrics:
             acc = metrics["acc"]
             parts.append(f"{name} acc {acc['before']:.3f} → {acc['after']:.3f} "
-                         f"({_signed(acc['change'], '.3f')} [{_signed(acc['low'], '.3f')}, "
-                         f"{_signed(acc['high'], '.3f')}]{_verdict(acc)})")
+                         f"({signed(acc['change'], '.3f')} [{signed(acc['low'], '.3f')}, "
+                         f"{signed(acc['high'], '.3f')}]{_verdict(acc)})")
         else:
             ppl = metrics["word_perplexity"]
             parts.append(f"{name} word ppl {ppl['before']:.1f} → {ppl['after']:.1f} "
-                         f"({_percent(ppl['ratio'])} [{_percent(ppl['low'])}, {_percent(ppl['high'])}]"
+                         f"({percent(ppl['ratio'])} [{percent(ppl['low'])}, {percent(ppl['high'])}]"
                          f"{_verdict(ppl)})")
     return "retained: " + "; ".join(parts)
-
-
-def _signed(value: float, spec: str) -> str:
-    return format(value, "+" + spec).replace("-", "\N{MINUS SIGN}")
-
-
-def _percent(ratio: float) -> str:
-    return _signed(100 * (ratio - 1), ".0f") + "%"
 
 
 def _verdict(change: dict) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunelab.console import say
+from tunelab.console import say, signed
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, normalise_answer
 from tunelab.evaluation.uncertainty import mcnemar_p_value, mean_interval, mean_of, paired_gain
@@ -34,6 +34,7 @@ from tunelab.export.model_card import with_verified_section
 from tunelab.export.run import FinishedRun, read_finished_run, write_json
 from tunelab.models.trained import ONNX_MODEL_FILE
 from tunelab.recipe import DataConfig, GenerateConfig
+from tunelab.runs.folder import write_text_atomic
 
 VERIFIABLE_TASKS = ("classify", "sft")  # accuracy of a label, exact match of a generated answer
 VERIFY_FILE = "verify.json"
@@ -157,7 +158,7 @@ def verify_export(run_dir: str | Path, folder: str | Path, size: int | None = No
     write_json(exported.folder / VERIFY_FILE, result)
     card = exported.folder / "README.md"
     if card.is_file():
-        replace_text(card, with_verified_section(card.read_text(encoding="utf-8"), result))
+        write_text_atomic(card, with_verified_section(card.read_text(encoding="utf-8"), result))
     return result
 
 
@@ -389,15 +390,3 @@ def warning_lines(exported: ExportedFile, result: dict, mismatches: list[str]) -
         cause = (f"the chat template / EOS as {result['runtime']} applies them (the file's own template and EOS equal "
                  f"the run's), or the {exported.quantize or exported.fmt} weights")
     return [f"{worse}; likely cause: {cause}"]
-
-
-def signed(value: float) -> str:
-    """'+0.009', '−0.005' (a real minus sign)."""
-    return f"{value:+.3f}".replace("-", "−")
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Rewrite a file of the published export whole (a temporary file renamed over it), never half-written."""
-    staged = path.with_name(f".{path.name}.partial")
-    staged.write_text(text, encoding="utf-8")
-    os.replace(staged, path)

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
+from tunelab.console import percent, signed  # noqa: E402
 from tunelab.runs.folder import write_text_atomic  # noqa: E402
 from tunelab.runs.reading import retention_rows, typed_retention  # noqa: E402
 
@@ -164,16 +165,6 @@ def retention_section(block: dict) -> str | None:
     return (table + summary + "<p>General-ability probes, scored on the same items before and after training. "
             "Brackets: 95% bootstrap intervals; the change's is paired, and a change whose interval includes no "
             f"change is not significant. A perplexity's change is its ratio after / before, as ±%.{seconds}</p>")
-
-
-def signed(value: float) -> str:
-    """A difference with its sign (a true minus sign, as the summary line writes it)."""
-    return f"{value:+.3f}".replace("-", "\N{MINUS SIGN}")
-
-
-def percent(ratio: float) -> str:
-    """A ratio as a signed percentage change: 1.19 → '+19%'."""
-    return f"{100 * (ratio - 1):+.0f}%".replace("-", "\N{MINUS SIGN}")
 
 
 def signed_bounds(row: dict, written) -> str:
