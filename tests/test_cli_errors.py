@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab import api
 from tunelab.cli import main
 
 TRAIN_ROWS = [("good film", "pos"), ("great plot", "pos"), ("loved it", "pos"),
@@ -128,7 +127,9 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training started: the bad input was not refused up front")
 
-    monkeypatch.setattr(api, "run_classification", refuse)
+    from tunelab.stages import classify
+
+    monkeypatch.setattr(classify, "run_classification", refuse)  # the registry looks the stage up at run time
 
 
 def assert_mentions(line: str, expected: list[str]) -> None:

@@ -240,10 +240,10 @@ def test_refusals_are_one_line_and_write_nothing(runs, tiny_bert, toy_data, qa_d
     assert "already exists" in refusal(["export", str(runs["lora-sft"]), "--output", str(tmp_path / "file.gguf"),
                                         "--format", "gguf"], capsys)
     assert (tmp_path / "file.gguf").read_text() == "mine" and not list(existing.iterdir())
-    assert "decoder runs" in refusal(["export", str(runs["full-classifier"]), "--output", str(tmp_path / "b"),
-                                      "--format", "gguf"], capsys)
-    assert "encoder classifier" in refusal(["export", str(runs["lora-sft"]), "--output", str(tmp_path / "c"),
-                                            "--format", "onnx"], capsys)
+    assert "--format gguf takes runs of tasks sft, pretrain, dpo, kto, grpo; " in refusal(
+        ["export", str(runs["full-classifier"]), "--output", str(tmp_path / "b"), "--format", "gguf"], capsys)
+    assert "is a sft run — export it as hf or gguf" in refusal(
+        ["export", str(runs["lora-sft"]), "--output", str(tmp_path / "c"), "--format", "onnx"], capsys)
     prompt = toy_recipe(tiny_bert, toy_data, method={"name": "prompt", "num_virtual_tokens": 2},
                         train={"max_steps": 1, "batch_size": 8, "precision": "fp32"})
     prompt_run = api.train(validate_recipe(prompt), str(tmp_path / "prompt-run"))[0]

@@ -59,7 +59,8 @@ CONFIG = SchemathesisConfig.from_dict({"max-stream-events": 100_000, "output": {
 OPENAI_ERROR_FIELDS = {"message", "type", "param", "code"}
 
 SERVE_ENDPOINTS = [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
-                   ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("POST", "/v1/classify")]
+                   ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("POST", "/v1/classify"),
+                   ("POST", "/v1/score")]
 # POST /api/start, /api/stop and /api/resume are not fuzzed: they launch, stop and resume real training runs (each a
 # process training for minutes). tests/test_ui_security.py covers their origin checks.
 UI_NOT_FUZZED = [("POST", "/api/start"), ("POST", "/api/stop"), ("POST", "/api/resume")]
@@ -133,8 +134,21 @@ def runs(tiny_bert, tiny_llama, toy_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def targets(long_llama, tiny_classifier, runs, tmp_path_factory):
-    """The three servers under fuzz, started side by side, each with the OpenAPI schema of its app."""
+def reward_run(tiny_bert, tmp_path_factory) -> Path:
+    """A finished one-step reward-model run (served on /v1/score)."""
+    from conftest import write_jsonl
+    from test_preference_tiny import preference_recipe, preference_rows
+
+    pairs = tmp_path_factory.mktemp("fuzz-pairs")
+    write_jsonl(pairs / "train.jsonl", preference_rows(16, seed=1))
+    write_jsonl(pairs / "test.jsonl", preference_rows(8, seed=2))
+    recipe = preference_recipe(tiny_bert, pairs, train={"max_steps": 1, "batch_size": 4, "precision": "fp32"})
+    return api.train(validate_recipe(recipe), str(tmp_path_factory.mktemp("fuzz-reward") / "toy-reward"))[0]
+
+
+@pytest.fixture(scope="module")
+def targets(long_llama, tiny_classifier, reward_run, runs, tmp_path_factory):
+    """The four servers under fuzz, started side by side, each with the OpenAPI schema of its app."""
     from tunelab.serve.app import create_app as serve_app
     from tunelab.serve.engine import load_engine
     from tunelab.ui.app import Settings
@@ -143,7 +157,7 @@ def targets(long_llama, tiny_classifier, runs, tmp_path_factory):
     logs = tmp_path_factory.mktemp("fuzz-logs")
     started = {}
     try:
-        for name, model in (("generate", long_llama), ("classify", tiny_classifier)):
+        for name, model in (("generate", long_llama), ("classify", tiny_classifier), ("score", Path(reward_run))):
             started[name] = Server(["serve", str(model), "--max-batch", "4"], "/health", logs / f"{name}.log")
             engine = load_engine(str(model), 4)
             started[name].schema = serve_app(engine, model.name, {model.name}, None).openapi()
@@ -163,6 +177,7 @@ def operations(schema: dict) -> set[tuple[str, str]]:
 def test_the_fuzzed_endpoints_are_every_endpoint_of_both_apps(targets):
     assert operations(targets["generate"].schema) == set(SERVE_ENDPOINTS)
     assert operations(targets["classify"].schema) == set(SERVE_ENDPOINTS)
+    assert operations(targets["score"].schema) == set(SERVE_ENDPOINTS)
     assert operations(targets["ui"].schema) == set(UI_ENDPOINTS) | set(UI_NOT_FUZZED)
 
 
@@ -359,7 +374,7 @@ def check_endpoint(server: Server, method: str, path: str, problem_of, steer, st
 
 
 @pytest.mark.parametrize(("method", "path"), SERVE_ENDPOINTS, ids=[f"{m} {p}" for m, p in SERVE_ENDPOINTS])
-@pytest.mark.parametrize("kind", ["generate", "classify"])
+@pytest.mark.parametrize("kind", ["generate", "classify", "score"])
 def test_serve_answers_fuzzed_requests_without_5xx_and_with_openai_errors(targets, kind, method, path):
     server = targets[kind]
     check_endpoint(server, method, path, serve_problem, steer_serve(server.model_id), [True, True, True, False])

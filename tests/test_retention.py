@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import write_jsonl
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -316,6 +317,43 @@ def test_replay_is_a_lever_the_probes_see(sft_runs):
     assert replayed["after"]["exact_match"] >= 0.7  # the task is still learned
 
 
+@pytest.mark.parametrize("task", ["dpo", "kto"])
+def test_replay_in_preference_training_is_a_lever_the_probes_see(task, tiny_llama, replay_source, tmp_path):
+    """DPO and KTO add the replay texts' language-model loss to each step: the text probe's perplexity falls where
+    without replay it does not, and the preference is still learned."""
+    from test_preference_tiny import preference_recipe, preference_rows
+
+    from tunelab import api
+    from tunelab.recipe import validate_recipe
+
+    (tmp_path / "pairs").mkdir()
+    write_jsonl(tmp_path / "pairs" / "train.jsonl", preference_rows(80, seed=1))
+    write_jsonl(tmp_path / "pairs" / "test.jsonl", preference_rows(40, seed=2))
+    choice, text = write_probes(tmp_path)
+
+    def run(name: str, replay: dict | None = None) -> dict:
+        recipe = preference_recipe(tiny_llama, tmp_path / "pairs", task=task, method={"name": "lora", "r": 8},
+                                   preference={"beta": 0.5},
+                                   train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                                   eval={"generate": {"num_samples": 0},
+                                         "retention": {"enabled": True, "probes": [choice, text], "max_length": 32,
+                                                       "batch_size": 4}})
+        if replay is not None:
+            recipe["data"]["replay"] = replay
+        return api.train(validate_recipe(recipe), str(tmp_path / name))[1]
+
+    plain = run("plain")
+    replayed = run("replayed", {"source": str(replay_source), "template": "{line}", "fraction": 0.5})
+    assert plain["replay_rows"] == 0 and replayed["replay_rows"] == 40  # 0.5 × 80 train pairs
+    without = plain["retention"]["change"]["toy_text"]["word_perplexity"]
+    with_replay = replayed["retention"]["change"]["toy_text"]["word_perplexity"]
+    assert with_replay["significant"] and with_replay["high"] < 1
+    assert with_replay["ratio"] < without["ratio"] - 0.2  # seen: 0.72 against 1.07 (dpo)
+    assert replayed["after"]["preference_accuracy"] >= 0.9  # the preference is still learned
+    logged = [json.loads(line) for line in (tmp_path / "replayed" / "log.jsonl").read_text().splitlines()]
+    assert any("replay_loss" in row for row in logged)
+
+
 def test_a_decoder_run_without_retention_says_how_to_turn_it_on(tiny_llama, qa_data, tmp_path, capsys):
     from test_generative_tiny import generative_recipe
 
@@ -330,7 +368,7 @@ def test_a_decoder_run_without_retention_says_how_to_turn_it_on(tiny_llama, qa_d
 
 @pytest.mark.parametrize(("task", "section", "message"), [
     ("classify", {"eval": {"retention": {"enabled": True}}}, "eval.retention scores decoders"),
-    ("dpo", {"data": {"replay": {"source": "x"}}}, "data.replay mixes text rows"),
+    ("grpo", {"data": {"replay": {"source": "x"}}}, "data.replay trains on general text alongside the task"),
     ("sft", {"data": {"replay": {"source": "x"}, "streaming": True}}, "data.replay samples rows"),
 ])
 def test_retention_and_replay_are_refused_where_they_do_not_apply(task, section, message):

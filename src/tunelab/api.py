@@ -22,23 +22,13 @@ from tunelab.models.loading import (
     load_tokenizer,
     resolve_model,
 )
-from tunelab.models.trained import earlier_run_labels, load_trained
+from tunelab.models.trained import earlier_run_labels, load_trained, read_run_recipe
 from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe, RewardSource
 from tunelab.rewards import load_reward_function, locate_reward_function
 from tunelab.runs.folder import open_run_folder
 from tunelab.runs.tracking import check_trackers
-from tunelab.stages.classify import run_classification
-from tunelab.stages.dpo import run_dpo
-from tunelab.stages.fewshot import run_fewshot
-from tunelab.stages.grpo import run_grpo
-from tunelab.stages.kto import run_kto
-from tunelab.stages.reward import run_reward
-from tunelab.stages.seq2seq import run_seq2seq
-from tunelab.stages.sft import check_context_length, run_sft
-
-STAGES = {"classify": run_classification, "fewshot": run_fewshot, "sft": run_sft, "pretrain": run_sft,
-          "seq2seq": run_seq2seq, "reward": run_reward, "dpo": run_dpo, "kto": run_kto,
-          "grpo": run_grpo}
+from tunelab.stages.sft import check_context_length
+from tunelab.tasks import TASKS, refusal, task_named
 
 
 def check_recipe(recipe: Recipe, import_code: bool = True):
@@ -157,7 +147,7 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
         data, source = check_recipe(recipe)
     say(f"tunelab: {recipe.task} · {recipe.model.name} · method {recipe.method.name} · {device_and_precision(recipe)} "
         f"→ {run_dir}")
-    return run_dir, STAGES[recipe.task](recipe, data, source, run_dir, resume)
+    return run_dir, TASKS[recipe.task].stage()(recipe, data, source, run_dir, resume)
 
 
 def device_and_precision(recipe: Recipe) -> str:
@@ -190,8 +180,23 @@ def evaluate_in_context(model_name: str, data: DataConfig, shots: int) -> dict:
 
 
 def predict(model_path: str, texts: list[str], top_k: int = 1) -> list[dict]:
-    """Labels with probabilities for each text, best first."""
+    """Labels with probabilities for each text, best first; for a reward run, its score of each text."""
+    task = task_named((read_run_recipe(Path(model_path)) or {}).get("task"))  # None for model folders and exports
+    if task is not None and task.scores:
+        return score_texts(model_path, texts)
+    if task is not None and not task.labels:
+        raise TunelabError(refusal(f"'{model_path}'", task.name, ("labels", "scores"), "`tunelab predict`"))
     return label_texts(load_trained(model_path), texts, top_k)
+
+
+def score_texts(run_dir: str, texts: list[str]) -> list[dict]:
+    """A reward run's score of each whole text (higher = preferred), as the run scored its pairs and as
+    `tunelab serve`'s /v1/score answers."""
+    from tunelab.evaluation.judge import load_reward
+
+    reward = load_reward(RewardSource(model=run_dir), batch_size=16, bf16=False)
+    scores = reward(prompts=texts, completions=[""] * len(texts))
+    return [{"text": text, "score": round(float(score), 6)} for text, score in zip(texts, scores, strict=True)]
 
 
 def label_texts(trained, texts: list[str], top_k: int = 1) -> list[dict]:
@@ -230,7 +235,7 @@ def generation_settings(max_new_tokens: int = 64, temperature: float = 0.0) -> G
 
 
 def load_generator(run_dir: str):
-    """A trained sft/pretrain/seq2seq run, ready to answer prompts."""
+    """A trained run of a task that answers prompts (sft, pretrain, seq2seq, dpo, kto, grpo), ready to answer."""
     from tunelab.models.generator import load_generator as load
 
     return load(run_dir)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import TunelabError
+from tunelab.tasks import TASK_NAMES, tasks_that
 
 
 class Section(BaseModel):
@@ -40,7 +41,7 @@ class ReplayConfig(Section):
     split: str = Field("train", description="Split of the replay source to draw rows from")
     fraction: float = Field(0.2, gt=0, le=4, description="Replay rows per task training row (0.2: one for every five), "
                                                           "drawn at random with data.seed; trained with the loss on "
-                                                          "every token")
+                                                          "every token (dpo/kto: fraction × batch_size rows a step)")
 
 
 class DataConfig(Section):
@@ -97,8 +98,10 @@ class DataConfig(Section):
     completion: str = Field("completion", description="kto without chosen/rejected pairs: the column holding one "
                                                       "response, marked good or bad by data.label")
     seed: int = Field(42, description="Seed for subsampling, hold-out splits and few-shot sampling")
-    replay: ReplayConfig | None = Field(None, description="sft/pretrain: mix general text into the training rows, "
-                                                          "a lever against forgetting (eval.retention measures it)")
+    replay: ReplayConfig | None = Field(None, description="sft/pretrain/dpo/kto: train on general text too, a lever "
+                                                          "against forgetting (eval.retention measures it); sft and "
+                                                          "pretrain mix it into the rows, dpo and kto add its "
+                                                          "language-model loss to each step")
 
     @model_validator(mode="after")
     def _one_training_size(self) -> DataConfig:
@@ -181,10 +184,10 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
 
 
 GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
-STREAMING_TASKS = ("sft", "pretrain")  # tasks that can read their train split as a stream (data.streaming)
+STREAMING_TASKS = tasks_that("streaming")  # tasks that can read their train split as a stream (data.streaming)
 PREFERENCE_TASKS = ("reward", "dpo", "kto")
-DECODER_TASKS = ("sft", "pretrain", "dpo", "kto", "grpo")  # causal LMs trained on text: retention probes apply
-REPLAY_TASKS = ("sft", "pretrain")  # tasks trained with a language-model loss, into which text rows can be mixed
+DECODER_TASKS = tasks_that("decoder")  # causal LMs trained on text: retention probes and qlora apply
+REPLAY_TASKS = tasks_that("replay")  # sft/pretrain mix text rows in; dpo/kto add an LM loss on them
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
@@ -257,7 +260,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together")
 
 
-JUDGED_TASKS = ("dpo", "kto", "grpo")  # tasks whose answers before and after training a judge can compare
+JUDGED_TASKS = tasks_that("judged")  # tasks whose answers before and after training a judge can compare
 DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}  # recipe name → TRL loss_type
 REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")  # TRL's CPO / ORPO trainers: no reference model at all
 DEFAULT_BETAS = {"simpo": 2.0}  # SimPO's paper uses β 2–2.5 on its length-normalised reward; the others 0.1
@@ -383,7 +386,7 @@ def slug(text: str) -> str:
 class Recipe(Section):
     name: str = Field(description="Run name: letters, digits, '-', '_' and '.', starting with a letter or digit, at "
                                   "most 128 characters; default: the recipe file's name")
-    task: Literal["classify", "fewshot", "sft", "pretrain", "seq2seq", "reward", "dpo", "kto", "grpo"] = Field(
+    task: Literal[TASK_NAMES] = Field(
         description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
                     "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
                     "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target), "
@@ -442,8 +445,8 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_qlora(self) -> Recipe:
         """QLoRA quantizes a decoder's base for generative training; classifiers use lora."""
-        if self.method.name == "qlora" and self.task not in ("sft", "pretrain", "dpo", "kto", "grpo"):
-            raise ValueError(f"method qlora is for decoder training (task sft, pretrain, dpo, kto or grpo); use lora "
+        if self.method.name == "qlora" and self.task not in DECODER_TASKS:
+            raise ValueError(f"method qlora is for decoder training (tasks {', '.join(DECODER_TASKS)}); use lora "
                              f"for task {self.task}")
         return self
 
@@ -477,7 +480,7 @@ class Recipe(Section):
         if not data.streaming:
             return self
         if self.task not in STREAMING_TASKS:
-            raise ValueError(f"data.streaming is for tasks pretrain and sft; drop it for task {self.task}")
+            raise ValueError(f"data.streaming is for tasks {', '.join(STREAMING_TASKS)}; drop it for task {self.task}")
         if self.train.max_steps is None:
             raise ValueError("data.streaming reads the train split as a stream of unknown length, so epochs cannot "
                              "be counted; set train.max_steps (rows read = max_steps × batch_size × grad_accum)")
@@ -573,9 +576,8 @@ class Recipe(Section):
                              f"{self.task}")
         if self.data.replay is not None:
             if self.task not in REPLAY_TASKS:
-                raise ValueError(f"data.replay mixes text rows into language-model training (tasks sft, pretrain); "
-                                 f"drop it for task {self.task} (for dpo/kto a larger preference.beta keeps the model "
-                                 f"closer to where it started)")
+                raise ValueError(f"data.replay trains on general text alongside the task (tasks "
+                                 f"{', '.join(REPLAY_TASKS)}); drop it for task {self.task}")
             if self.data.streaming:
                 raise ValueError("data.replay samples rows in proportion to the train split, which data.streaming "
                                  "never holds; drop one of them")

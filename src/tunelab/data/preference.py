@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import datasets
 
-from tunelab.data.generative import random_subsample
+from tunelab.data.generative import load_replay, random_subsample
 from tunelab.data.sources import eval_split_name, load_splits, split_off_validation
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
@@ -31,11 +31,20 @@ class PreferenceData:
     paired: bool = True
     validation: datasets.Dataset | None = None  # picks the checkpoint (task reward); never the reported `eval` rows
     validation_split: str | None = None
+    replay: datasets.Dataset | None = None  # general text replayed during training (data.replay): a `text` column
 
 
 def load_preference_data(cfg: DataConfig, unpaired_ok: bool = False) -> PreferenceData:
     """Read, check, normalise and subsample the pairs of a reward, dpo or kto recipe (kto, `unpaired_ok`, also
-    takes prompt/completion/label rows)."""
+    takes prompt/completion/label rows), with data.replay's texts when it has them."""
+    data = read_preference_data(cfg, unpaired_ok)
+    if cfg.replay is not None:
+        data.replay = load_replay(cfg.replay, len(data.train), cfg.seed)
+    return data
+
+
+def read_preference_data(cfg: DataConfig, unpaired_ok: bool) -> PreferenceData:
+    """The pairs (or, for kto, judged completions) of the source, normalised and subsampled."""
     splits = load_splits(cfg.source)
     columns = splits[cfg.train_split].column_names
     missing = [f"'{name}' (data.{key})" for key, name in (("chosen", cfg.chosen), ("rejected", cfg.rejected))

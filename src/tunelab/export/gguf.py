@@ -21,7 +21,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QW
 
 from tunelab.errors import TunelabError
 from tunelab.export.model_card import model_card
-from tunelab.export.run import DECODER_TASKS, FinishedRun
+from tunelab.export.run import FinishedRun
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2}
 # --quantize choices: every type gguf.quants can write in numpy that suits a dense model (its k-quants and i-quants
@@ -58,15 +58,13 @@ QWEN2_SPLIT = QWEN2_PRETOKENIZE_REGEX  # Qwen2's split rule (digits one by one),
 
 
 def check_gguf_exportable(run: FinishedRun, quantize: str | None) -> str:
-    """Refuse runs that are no decoder and unknown quantization types before anything loads; return the type."""
+    """Refuse unknown quantization types and architectures before anything loads (export_run has checked that the
+    task exports to gguf); return the type."""
     quantize = (quantize or DEFAULT_QUANT).lower()
     if quantize not in QUANT_TYPES:
         raise TunelabError(f"export: --quantize '{quantize}' is not available for gguf; choose one of "
                            f"{', '.join(QUANT_TYPES)} (k-quants such as Q4_K_M need llama.cpp's llama-quantize: "
                            f"the gguf package cannot write them)")
-    if run.task not in DECODER_TASKS:
-        raise TunelabError(f"export: --format gguf takes decoder runs (tasks {', '.join(DECODER_TASKS)}); "
-                           f"'{run.path}' is a {run.task} run — use --format hf or onnx")
     config = json.loads((run.model_dir / "config.json").read_text(encoding="utf-8"))
     check_architecture(config.get("architectures") or [config.get("model_type", "?")])
     return quantize

@@ -9,7 +9,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.export.model_card import model_card
-from tunelab.export.run import CLASSIFIER_TASKS, FinishedRun
+from tunelab.export.run import HEAD_FAMILIES, FinishedRun
 
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth", ".pickle")
 
@@ -32,16 +32,17 @@ def write_hf(run: FinishedRun, model: torch.nn.Module, tokenizer, folder: Path) 
 
 def hf_snippet(run: FinishedRun, tokenizer) -> str:
     """How to load and use the folder with transformers alone, for the model card."""
-    if run.task in CLASSIFIER_TASKS:
+    family = run.kind.family if run.kind is not None else None
+    if family in HEAD_FAMILIES:
         use = ("probabilities = model(**batch).logits.softmax(-1)  # labels: model.config.id2label"
-               if run.task == "classify" else "reward = model(**batch).logits[:, 0]  # higher = preferred")
+               if family == "classifier" else "reward = model(**batch).logits[:, 0]  # higher = preferred")
         return ("```python\nimport torch\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
                 "\nmodel = AutoModelForSequenceClassification.from_pretrained(DIR).eval()\n"
                 "tokenizer = AutoTokenizer.from_pretrained(DIR)\n"
                 f"batch = tokenizer([\"your text\"], padding=True, truncation=True, max_length="
                 f"{run.recipe.get('model', {}).get('max_length', 256)}, return_tensors=\"pt\")\n"
                 f"with torch.no_grad():\n    {use}\n```")
-    if run.task == "seq2seq":
+    if family == "seq2seq":
         return ("```python\nfrom transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n\n"
                 "model = AutoModelForSeq2SeqLM.from_pretrained(DIR)\ntokenizer = AutoTokenizer.from_pretrained(DIR)\n"
                 "answer = model.generate(**tokenizer([\"your text\"], return_tensors=\"pt\"), max_new_tokens=64)\n"

@@ -16,7 +16,7 @@ import torch
 
 from tunelab.errors import TunelabError, one_line
 from tunelab.export.model_card import model_card
-from tunelab.export.run import CLASSIFIER_TASKS, FinishedRun, write_json
+from tunelab.export.run import FinishedRun, write_json
 from tunelab.models.trained import ONNX_LABELS_FILE as LABELS_FILE
 from tunelab.models.trained import ONNX_MODEL_FILE as MODEL_FILE
 
@@ -42,11 +42,9 @@ def check_onnx_exportable(run: FinishedRun) -> None:
     """ONNX export is for encoder classifiers and reward models; decoders have the gguf and hf formats."""
     from tunelab.models.loading import is_decoder
 
-    if run.task not in CLASSIFIER_TASKS or is_decoder(str(run.model_dir)):
-        raise TunelabError(f"export: --format onnx takes encoder classifier and reward runs (tasks "
-                           f"{', '.join(CLASSIFIER_TASKS)} on an encoder such as minilm); '{run.path}' is a "
-                           f"{run.task} run{' on a decoder' if run.task in CLASSIFIER_TASKS else ''} — use --format "
-                           f"hf{' or gguf' if run.task not in CLASSIFIER_TASKS else ''}")
+    if is_decoder(str(run.model_dir)):  # the task exports to onnx (export_run checked): on an encoder only
+        raise TunelabError(f"export: --format onnx takes {run.task} runs on an encoder such as minilm; '{run.path}' "
+                           f"is a {run.task} run on a decoder — use --format hf")
 
 
 def write_onnx(run: FinishedRun, model: torch.nn.Module, tokenizer, folder: Path) -> None:

@@ -18,9 +18,9 @@ from tunelab.errors import TunelabError
 from tunelab.models.loading import load_causal_lm, load_tokenizer
 from tunelab.models.trained import load_classifier_model
 from tunelab.recipe import GENERATIVE_TASKS
+from tunelab.tasks import TASKS, Task, task_named
 
-CLASSIFIER_TASKS = ("classify", "reward")  # a sequence-classification head: labels, or one reward output
-DECODER_TASKS = ("sft", "pretrain", "dpo", "kto", "grpo")
+HEAD_FAMILIES = ("classifier", "reward")  # a sequence-classification head: labels, or one reward output
 UNMERGEABLE_PEFT = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 
@@ -41,6 +41,11 @@ class FinishedRun:
     def task(self) -> str:
         """The recipe's task (classify, sft, reward, …)."""
         return str(self.recipe.get("task"))
+
+    @property
+    def kind(self) -> Task | None:
+        """The run's task in the registry (None for a task this version does not know)."""
+        return task_named(self.recipe.get("task"))
 
     @property
     def method(self) -> str:
@@ -68,11 +73,20 @@ def read_finished_run(run_dir: str | Path) -> FinishedRun:
     return FinishedRun(path=path, recipe=recipe, metrics=metrics)
 
 
+def check_format(run: FinishedRun, fmt: str) -> None:
+    """Refuse a format the run's task does not export to (the registry's `exports`), naming those it does."""
+    kind = run.kind
+    if kind is not None and fmt in kind.exports:
+        return
+    takers = ", ".join(name for name, task in TASKS.items() if fmt in task.exports)
+    instead = (f" — export it as {' or '.join(kind.exports)}" if kind is not None and kind.exports
+               else " (no format holds its model; e.g. a fewshot run's head is a scikit-learn model)")
+    raise TunelabError(f"export: --format {fmt} takes runs of tasks {takers}; '{run.path}' is a {run.task} "
+                       f"run{instead}")
+
+
 def check_mergeable(run: FinishedRun) -> None:
-    """Refuse what cannot become plain weights: prompt/prefix tuning, and few-shot runs' scikit-learn head."""
-    if run.task == "fewshot":
-        raise TunelabError(f"export: '{run.path}' is a fewshot run, whose head is a pickled scikit-learn logistic "
-                           f"regression that no transformers class loads; export a task classify run instead")
+    """Refuse what cannot become plain weights: prompt/prefix tuning (virtual tokens)."""
     if run.adapter:
         peft_type = json.loads((run.model_dir / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
         if str(peft_type).upper() in UNMERGEABLE_PEFT:
@@ -86,18 +100,18 @@ def load_merged(run: FinishedRun) -> tuple[torch.nn.Module, object]:
     check_mergeable(run)
     location = str(run.model_dir)
     tokenizer = load_tokenizer(location)
-    if run.task in CLASSIFIER_TASKS:
+    family = run.kind.family if run.kind is not None else None
+    if family in HEAD_FAMILIES:
         model = load_merged_classifier(location)
         model.config.pad_token_id = tokenizer.pad_token_id
-        if run.task == "reward":
+        if family == "reward":
             tokenizer.truncation_side = "left"  # reward models score a transcript's end (the response), as trained
-    elif run.task in DECODER_TASKS:
+    elif family == "decoder":
         model = load_causal_lm(location)
-    elif run.task == "seq2seq":
+    elif family == "seq2seq":
         model = load_merged_seq2seq(run, tokenizer)
     else:
-        raise TunelabError(f"export: task '{run.task}' of run '{run.path}' is not exportable; tasks: "
-                           f"{', '.join(CLASSIFIER_TASKS + DECODER_TASKS)}, seq2seq")
+        check_format(run, "hf")  # refuses it, naming the tasks that export
     template = (run.recipe.get("data") or {}).get("chat_template", "auto")
     if run.task in GENERATIVE_TASKS and template not in ("auto", "none", None):
         tokenizer.chat_template = template  # the run trained with its own template: users must render with it

@@ -35,8 +35,8 @@ from tunelab.export.run import FinishedRun, read_finished_run, write_json
 from tunelab.models.trained import ONNX_MODEL_FILE
 from tunelab.recipe import DataConfig, GenerateConfig
 from tunelab.runs.folder import write_text_atomic
+from tunelab.tasks import tasks_that
 
-VERIFIABLE_TASKS = ("classify", "sft")  # accuracy of a label, exact match of a generated answer
 VERIFY_FILE = "verify.json"
 QUANTIZED = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # a drop after these is first the weights' rounding
 SHOWN_DIFFERENCES = 5  # rows where file and run answer differently, kept in verify.json to look at
@@ -141,8 +141,8 @@ class Paired:
 
 def check_verifiable(run: FinishedRun) -> None:
     """`--verify` scores classify runs (accuracy) and sft runs (exact match); others are refused before exporting."""
-    if run.task not in VERIFIABLE_TASKS:
-        raise TunelabError(f"export: --verify scores tasks {' and '.join(VERIFIABLE_TASKS)} (accuracy, exact match "
+    if run.kind is None or not run.kind.verify:  # the registry's `verify`: accuracy of a label, exact match
+        raise TunelabError(f"export: --verify scores tasks {' and '.join(tasks_that('verify'))} (accuracy, exact match "
                            f"of the generated answer); '{run.path}' is a {run.task} run — export it without --verify")
 
 
@@ -153,7 +153,7 @@ def verify_export(run_dir: str | Path, folder: str | Path, size: int | None = No
     run = read_finished_run(run_dir)
     check_verifiable(run)
     exported = exported_file(Path(folder).resolve())  # the fresh process runs elsewhere
-    paired = (verify_classifier if run.task == "classify" else verify_sft)(run, exported, size)
+    paired = (verify_classifier if run.kind.family == "classifier" else verify_sft)(run, exported, size)
     result = comparison(run, exported, paired)
     write_json(exported.folder / VERIFY_FILE, result)
     card = exported.folder / "README.md"

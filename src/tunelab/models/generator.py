@@ -1,4 +1,10 @@
-"""Load a generative run (sft, pretrain, seq2seq) back to answer prompts: `tunelab generate` and `tunelab chat`."""
+"""Load a run that answers prompts (sft, pretrain, seq2seq, dpo, kto, grpo: the registry's `answers` tasks) back for
+`tunelab generate`, `tunelab chat`, `tunelab serve` and the playground.
+
+Prompts are put into the shape the run trained on: sft and grpo runs through their prompt template and chat template;
+pretrain, dpo and kto runs read their prompts as plain text (chat turns go through the model's own chat template);
+seq2seq runs read the text in their encoder.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from tunelab.errors import TunelabError, one_line
 from tunelab.evaluation.generation import autocast, generate_texts, sampling_settings
 from tunelab.models.loading import load_causal_lm, load_tokenizer
 from tunelab.models.trained import read_run_recipe
-from tunelab.recipe import GENERATIVE_TASKS, DataConfig, GenerateConfig
+from tunelab.recipe import DataConfig, GenerateConfig
+from tunelab.tasks import refusal, task_named
 from tunelab.trainer import bf16_supported
 
 
@@ -43,14 +50,22 @@ class Generator:
         prompts = [self.render(text) for text in texts]
         chat = self.prompt is not None and self.prompt.uses_chat_template
         return generate_texts(self.model, self.tokenizer, prompts, settings, bf16_supported(),
-                              add_special_tokens=not chat, encoder_decoder=self.task == "seq2seq")
+                              add_special_tokens=not chat, encoder_decoder=self.prompt is None)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template chat turns go through: the one the run trained with, else (a decoder trained on plain text,
+        e.g. dpo on transcripts) the model's own; None when there is neither (or for seq2seq)."""
+        if self.prompt is None:
+            return None
+        return self.prompt.chat_template or getattr(self.tokenizer, "chat_template", None)
 
     def stream_chat(self, messages: list[dict], settings: GenerateConfig) -> Iterator[str]:
         """Stream the assistant's next turn, piece by piece, for a conversation rendered by the chat template."""
-        if self.prompt is None or not self.prompt.uses_chat_template:
+        if self.chat_template is None:
             raise TunelabError("this run's model has no chat template, so `tunelab chat` cannot format turns; use "
                                "`tunelab generate`, or train with data.chat_template set")
-        text = self.tokenizer.apply_chat_template(messages, chat_template=self.prompt.chat_template,
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
                                                   add_generation_prompt=True, tokenize=False)
         inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         yield from stream_generate(self.model, self.tokenizer, inputs, settings, self.tokenizer.pad_token_id)
@@ -86,7 +101,7 @@ def stream_generate(model, tokenizer, inputs, settings: GenerateConfig, pad_toke
 
 
 def load_generator(run_dir: str | Path) -> Generator:
-    """Load a finished sft/pretrain/seq2seq run folder."""
+    """Load a finished run folder of a task that answers prompts."""
     import json
 
     from tunelab.stages.seq2seq import load_seq2seq
@@ -96,22 +111,21 @@ def load_generator(run_dir: str | Path) -> Generator:
     if recipe is None or not (path / "model").is_dir():
         raise TunelabError(f"'{path}' is not a finished run folder (no recipe.yaml and model/); train one with "
                            f"`tunelab train`")
-    task = recipe.get("task")
-    if task not in GENERATIVE_TASKS:
-        raise TunelabError(f"'{path}' is a {task} run; it labels texts — use `tunelab predict` instead")
+    task = task_named(recipe.get("task"))
+    if task is None or not task.answers:
+        raise TunelabError(refusal(f"'{path}'", recipe.get("task"), "answers", "answering prompts"))
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
     data = DataConfig.model_validate(recipe["data"])
+    data_format = metrics.get("data_format", "prompt_completion")
     model_dir = str(path / "model")
     tokenizer = load_tokenizer(model_dir)
-    if task == "seq2seq":
+    if task.prompts == "encoder":
         model = load_seq2seq(model_dir, tokenizer)
         fmt = None
     else:
         model = load_causal_lm(model_dir)
-        fmt = prompt_format(tokenizer, data.chat_template, metrics.get("data_format", "prompt_completion"),
-                            model_dir) if task == "sft" else PromptFormat(tokenizer, None)
-    return Generator(model=model.eval(), tokenizer=tokenizer, task=task, data=data,
-                     data_format=metrics.get("data_format", "prompt_completion"), prompt=fmt)
-
-
+        fmt = prompt_format(tokenizer, data.chat_template, data_format, model_dir) if task.prompts == "template" \
+            else PromptFormat(tokenizer, None)
+    return Generator(model=model.eval(), tokenizer=tokenizer, task=task.name, data=data, data_format=data_format,
+                     prompt=fmt)

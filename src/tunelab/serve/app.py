@@ -42,6 +42,7 @@ from tunelab.serve.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     Sampling,
+    ScoreRequest,
     chat_chunk,
     chat_response,
     classify_response,
@@ -50,13 +51,15 @@ from tunelab.serve.protocol import (
     embedding_response,
     model_list,
     new_id,
+    score_response,
     usage_chunk,
 )
 
 ENDPOINTS = {"generate": ("/v1/chat/completions", "/v1/completions"), "embed": ("/v1/embeddings",),
-             "classify": ("/v1/classify",)}
+             "classify": ("/v1/classify",), "score": ("/v1/score",)}
 UNION_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none"}
-KIND_NAMES = {"generate": "a text generator", "embed": "an encoder", "classify": "a classifier"}
+KIND_NAMES = {"generate": "a text generator", "embed": "an encoder", "classify": "a classifier",
+              "score": "a reward model"}
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default, set here on purpose)
 MAX_CONNECTIONS = 512  # connections and requests in flight; beyond, uvicorn answers 503 instead of piling up
 
@@ -224,6 +227,12 @@ def create_app(engine, model_id: str, names: set[str], api_key: str | None = Non
         check(body.model, "classify", "/v1/classify")
         rows, tokens = await run_in_threadpool(engine.classify, body.input, body.top_k)
         return classify_response(model_id, rows, tokens)
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest) -> dict:
+        check(body.model, "score", "/v1/score")
+        scores, tokens = await run_in_threadpool(engine.score, *body.pairs())
+        return score_response(model_id, scores, tokens)
 
     return app
 

@@ -186,10 +186,14 @@ class GenerationEngine:
 
     kind = "generate"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, chat_template: str | None, max_batch: int) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, chat_template: str | None, max_batch: int,
+                 encoder_decoder: bool = False) -> None:
         self.model, self.tokenizer, self.chat_template = model.eval(), tokenizer, chat_template
         self.max_batch = max_batch
-        self.context = context_length(model.config)
+        # an encoder-decoder reads the prompt in its encoder and writes the answer from scratch: the answer's
+        # length is not bounded by the prompt's, and no context check applies to the two together
+        self.encoder_decoder = encoder_decoder
+        self.context = None if encoder_decoder else context_length(model.config)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None
                                                       else [])
@@ -322,6 +326,36 @@ class GenerationEngine:
                 "batches": self.batches, "batched_requests": self.batched_rows}
 
 
+class ScoreEngine:
+    """A reward-model run scoring texts (or prompt + response) the way the run scored them (/v1/score)."""
+
+    kind = "score"
+
+    def __init__(self, run: Path) -> None:
+        from tunelab.evaluation.judge import load_reward
+        from tunelab.models.loading import load_tokenizer
+        from tunelab.recipe import RewardSource
+
+        self.reward = load_reward(RewardSource(model=str(run)), batch_size=16, bf16=False)
+        self.tokenizer = load_tokenizer(str(run / "model"))
+
+    def score(self, prompts: list[str], responses: list[str]) -> tuple[list[float], int]:
+        """One scalar per (prompt, response), higher = preferred, and the tokens read."""
+        scores = self.reward(prompts=prompts, completions=responses)  # as `tunelab predict` and the run score
+        tokens = sum(len(ids) for ids in self.tokenizer([p + r for p, r in zip(prompts, responses, strict=True)])[
+            "input_ids"])
+        return [float(value) for value in scores], tokens
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
 class EmbeddingEngine:
     """A sentence encoder: mean-pooled, L2-normalised vectors, exactly as sentence-transformers computes them."""
 
@@ -390,7 +424,7 @@ def context_length(config) -> int | None:
     return longest(config)
 
 
-def load_engine(name: str, max_batch: int) -> GenerationEngine | EmbeddingEngine | ClassifierEngine:
+def load_engine(name: str, max_batch: int) -> GenerationEngine | EmbeddingEngine | ClassifierEngine | ScoreEngine:
     """What MODEL names, loaded: a run folder, a plain Hugging Face folder (e.g. an export), a .gguf file or an
     alias."""
     from tunelab.models.aliases import OFFLINE_MODELS
@@ -415,21 +449,25 @@ def load_engine(name: str, max_batch: int) -> GenerationEngine | EmbeddingEngine
 
 
 def run_engine(path: Path, task: str, max_batch: int):
-    """A finished run folder: sft/pretrain runs generate, classify/fewshot runs classify."""
+    """A finished run folder, served as its task says (the registry): answering runs generate, labelling runs
+    classify, reward runs score."""
     from tunelab.models.generator import load_generator
     from tunelab.models.trained import load_trained
+    from tunelab.tasks import refusal, task_named
 
     if not (path / "metrics.json").is_file():
         raise TunelabError(f"'{path}' is not a finished run (no metrics.json); finish it with `tunelab train ... "
                            f"--resume` or serve another run")
-    if task in ("sft", "pretrain"):
+    known = task_named(task)
+    if known is not None and known.answers:
         generator = load_generator(path)
-        template = generator.prompt.chat_template if generator.prompt is not None else None
-        return GenerationEngine(generator.model, generator.tokenizer, template, max_batch)
-    if task in ("classify", "fewshot"):
+        return GenerationEngine(generator.model, generator.tokenizer, generator.chat_template, max_batch,
+                                encoder_decoder=generator.prompt is None)
+    if known is not None and known.labels:
         return ClassifierEngine(load_trained(path))
-    raise TunelabError(f"'{path}' is a {task} run; tunelab serve serves sft and pretrain runs (generation) and "
-                       f"classify and fewshot runs (/v1/classify)")
+    if known is not None and known.scores:
+        return ScoreEngine(path)
+    raise TunelabError(refusal(f"'{path}'", task, "answers", "tunelab serve"))
 
 
 def folder_engine(path: Path, max_batch: int):

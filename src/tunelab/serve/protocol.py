@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused with 413 before it is parsed
@@ -240,6 +240,36 @@ class ClassifyRequest(Request):
         return text_list(value)
 
 
+class ScoreRequest(Request):
+    """tunelab's own endpoint for reward-model runs: `{"model", "input": [texts]}` (whole transcripts) or
+    `{"model", "prompt": [...], "response": [...]}` (joined as the run joined them) → one scalar each, higher =
+    preferred."""
+
+    input: Text | list[Text] | None = None
+    prompt: Text | list[Text] | None = None
+    response: Text | list[Text] | None = None
+
+    @field_validator("input", "prompt", "response")
+    @classmethod
+    def check_texts(cls, value: str | list[str] | None) -> list[str] | None:
+        return None if value is None else text_list(value)
+
+    @model_validator(mode="after")
+    def one_way(self) -> ScoreRequest:
+        if (self.input is None) == (self.prompt is None and self.response is None):
+            raise ValueError("give either input (whole texts) or prompt and response")
+        if self.input is None and (self.prompt is None or self.response is None
+                                   or len(self.prompt) != len(self.response)):
+            raise ValueError("prompt and response must both be given, with as many of each")
+        return self
+
+    def pairs(self) -> tuple[list[str], list[str]]:
+        """(prompts, responses); a whole text is a prompt with an empty response."""
+        if self.input is not None:
+            return self.input, [""] * len(self.input)
+        return self.prompt, self.response
+
+
 def new_id(prefix: str) -> str:
     """An id like OpenAI's (`chatcmpl-…`, `cmpl-…`)."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -298,6 +328,12 @@ def classify_response(model: str, rows: list[dict], prompt_tokens: int) -> dict:
     """`rows` are `tunelab predict`'s results (label, probability, top); each gets its index."""
     return {"object": "list", "model": model, "usage": usage(prompt_tokens),
             "data": [{"object": "classification", "index": i, **row} for i, row in enumerate(rows)]}
+
+
+def score_response(model: str, scores: list[float], prompt_tokens: int) -> dict:
+    """One `score` object per text, in the order given."""
+    return {"object": "list", "model": model, "usage": usage(prompt_tokens),
+            "data": [{"object": "score", "index": i, "score": value} for i, value in enumerate(scores)]}
 
 
 def model_list(model: str, owner: str = "tunelab") -> dict:

@@ -28,6 +28,7 @@ from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
+from tunelab.replay import ReplayLossMixin
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
@@ -44,16 +45,19 @@ from tunelab.trainer import (
 LENGTH_NORMALISED_LOSSES = ("simpo", "orpo")
 
 
-class TunedDPOTrainer(TunedMixin, DPOTrainer):
-    """TRL's DPOTrainer with tunelab's meter and training savings (TunedMixin)."""
+class TunedDPOTrainer(ReplayLossMixin, TunedMixin, DPOTrainer):
+    """TRL's DPOTrainer with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
+    training savings (TunedMixin)."""
 
 
-class TunedCPOTrainer(TunedMixin, CPOTrainer):
-    """TRL's CPOTrainer (CPO and SimPO) with tunelab's meter and training savings (TunedMixin)."""
+class TunedCPOTrainer(ReplayLossMixin, TunedMixin, CPOTrainer):
+    """TRL's CPOTrainer (CPO and SimPO) with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
+    training savings (TunedMixin)."""
 
 
-class TunedORPOTrainer(TunedMixin, ORPOTrainer):
-    """TRL's ORPOTrainer with tunelab's meter and training savings (TunedMixin)."""
+class TunedORPOTrainer(ReplayLossMixin, TunedMixin, ORPOTrainer):
+    """TRL's ORPOTrainer with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
+    training savings (TunedMixin)."""
 
 
 def preference_trainer(preference: PreferenceConfig) -> tuple[type, type, dict]:
@@ -80,6 +84,20 @@ def pair_loss(loss: str, rewards: np.ndarray) -> float | None:
     return None
 
 
+def replay_options(data: PreferenceData, recipe: Recipe) -> dict:
+    """The trainer's replay texts and rows per step (data.replay.fraction × batch_size, at least one)."""
+    if data.replay is None:
+        return {}
+    return {"replay": data.replay, "replay_rows": max(1, round(recipe.data.replay.fraction * recipe.train.batch_size))}
+
+
+def replayed(data: PreferenceData, recipe: Recipe) -> str:
+    """' + N replay texts (k a step)' for the run's first line, or nothing."""
+    if data.replay is None:
+        return ""
+    return f" + {len(data.replay)} replay texts ({replay_options(data, recipe)['replay_rows']} a step)"
+
+
 def single_pass_options(recipe: Recipe) -> dict:
     """One epoch has one checkpoint to pick, and scoring after training evaluates it anyway: skip the epoch-end
     evaluation (on SmolLM2 it costs as much as 20 training steps per 100 eval pairs)."""
@@ -95,7 +113,8 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     tokenizer = load_tokenizer(source.location)
     model = load_trainable_decoder(source.location, recipe.method, bf16)
     params = count_parameters(model)
-    say(f"tunelab: {params}; {len(data.train)} train pairs, {len(data.eval)} eval pairs ({data.eval_split})")
+    say(f"tunelab: {params}; {len(data.train)} train pairs{replayed(data, recipe)}, {len(data.eval)} eval pairs "
+        f"({data.eval_split})")
     trainer_class, config_class, loss_options = preference_trainer(recipe.preference)
     trainer = trainer_class(
         model=model,
@@ -108,6 +127,7 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+        **replay_options(data, recipe),
     )
     samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
     preference = recipe.preference
@@ -156,6 +176,7 @@ def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
                            eval_split=data.eval_split, model_name=recipe.model.name),
         "loss_type": recipe.preference.loss,
         "beta": recipe.preference.beta,
+        "replay_rows": len(data.replay) if data.replay is not None else 0,
         **judged,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

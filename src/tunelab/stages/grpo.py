@@ -94,6 +94,7 @@ def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir:
                            eval_split=data.eval_split, model_name=recipe.model.name),
         **reward_trend(trainer.state.log_history),
         "reward_source": recipe.reward.function or recipe.reward.model,
+        "data_format": data.format,  # how `tunelab generate` and `serve` put a prompt into the trained shape
         **judged,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

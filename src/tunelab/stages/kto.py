@@ -24,8 +24,9 @@ from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, load_tokenizer
 from tunelab.recipe import Recipe
+from tunelab.replay import ReplayLossMixin
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
-from tunelab.stages.dpo import single_pass_options
+from tunelab.stages.dpo import replay_options, replayed, single_pass_options
 from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
@@ -38,8 +39,9 @@ from tunelab.trainer import (
 )
 
 
-class TunedKTOTrainer(TunedMixin, KTOTrainer):
-    """TRL's KTOTrainer with tunelab's meter and training savings (TunedMixin)."""
+class TunedKTOTrainer(ReplayLossMixin, TunedMixin, KTOTrainer):
+    """TRL's KTOTrainer with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
+    training savings (TunedMixin)."""
 
 
 def shuffled_completions(data: PreferenceData, seed: int):
@@ -65,7 +67,8 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
     model = load_trainable_decoder(source.location, recipe.method, bf16)
     params = count_parameters(model)
     unit = "pairs" if data.paired else "completions"
-    say(f"tunelab: {params}; {len(data.train)} train {unit}, {len(data.eval)} eval {unit} ({data.eval_split})")
+    say(f"tunelab: {params}; {len(data.train)} train {unit}{replayed(data, recipe)}, {len(data.eval)} eval {unit} "
+        f"({data.eval_split})")
     preference = recipe.preference
     trainer = TunedKTOTrainer(
         model=model,
@@ -80,6 +83,7 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
+        **replay_options(data, recipe),
     )
     prompts, completions, labels = scored_completions(data)
     reference_model, active = reference_context(trainer)
@@ -116,6 +120,7 @@ def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: 
         "loss_type": "kto",
         "beta": preference.beta,
         "paired": data.paired,
+        "replay_rows": len(data.replay) if data.replay is not None else 0,
         **judged,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

@@ -14,10 +14,9 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 from tunelab.recipe import GenerateConfig
 from tunelab.runs.reading import read_recipe
+from tunelab.tasks import refusal, task_named
 
 KEPT_MODELS = 4
-CLASSIFY_TASKS = ("classify", "fewshot")
-BASE_TASKS = ("sft", "pretrain")  # a seq2seq base warm-started from an encoder cannot answer on its own
 
 
 class Playground:
@@ -46,8 +45,8 @@ class Playground:
     def predict(self, run_dir: Path, text: str, top_k: int = 5) -> dict:
         """Labels with probabilities, most likely first."""
         task = (read_recipe(run_dir) or {}).get("task")
-        if task not in CLASSIFY_TASKS:
-            raise TunelabError(f"run '{run_dir.name}' is a {task} run; label texts with a classify or fewshot run")
+        if not getattr(task_named(task), "labels", False):
+            raise TunelabError(refusal(f"run '{run_dir.name}'", task, "labels", "labelling texts"))
         from tunelab.models.trained import load_trained
 
         trained = self._load((run_dir, "classifier"), lambda: load_trained(run_dir))
@@ -62,15 +61,15 @@ class Playground:
     def stream(self, run_dir: Path, which: str, text: str, settings: GenerateConfig) -> Iterator[str]:
         """The tuned run's (or its base model's) answer to `text`, piece by piece."""
         recipe = read_recipe(run_dir) or {}
-        if recipe.get("task") not in ("sft", "pretrain", "seq2seq"):
-            raise TunelabError(f"run '{run_dir.name}' is a {recipe.get('task')} run; chat with an sft, pretrain or "
-                               f"seq2seq run")
+        task = task_named(recipe.get("task"))
+        if task is None or not task.answers:
+            raise TunelabError(refusal(f"run '{run_dir.name}'", recipe.get("task"), "answers", "chatting"))
         from tunelab.models.generator import load_generator
 
         tuned = self._load((run_dir, "tuned"), lambda: load_generator(run_dir))
         if which == "base":
-            if recipe["task"] not in BASE_TASKS:
-                raise TunelabError(f"the base of a {recipe['task']} run cannot answer on its own")
+            if not task.base_answers:  # e.g. a seq2seq base warm-started from an encoder
+                raise TunelabError(f"the base of a {task.name} run cannot answer on its own")
             model = recipe.get("model")
             if not isinstance(model, dict) or not isinstance(model.get("name"), str):
                 raise TunelabError(f"run '{run_dir.name}': its recipe.yaml names no model.name to answer with")
@@ -100,7 +99,7 @@ def stream_answer(generator, text: str, settings: GenerateConfig) -> Iterator[st
     model trained on plain text, the rendered prompt continued token by token."""
     from tunelab.data.generative import prompt_row
 
-    if generator.prompt is not None and generator.prompt.uses_chat_template:
+    if generator.prompt is not None and generator.prompt.uses_chat_template:  # trained through a chat template
         messages = prompt_row(generator.data, generator.data_format, text)["messages"][:-1]
         yield from generator.stream_chat(messages, settings)
         return
