@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import test_serve
 from conftest import toy_recipe, write_jsonl
 from test_generative_tiny import generative_recipe
 from test_preference_tiny import preference_recipe, preference_rows
@@ -27,23 +28,11 @@ from tunelab.tasks import TASKS, refusal, tasks_that
 
 ONE_STEP = {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-3, "precision": "fp32"}
 NO_SAMPLES = {"generate": {"max_new_tokens": 2, "num_samples": 0}}
+chat_llama = test_serve.chat_llama  # the tiny llama with a chat template in its tokenizer, as an instruct model has
 
 
 @pytest.fixture(scope="module")
-def chat_base(tiny_llama, tmp_path_factory) -> Path:
-    """The tiny llama with a chat template in its tokenizer (as an instruct model has)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("chat-base")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def runs(chat_base, tiny_bert, qa_data, toy_data, tmp_path_factory) -> dict[str, Path]:
+def runs(chat_llama, tiny_bert, qa_data, toy_data, tmp_path_factory) -> dict[str, Path]:
     """One finished one-step run of each task but fewshot and pretrain (which share sft's and classify's paths)."""
     folder = tmp_path_factory.mktemp("task-runs")
     pairs = folder / "pairs"
@@ -59,14 +48,14 @@ def runs(chat_base, tiny_bert, qa_data, toy_data, tmp_path_factory) -> dict[str,
     lora = {"name": "lora", "r": 4}
     recipes = {
         "classify": toy_recipe(tiny_bert, toy_data, train=ONE_STEP),
-        "sft": generative_recipe(chat_base, qa_data, method=lora, train=ONE_STEP, eval=NO_SAMPLES),
+        "sft": generative_recipe(chat_llama, qa_data, method=lora, train=ONE_STEP, eval=NO_SAMPLES),
         "seq2seq": generative_recipe(tiny_bert, qa_data, task="seq2seq", train=ONE_STEP, eval=NO_SAMPLES,
                                      data={"source": str(qa_data), "prompt_template": "{sentence}",
                                            "response_template": "{answer}"}),
         "reward": preference_recipe(tiny_bert, pairs, train=ONE_STEP),
-        "dpo": preference_recipe(chat_base, pairs, task="dpo", method=lora, train=ONE_STEP, eval=NO_SAMPLES),
-        "kto": preference_recipe(chat_base, pairs, task="kto", method=lora, train=ONE_STEP, eval=NO_SAMPLES),
-        "grpo": preference_recipe(chat_base, prompts, task="grpo", method=lora, train=ONE_STEP, eval=NO_SAMPLES,
+        "dpo": preference_recipe(chat_llama, pairs, task="dpo", method=lora, train=ONE_STEP, eval=NO_SAMPLES),
+        "kto": preference_recipe(chat_llama, pairs, task="kto", method=lora, train=ONE_STEP, eval=NO_SAMPLES),
+        "grpo": preference_recipe(chat_llama, prompts, task="grpo", method=lora, train=ONE_STEP, eval=NO_SAMPLES,
                                   data={"source": str(prompts), "format": "prompt_completion"},
                                   reward={"function": "exact_match"}, grpo={"num_generations": 2,
                                                                              "max_new_tokens": 2}),
@@ -216,7 +205,7 @@ def test_serve_scores_with_a_reward_run_as_predict_does(runs, task_servers):
     assert wrong.status_code == 400 and "/v1/score" in wrong.json()["error"]["message"]
 
 
-def test_the_playground_answers_with_a_dpo_run_and_its_base(runs, chat_base):
+def test_the_playground_answers_with_a_dpo_run_and_its_base(runs, chat_llama):
     from tunelab.ui.playground import Playground
 
     playground = Playground()
@@ -224,6 +213,6 @@ def test_the_playground_answers_with_a_dpo_run_and_its_base(runs, chat_base):
     tuned = "".join(playground.stream(Path(runs["dpo"]), "tuned", "good morning", settings))
     base = "".join(playground.stream(Path(runs["dpo"]), "base", "good morning", settings))
     assert tuned.strip() == api.generate(str(runs["dpo"]), ["good morning"], max_new_tokens=3)[0]
-    assert base.strip() == greedy(chat_base, "good morning", 3, chat=False).strip()  # dpo reads plain prompts
+    assert base.strip() == greedy(chat_llama, "good morning", 3, chat=False).strip()  # dpo reads plain prompts
     with pytest.raises(tunelab.errors.TunelabError, match="labelling texts takes runs of tasks classify, fewshot"):
         playground.predict(Path(runs["dpo"]), "hello")

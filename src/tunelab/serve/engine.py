@@ -326,7 +326,24 @@ class GenerationEngine:
                 "batches": self.batches, "batched_requests": self.batched_rows}
 
 
-class ScoreEngine:
+class InlineEngine:
+    """An engine that answers each request in the request's own thread, one at a time (under `lock`): no worker to
+    start or stop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+class ScoreEngine(InlineEngine):
     """A reward-model run scoring texts (or prompt + response) the way the run scored them (/v1/score)."""
 
     kind = "score"
@@ -336,27 +353,20 @@ class ScoreEngine:
         from tunelab.models.loading import load_tokenizer
         from tunelab.recipe import RewardSource
 
+        super().__init__()
         self.reward = load_reward(RewardSource(model=str(run)), batch_size=16, bf16=False)
         self.tokenizer = load_tokenizer(str(run / "model"))
 
     def score(self, prompts: list[str], responses: list[str]) -> tuple[list[float], int]:
         """One scalar per (prompt, response), higher = preferred, and the tokens read."""
-        scores = self.reward(prompts=prompts, completions=responses)  # as `tunelab predict` and the run score
+        with self.lock:
+            scores = self.reward(prompts=prompts, completions=responses)  # as `tunelab predict` and the run score
         tokens = sum(len(ids) for ids in self.tokenizer([p + r for p, r in zip(prompts, responses, strict=True)])[
             "input_ids"])
         return [float(value) for value in scores], tokens
 
-    def start(self) -> None:
-        pass
 
-    def stop(self) -> None:
-        pass
-
-    def stats(self) -> dict:
-        return {}
-
-
-class EmbeddingEngine:
+class EmbeddingEngine(InlineEngine):
     """A sentence encoder: mean-pooled, L2-normalised vectors, exactly as sentence-transformers computes them."""
 
     kind = "embed"
@@ -366,9 +376,9 @@ class EmbeddingEngine:
 
         from tunelab.models.sentence_encoder import quiet_setfit
 
+        super().__init__()
         quiet_setfit()
         self.model = SentenceTransformer(location, device="cpu")
-        self.lock = threading.Lock()
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors for the texts and the number of tokens read."""
@@ -378,17 +388,11 @@ class EmbeddingEngine:
             tokens = self.model.tokenizer(texts, truncation=True, max_length=self.model.max_seq_length)["input_ids"]
         return vectors, sum(map(len, tokens))
 
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
     def stats(self) -> dict:
         return {}
 
 
-class ClassifierEngine:
+class ClassifierEngine(InlineEngine):
     """A trained classifier (classify or fewshot run, or a sequence-classification folder)."""
 
     kind = "classify"
@@ -396,8 +400,8 @@ class ClassifierEngine:
     def __init__(self, trained) -> None:
         from tunelab.api import label_texts  # imported at start-up: tunelab.api pulls in every stage (seconds)
 
+        super().__init__()
         self.trained, self.label_texts = trained, label_texts
-        self.lock = threading.Lock()
 
     def classify(self, texts: list[str], top_k: int) -> tuple[list[dict], int]:
         """`tunelab predict`'s rows for the texts (the same code) and the number of tokens read."""
@@ -407,12 +411,6 @@ class ClassifierEngine:
             getattr(self.trained.model, "model_body", None), "tokenizer", None)
         tokens = sum(map(len, tokenizer(texts, truncation=True)["input_ids"])) if tokenizer is not None else 0
         return rows, tokens
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
     def stats(self) -> dict:
         return {"labels": len(self.trained.labels)}
