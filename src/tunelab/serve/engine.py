@@ -190,9 +190,8 @@ class GenerationEngine:
                  encoder_decoder: bool = False) -> None:
         self.model, self.tokenizer, self.chat_template = model.eval(), tokenizer, chat_template
         self.max_batch = max_batch
-        # an encoder-decoder reads the prompt in its encoder and writes the answer from scratch: the answer's
-        # length is not bounded by the prompt's, and no context check applies to the two together
-        self.encoder_decoder = encoder_decoder
+        # an encoder-decoder reads the prompt in its encoder and writes the answer from scratch: no context check
+        # applies to the two together (generate, the left-padded batch and the stop checks work as for decoders)
         self.context = None if encoder_decoder else context_length(model.config)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.eos_ids = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None
