@@ -368,7 +368,8 @@ def test_a_decoder_run_without_retention_says_how_to_turn_it_on(tiny_llama, qa_d
 
 @pytest.mark.parametrize(("task", "section", "message"), [
     ("classify", {"eval": {"retention": {"enabled": True}}}, "eval.retention scores decoders"),
-    ("grpo", {"data": {"replay": {"source": "x"}}}, "data.replay trains on general text alongside the task"),
+    ("grpo", {"data": {"replay": {"source": "x"}}, "reward": {"function": "exact_match"}},
+     "data.replay trains on general text alongside the task"),
     ("sft", {"data": {"replay": {"source": "x"}, "streaming": True}}, "data.replay samples rows"),
 ])
 def test_retention_and_replay_are_refused_where_they_do_not_apply(task, section, message):

@@ -138,8 +138,8 @@ def test_a_stream_drops_or_refuses_long_prompts_as_it_is_read(tiny_llama):
     ({"data": {"validation_fraction": 0.2}}, "data.validation_fraction samples from the whole train split"),
     ({"data": {"eval_split": None}}, "data.eval_split null holds eval rows out of the train split"),
     ({"train": {"group_by_length": True}}, "train.group_by_length sorts the whole train split by length"),
-    ({"task": "seq2seq"}, "data.streaming is for tasks pretrain and sft; drop it for task seq2seq"),
-    ({"task": "classify", "data": {"label": "sentiment"}}, "data.streaming is for tasks pretrain and sft; drop it "
+    ({"task": "seq2seq"}, "data.streaming is for tasks sft, pretrain; drop it for task seq2seq"),
+    ({"task": "classify", "data": {"label": "sentiment"}}, "data.streaming is for tasks sft, pretrain; drop it "
                                                            "for task classify"),
 ])
 def test_what_a_stream_cannot_honour_is_refused_in_one_line(tiny_llama, toy_data, tmp_path, capsys, patch,
