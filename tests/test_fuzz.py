@@ -136,12 +136,9 @@ def runs(tiny_bert, tiny_llama, toy_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reward_run(tiny_bert, tmp_path_factory) -> Path:
     """A finished one-step reward-model run (served on /v1/score)."""
-    from conftest import write_jsonl
-    from test_preference_tiny import preference_recipe, preference_rows
+    from test_preference_tiny import preference_recipe, write_pairs
 
-    pairs = tmp_path_factory.mktemp("fuzz-pairs")
-    write_jsonl(pairs / "train.jsonl", preference_rows(16, seed=1))
-    write_jsonl(pairs / "test.jsonl", preference_rows(8, seed=2))
+    pairs = write_pairs(tmp_path_factory.mktemp("fuzz") / "pairs", train=16, test=8)
     recipe = preference_recipe(tiny_bert, pairs, train={"max_steps": 1, "batch_size": 4, "precision": "fp32"})
     return api.train(validate_recipe(recipe), str(tmp_path_factory.mktemp("fuzz-reward") / "toy-reward"))[0]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_jsonl
-from test_preference_tiny import preference_recipe, preference_rows
+from test_preference_tiny import preference_recipe, write_pairs
 
 from tunelab.errors import TunelabError
 from tunelab.pipeline import load_pipeline, run_pipeline, stage_recipes
@@ -20,10 +20,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 @pytest.fixture
 def chain(tmp_path, tiny_llama, tiny_bert):
     """A pipeline folder: pairs, prompt/completion rows made from them, three recipes and the pipeline file."""
-    pairs = tmp_path / "pairs"
-    pairs.mkdir()
-    write_jsonl(pairs / "train.jsonl", preference_rows(80, seed=1))
-    write_jsonl(pairs / "test.jsonl", preference_rows(40, seed=2))
+    pairs = write_pairs(tmp_path / "pairs")
     answers = tmp_path / "answers"
     answers.mkdir()
     for split in ("train", "test"):

@@ -29,12 +29,22 @@ def preference_rows(count: int, seed: int) -> list[dict]:
              "rejected": " " + rng.choice(WORDS["neg"])} for _ in range(count)]
 
 
+def completion_rows(count: int, seed: int) -> list[dict]:
+    """preference_rows as prompt/completion rows (the chosen response): prompts for grpo, answers for sft."""
+    return [{"prompt": row["prompt"], "completion": row["chosen"]} for row in preference_rows(count, seed)]
+
+
+def write_pairs(folder: Path, train: int = 80, test: int = 40) -> Path:
+    """`folder` made and filled with train.jsonl and test.jsonl of preference_rows (seeds 1 and 2)."""
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "train.jsonl", preference_rows(train, seed=1))
+    write_jsonl(folder / "test.jsonl", preference_rows(test, seed=2))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pairs")
-    write_jsonl(folder / "train.jsonl", preference_rows(80, seed=1))
-    write_jsonl(folder / "test.jsonl", preference_rows(40, seed=2))
-    return folder
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs")
 
 
 def preference_recipe(model, source, task="reward", **sections) -> dict:
@@ -160,7 +170,7 @@ def grpo_recipe(model, tmp_path, method, **train) -> dict:
     """GRPO on 40 prompts whose answers the rule-based reward `answer_is_positive` scores."""
     prompts = tmp_path / "prompts"
     prompts.mkdir()
-    rows = [{"prompt": row["prompt"], "completion": row["chosen"]} for row in preference_rows(40, seed=3)]
+    rows = completion_rows(40, seed=3)
     write_jsonl(prompts / "train.jsonl", rows)
     write_jsonl(prompts / "test.jsonl", rows[:16])
     return preference_recipe(model, prompts, task="grpo", method=method,

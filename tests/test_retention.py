@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import write_jsonl
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -321,14 +320,12 @@ def test_replay_is_a_lever_the_probes_see(sft_runs):
 def test_replay_in_preference_training_is_a_lever_the_probes_see(task, tiny_llama, replay_source, tmp_path):
     """DPO and KTO add the replay texts' language-model loss to each step: the text probe's perplexity falls where
     without replay it does not, and the preference is still learned."""
-    from test_preference_tiny import preference_recipe, preference_rows
+    from test_preference_tiny import preference_recipe, write_pairs
 
     from tunelab import api
     from tunelab.recipe import validate_recipe
 
-    (tmp_path / "pairs").mkdir()
-    write_jsonl(tmp_path / "pairs" / "train.jsonl", preference_rows(80, seed=1))
-    write_jsonl(tmp_path / "pairs" / "test.jsonl", preference_rows(40, seed=2))
+    write_pairs(tmp_path / "pairs")
     choice, text = write_probes(tmp_path)
 
     def run(name: str, replay: dict | None = None) -> dict:

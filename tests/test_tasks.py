@@ -15,7 +15,7 @@ import pytest
 import test_serve
 from conftest import toy_recipe, write_jsonl
 from test_generative_tiny import generative_recipe
-from test_preference_tiny import preference_recipe, preference_rows
+from test_preference_tiny import completion_rows, preference_recipe, write_pairs
 from test_serve import CHAT_TEMPLATE, client, free_port, greedy, wait_until_healthy
 
 import tunelab
@@ -35,16 +35,11 @@ chat_llama = test_serve.chat_llama  # the tiny llama with a chat template in its
 def runs(chat_llama, tiny_bert, qa_data, toy_data, tmp_path_factory) -> dict[str, Path]:
     """One finished one-step run of each task but fewshot and pretrain (which share sft's and classify's paths)."""
     folder = tmp_path_factory.mktemp("task-runs")
-    pairs = folder / "pairs"
-    pairs.mkdir()
-    write_jsonl(pairs / "train.jsonl", preference_rows(16, seed=1))
-    write_jsonl(pairs / "test.jsonl", preference_rows(8, seed=2))
+    pairs = write_pairs(folder / "pairs", train=16, test=8)
     prompts = folder / "prompts"
     prompts.mkdir()
-    write_jsonl(prompts / "train.jsonl", [{"prompt": row["prompt"], "completion": row["chosen"]}
-                                          for row in preference_rows(8, seed=3)])
-    write_jsonl(prompts / "test.jsonl", [{"prompt": row["prompt"], "completion": row["chosen"]}
-                                         for row in preference_rows(4, seed=4)])
+    write_jsonl(prompts / "train.jsonl", completion_rows(8, seed=3))
+    write_jsonl(prompts / "test.jsonl", completion_rows(4, seed=4))
     lora = {"name": "lora", "r": 4}
     recipes = {
         "classify": toy_recipe(tiny_bert, toy_data, train=ONE_STEP),

@@ -357,11 +357,13 @@ class ScoreEngine(InlineEngine):
         self.tokenizer = load_tokenizer(str(run / "model"))
 
     def score(self, prompts: list[str], responses: list[str]) -> tuple[list[float], int]:
-        """One scalar per (prompt, response), higher = preferred, and the tokens read."""
+        """One scalar per (prompt, response), higher = preferred, and the tokens read (of the texts the reward
+        model reads: prompt and response joined as it joins them)."""
+        from tunelab.evaluation.judge import reward_texts  # loaded already, by load_reward
+
         with self.lock:
             scores = self.reward(prompts=prompts, completions=responses)  # as `tunelab predict` and the run score
-        tokens = sum(len(ids) for ids in self.tokenizer([p + r for p, r in zip(prompts, responses, strict=True)])[
-            "input_ids"])
+        tokens = sum(map(len, self.tokenizer(reward_texts(prompts, responses))["input_ids"]))
         return [float(value) for value in scores], tokens
 
 

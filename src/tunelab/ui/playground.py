@@ -44,9 +44,10 @@ class Playground:
 
     def predict(self, run_dir: Path, text: str, top_k: int = 5) -> dict:
         """Labels with probabilities, most likely first."""
-        task = (read_recipe(run_dir) or {}).get("task")
-        if not getattr(task_named(task), "labels", False):
-            raise TunelabError(refusal(f"run '{run_dir.name}'", task, "labels", "labelling texts"))
+        name = (read_recipe(run_dir) or {}).get("task")
+        task = task_named(name)
+        if task is None or not task.labels:
+            raise TunelabError(refusal(f"run '{run_dir.name}'", name, "labels", "labelling texts"))
         from tunelab.models.trained import load_trained
 
         trained = self._load((run_dir, "classifier"), lambda: load_trained(run_dir))
