@@ -103,7 +103,7 @@ def check_sft(run: Path, work: Path, prompts: list[str]) -> dict:
     import yaml
 
     from tunelab import api
-    from tunelab.trainer import bf16_supported
+    from tunelab.models.precision import bf16_supported
 
     recipe = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
     template = recipe["data"]["prompt_template"]
@@ -152,7 +152,7 @@ def check_classifier(run: Path, work: Path, texts: list[str]) -> dict:
     import yaml
 
     from tunelab import api
-    from tunelab.models.trained import load_trained
+    from tunelab.inference.trained import load_trained
 
     recipe = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
     hf = api.export(str(run), str(work / "classifier-hf"))

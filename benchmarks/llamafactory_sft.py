@@ -99,15 +99,11 @@ def neutralise_vision_audio(python: Path) -> None:
 
 def tunelab_rows(overrides: list[str]):
     """The model folder and the exact train / eval rows tunelab trains and scores under these overrides."""
-    from tunelab.api import check_generative_model
-    from tunelab.data.generative import load_generative_data
-    from tunelab.models.loading import resolve_model
+    from tunelab.api import check_recipe
     from tunelab.recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides)
-    source = resolve_model(recipe.model.name)
-    data = load_generative_data(recipe.data, "sft")
-    check_generative_model(recipe, source, data)  # drops the rows whose prompt fills 512 tokens, as tunelab does
+    data, source = check_recipe(recipe)  # drops the rows whose prompt fills 512 tokens, as tunelab does
     return recipe, source.location, data
 
 

@@ -61,7 +61,7 @@ def main() -> None:
 
     from tunelab import api
     from tunelab.data.labelled import load_eval_split
-    from tunelab.models.trained import load_trained
+    from tunelab.inference.trained import load_trained
     from tunelab.recipe import DataConfig
 
     export = args.export or api.export(str(args.run), str(Path(tempfile.mkdtemp()) / "onnx"), "onnx")

@@ -131,7 +131,7 @@ def read_stream(corpus: Path, megabytes: int) -> dict:
     recipe = load_recipe(RECIPE, [f"data.source={corpus}", "data.train_size=null", "data.streaming=true",
                                   "train.max_steps=1"])
     tokenizer = load_tokenizer(resolve_model(recipe.model.name).location)
-    data = load_generative_data(recipe.data, "pretrain")
+    data = load_generative_data(recipe.data, plain_text=True)
     rows = encode_text_split(tokenizer, shuffle_stream(data.train, recipe.train.seed))
     total_rows = int((corpus / "rows").read_text())
     size = (corpus / "train.jsonl").stat().st_size

@@ -12,9 +12,8 @@ from conftest import toy_recipe
 
 from tunelab import api
 from tunelab.cli import main
-from tunelab.curve import CurvePoint, parse_methods, parse_shots, point_recipe, run_curve, summarise
+from tunelab.curve import CurvePoint, curve_recipe, parse_methods, parse_shots, point_recipe, run_curve, summarise
 from tunelab.errors import TunelabError
-from tunelab.recipe import load_recipe
 
 
 def test_shots_parse_sorted_with_all_last():
@@ -56,7 +55,7 @@ def recipe_file(tiny_bert, toy_data, tmp_path):
     ("freeze:gradual", "classify", {"name": "freeze", "unfreeze_schedule": 1}),
 ])
 def test_each_method_becomes_a_recipe(method, task, expected, recipe_file):
-    base = load_recipe(recipe_file)
+    base = curve_recipe(recipe_file, [])
     recipe = point_recipe(recipe_file, [], base, CurvePoint(method, 4, 1))
     assert recipe.task == task
     assert expected.items() <= recipe.method.model_dump().items()
@@ -109,7 +108,7 @@ def test_small_curve_writes_table_plot_and_runs_and_continues_without_retraining
 
 
 def test_seeds_draw_different_examples(recipe_file):
-    base = load_recipe(recipe_file)
+    base = curve_recipe(recipe_file, [])
     drawn = [api.check_recipe(point_recipe(recipe_file, [], base, CurvePoint("full", 2, seed)))[0].train["text"]
              for seed in (0, 1)]
     assert drawn[0] != drawn[1]

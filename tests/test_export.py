@@ -36,8 +36,8 @@ from transformers import (
 
 from tunelab import api
 from tunelab.cli import main
+from tunelab.models.precision import bf16_supported
 from tunelab.recipe import validate_recipe
-from tunelab.trainer import bf16_supported
 
 # Rendered with the word-level toy tokenizer, so every token is in its vocabulary.
 WORD_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% else %} "

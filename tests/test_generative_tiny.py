@@ -17,9 +17,9 @@ from tunelab import api
 from tunelab.cli import main
 from tunelab.methods.apply import load_trainable_decoder
 from tunelab.models.loading import load_tokenizer
+from tunelab.models.precision import bf16_supported
 from tunelab.recipe import validate_recipe
 from tunelab.stages.sft import TunedSFTTrainer
-from tunelab.trainer import bf16_supported
 
 
 def generative_recipe(model, source, task="sft", **sections) -> dict:
@@ -250,9 +250,9 @@ def test_shots_take_k_rows_per_answer_for_classification_as_generation(qa_data):
     from tunelab.data.generative import load_generative_data
 
     recipe = validate_recipe(generative_recipe("unused", qa_data))
-    data = load_generative_data(recipe.data.model_copy(update={"shots": 4}), "sft")
+    data = load_generative_data(recipe.data.model_copy(update={"shots": 4}))
     assert sorted(data.train["response"]) == sorted([" bad"] * 4 + [" good"] * 4 + [" table"] * 4)
-    other = load_generative_data(recipe.data.model_copy(update={"shots": 4, "seed": 5}), "sft")
+    other = load_generative_data(recipe.data.model_copy(update={"shots": 4, "seed": 5}))
     assert data.train["prompt"] != other.train["prompt"]  # the seed draws other examples
 
 

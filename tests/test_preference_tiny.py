@@ -16,10 +16,10 @@ from tunelab.cli import main
 from tunelab.data.preference import load_preference_data, shared_prefix
 from tunelab.errors import TunelabError
 from tunelab.evaluation.judge import load_reward, reward_text, win_rate
+from tunelab.models.precision import bf16_supported
 from tunelab.recipe import DPO_LOSSES, RewardSource, validate_recipe
 from tunelab.rewards import exact_match, known_answer
 from tunelab.stages.grpo import reward_trend
-from tunelab.trainer import bf16_supported
 
 
 def preference_rows(count: int, seed: int) -> list[dict]:

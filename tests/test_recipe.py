@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from tunelab.errors import TunelabError
-from tunelab.recipe import DEFAULT_LEARNING_RATES, LoraMethod, apply_override, load_recipe, validate_recipe
+from tunelab.recipe import (
+    DEFAULT_LEARNING_RATES,
+    RECIPE_CLASSES,
+    LoraMethod,
+    apply_override,
+    load_recipe,
+    task_sections,
+    validate_recipe,
+)
 
 BASE = {"name": "r", "task": "classify", "model": {"name": "minilm"}, "data": {"source": "x.jsonl"}}
 
@@ -55,6 +67,8 @@ def test_override_can_switch_the_method_shorthand_into_a_section():
     ({**BASE, "train": {"epochs": "many"}}, "'train.epochs' = 'many' is invalid"),
     ({"task": "classify", "model": {"name": "m"}, "name": "r"}, "'data' is required"),
     ({**BASE, "task": "summarise"}, "'task' = 'summarise' is invalid"),
+    ({**BASE, "grpo": {"beta": 0.5}}, "section 'grpo' configures task grpo, not classify; task classify takes "
+                                      "name, task, model, data, method, train, eval, output"),
     ({**BASE, "train": {"precision": "fp8"}}, "'train.precision' = 'fp8' is invalid"),
 ])
 def test_schema_problems_become_one_line_errors_naming_the_field(raw, expected):
@@ -63,3 +77,36 @@ def test_schema_problems_become_one_line_errors_naming_the_field(raw, expected):
     message = str(caught.value)
     assert expected in message
     assert "\n" not in message
+
+
+FLAT_RECIPES = Path(__file__).parent / "fixtures" / "flat_recipes"
+
+
+@pytest.mark.parametrize("path", sorted(FLAT_RECIPES.glob("*.yaml")), ids=lambda path: path.stem)
+def test_a_run_folders_recipe_written_by_the_flat_schema_still_loads_as_its_tasks_recipe(path):
+    """Before each task had its recipe class, recipe.yaml listed every task's sections at their defaults (one file per
+    task in fixtures/, written by that version): it loads, keeps what its task takes, and drops only the rest."""
+    written = yaml.safe_load(path.read_text(encoding="utf-8"))
+    recipe = load_recipe(path)
+    assert type(recipe) is RECIPE_CLASSES[path.stem]
+    loaded = recipe.model_dump(mode="json")
+    assert list(loaded) == task_sections(path.stem)
+    for section, value in loaded.items():
+        kept = {key: item for key, item in written[section].items() if key in value} \
+            if isinstance(value, dict) else written[section]
+        assert kept == value, section
+    assert load_recipe(path).to_yaml() == recipe.to_yaml()
+
+
+@pytest.mark.parametrize(("task", "section", "value", "expected"), [
+    ("kto", "preference", {"loss": "ipo"}, "unknown key 'preference.loss'; valid keys here: beta, desirable_weight"),
+    ("dpo", "preference", {"desirable_weight": 2.0}, "unknown key 'preference.desirable_weight'; valid keys here"),
+    ("sft", "fewshot", {"epochs": 2}, "section 'fewshot' configures task fewshot, not sft; task sft takes name, task"),
+    ("classify", "reward", {"function": "exact_match"}, "section 'reward' configures task grpo, not classify"),
+])
+def test_a_section_that_is_not_the_tasks_is_refused_even_beside_flat_defaults(task, section, value, expected, tmp_path):
+    """Only the flat schema's defaults are dropped: a value someone set in another task's section is refused."""
+    written = yaml.safe_load((FLAT_RECIPES / f"{task}.yaml").read_text(encoding="utf-8"))
+    written[section] = {**written.get(section, {}), **value}
+    with pytest.raises(TunelabError, match=re.escape(expected)):
+        validate_recipe(written)

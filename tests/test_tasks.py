@@ -22,7 +22,7 @@ import tunelab
 from tunelab import api
 from tunelab.cli import main
 from tunelab.evaluation.judge import load_reward
-from tunelab.models.generator import load_generator
+from tunelab.inference.generator import load_generator
 from tunelab.recipe import GenerateConfig, RewardSource, validate_recipe
 from tunelab.tasks import TASKS, refusal, tasks_that
 
@@ -211,3 +211,14 @@ def test_the_playground_answers_with_a_dpo_run_and_its_base(runs, chat_llama):
     assert base.strip() == greedy(chat_llama, "good morning", 3, chat=False).strip()  # dpo reads plain prompts
     with pytest.raises(tunelab.errors.TunelabError, match="labelling texts takes runs of tasks classify, fewshot"):
         playground.predict(Path(runs["dpo"]), "hello")
+
+
+def test_every_task_has_a_recipe_class_and_a_stage_that_loads_checks_and_runs():
+    """The registry names each task's stage module; it provides load_data, check_model and run (tunelab.api calls
+    them), and recipe.py has the task's recipe class."""
+    from tunelab.recipe import RECIPE_CLASSES
+
+    for name, task in TASKS.items():
+        stage = task.stage()
+        assert all(callable(getattr(stage, function, None)) for function in ("load_data", "check_model", "run")), name
+        assert RECIPE_CLASSES[name].model_fields["task"].annotation.__args__ == (name,)

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from tunelab import api
 from tunelab.errors import TunelabError
+from tunelab.inference.trained import load_trained_classifier
 from tunelab.models.loading import load_classifier, load_tokenizer
-from tunelab.models.trained import load_trained_classifier
 from tunelab.recipe import validate_recipe
 
 

@@ -78,9 +78,9 @@ def test_validation_fraction_carves_a_stratified_slice_from_train_only(toy_data)
 
 def test_a_resolved_recipe_runs_again_on_a_source_without_a_validation_split(toy_data, tmp_path):
     """recipe.yaml writes every default out; loading it again must not turn the default split name into a demand."""
-    from tunelab.recipe import Recipe, load_recipe
+    from tunelab.recipe import load_recipe, recipe_from
 
-    resolved = Recipe.model_validate(toy_recipe(toy_data, toy_data)).to_yaml()
+    resolved = recipe_from(toy_recipe(toy_data, toy_data)).to_yaml()
     (tmp_path / "recipe.yaml").write_text(resolved)
     again = load_recipe(tmp_path / "recipe.yaml")
     assert load_labelled_data(again.data).validation is None

@@ -145,6 +145,17 @@ def test_bad_form_value_shows_tunelabs_error_by_the_field_and_starts_nothing(pag
     assert [r["name"] for r in after["runs"]] == [r["name"] for r in before["runs"]]
 
 
+def test_the_form_shows_the_chosen_tasks_own_sections(page, server):
+    open_form_from(page, server, "toy-fast")
+    assert page.locator("#f-preference-loss").count() == 0  # a classify recipe: no preference section
+    page.select_option("#f-task", "dpo")
+    page.locator("#f-preference-loss").wait_for()
+    assert page.locator("#f-preference-desirable_weight").count() == 0  # kto's, not dpo's
+    page.select_option("#f-task", "kto")
+    page.locator("#f-preference-desirable_weight").wait_for()
+    assert page.locator("#f-preference-loss").count() == 0
+
+
 def start_from_form(page, server, name: str, **fields: str) -> str:
     """Fill the New-run form from toy-fast's recipe, press Start; the new run's name."""
     open_form_from(page, server, "toy-fast")

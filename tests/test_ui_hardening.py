@@ -333,7 +333,7 @@ def test_a_generation_that_fails_ends_its_stream_with_the_error(tiny_llama):
     underflowed), and a few dozen such requests locked every route of the board."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.models.generator import stream_generate
+    from tunelab.inference.generator import stream_generate
     from tunelab.recipe import GenerateConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -353,7 +353,7 @@ def test_a_generation_that_fails_ends_its_stream_with_the_error(tiny_llama):
 def test_a_tiny_temperature_streams_the_greedy_answer(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.models.generator import stream_generate
+    from tunelab.inference.generator import stream_generate
     from tunelab.recipe import GenerateConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)

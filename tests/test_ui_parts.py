@@ -136,3 +136,23 @@ def test_an_optional_section_at_its_defaults_is_left_out_and_filled_in_is_kept()
     assert "replay" not in raw_recipe(values)["data"]  # its template/split/fraction defaults alone ask for nothing
     values["data.replay.source"] = "self_instruct"
     assert raw_recipe(values)["data"]["replay"] == {"source": "self_instruct"}
+
+
+def test_the_form_offers_each_task_only_its_own_sections():
+    schema = forms.form_schema()
+    own = {task: {field["path"] for section in sections for field in section["fields"]}
+           for task, sections in schema["tasks"].items()}
+    assert own["classify"] == set() and own["sft"] == set()
+    assert own["dpo"] == {"preference.loss", "preference.beta", "preference.simpo_gamma"}
+    assert own["kto"] == {"preference.beta", "preference.desirable_weight", "preference.undesirable_weight"}
+    assert {"reward.function", "grpo.num_generations"} <= own["grpo"] and "fewshot.epochs" in own["fewshot"]
+    shared = {field["path"] for section in schema["sections"] for field in section["fields"]}
+    assert not shared & set().union(*own.values())  # no task's own field among the shared sections
+
+
+def test_a_field_left_over_from_another_task_is_not_sent(tiny_bert, toy_data):
+    """Switching the form from dpo to classify leaves dpo's preference fields behind: they are not the recipe's."""
+    recipe = validate_recipe(toy_recipe(tiny_bert, toy_data))
+    values = {**forms.recipe_values(recipe.model_dump(mode="json")), "preference.loss": "ipo"}
+    assert "preference" not in forms.raw_recipe(values)
+    assert validate_recipe(forms.raw_recipe(values)).to_yaml() == recipe.to_yaml()

@@ -4,130 +4,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig
-
 from tunelab.console import log_to, say
-from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.labelled import load_eval_split, load_labelled_data
-from tunelab.data.preference import load_preference_data
-from tunelab.data.sft_encoding import fit_prompts, prompt_format
 from tunelab.distributed import check_plan, current_world, from_main, join
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
-from tunelab.models.loading import (
-    ModelSource,
-    check_model_exists,
-    check_qlora_available,
-    is_decoder,
-    load_tokenizer,
-    resolve_model,
-)
-from tunelab.models.trained import earlier_run_labels, load_trained, read_run_recipe
-from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, GenerateConfig, Recipe, RewardSource
-from tunelab.rewards import load_reward_function, locate_reward_function
-from tunelab.runs.folder import open_run_folder
+from tunelab.inference.trained import load_trained
+from tunelab.models.loading import check_model_exists, resolve_model
+from tunelab.recipe import DataConfig, GenerateConfig, Recipe, RewardSource
+from tunelab.runs.folder import open_run_folder, run_folder
 from tunelab.runs.tracking import check_trackers
-from tunelab.stages.sft import check_context_length
-from tunelab.tasks import TASKS, refusal, task_named
+from tunelab.stages.grpo import check_reward_source
+from tunelab.tasks import refusal
 
 
 def check_recipe(recipe: Recipe, import_code: bool = True):
     """Everything that can be checked before a run folder exists: data, labels, model. Returns (data, model).
 
-    import_code=False (the web board) only locates a reward function's module: it never runs a recipe's code."""
+    Each task's stage reads its data and checks its model (`load_data`, `check_model`). import_code=False (the web
+    board) only locates a reward function's module: it never runs a recipe's code."""
     check_trackers(recipe.train.report_to)
     if recipe.eval.judge is not None:
         check_reward_source(recipe.eval.judge, "eval.judge", import_code)
-    data = load_data_for(recipe)
-    if recipe.task in GENERATIVE_TASKS:
-        source = resolve_model(recipe.model.name)
-        check_model_exists(source)
-        check_generative_model(recipe, source, data)
-        return data, source
-    if recipe.task == "grpo":
-        source = resolve_model(recipe.model.name)
-        check_model_exists(source)
-        if source.origin != "hub" and not is_decoder(source.location):
-            raise TunelabError(f"task grpo trains a decoder (causal LM), but '{recipe.model.name}' is not one; use "
-                               f"e.g. smollm2-135m or an sft run folder")
-        check_reward_source(recipe.reward, "reward", import_code)
-        return data, source
-    if recipe.task in PREFERENCE_TASKS:
-        source = resolve_model(recipe.model.name)
-        check_model_exists(source)
-        if recipe.task != "reward" and source.origin != "hub" and not is_decoder(source.location):
-            raise TunelabError(f"task {recipe.task} trains a decoder (causal LM), but '{recipe.model.name}' is not "
-                               f"one; use e.g. smollm2-135m (task reward trains encoders too)")
-        return data, source
-    source = resolve_model(recipe.model.name)
-    check_model_exists(source)
-    check_model_fits_task(recipe, source, data.labels)
-    return data, source
+    stage = recipe.entry.stage()
+    data = stage.load_data(recipe)
+    return data, stage.check_model(recipe, data, import_code)
 
 
 def load_data_for(recipe: Recipe):
     """The recipe's data, read and checked the way its task reads it (rows, eval split, validation split)."""
-    if recipe.task in GENERATIVE_TASKS:
-        return load_generative_data(recipe.data, recipe.task)
-    if recipe.task == "grpo":
-        return load_generative_data(recipe.data, "sft")
-    if recipe.task in PREFERENCE_TASKS:
-        return load_preference_data(recipe.data, unpaired_ok=recipe.task == "kto")
-    return load_labelled_data(recipe.data)
-
-
-def check_reward_source(source: RewardSource, field: str, import_code: bool = True) -> None:
-    """The reward function imports and has the right signature (with import_code=False: its module can be found),
-    or the reward model is a reward run's folder."""
-    if source.function is not None:
-        (load_reward_function if import_code else locate_reward_function)(source.function)
-        return
-    earlier = earlier_run_labels(source.model)
-    if earlier is None or earlier[0] != "reward":
-        raise TunelabError(f"{field}.model '{source.model}' is not a finished reward-model run folder (task "
-                           f"reward); train one first, or use {field}.function")
-
-
-def check_generative_model(recipe: Recipe, source: ModelSource, data: GenerativeData) -> None:
-    """sft and pretrain need a decoder; seq2seq an encoder-decoder, or an encoder to warm-start one from. For sft,
-    rows whose prompt fills model.max_length are refused, or left out of `data` with data.drop_long."""
-    if recipe.method.name == "qlora":
-        check_qlora_available()
-    if source.origin == "hub":
-        return
-    decoder = is_decoder(source.location)
-    if recipe.task in ("sft", "pretrain") and not decoder:
-        raise TunelabError(f"task {recipe.task} trains a decoder (causal LM), but '{recipe.model.name}' is not one; "
-                           f"use e.g. smollm2-135m, or task seq2seq for encoder models")
-    if recipe.task == "seq2seq" and decoder:
-        raise TunelabError(f"task seq2seq needs an encoder-decoder (T5, BART) or an encoder to warm-start one from "
-                           f"(e.g. minilm), but '{recipe.model.name}' is a decoder; use task sft for decoders")
-    if recipe.task in ("sft", "pretrain"):
-        check_context_length(AutoConfig.from_pretrained(source.location), recipe)
-    if recipe.task == "sft":
-        fmt = prompt_format(load_tokenizer(source.location), recipe.data.chat_template, data.format,
-                            recipe.model.name)
-        data.train = fit_prompts(fmt, data.train, recipe.model.max_length, "train", recipe.data.drop_long)
-        data.eval = fit_prompts(fmt, data.eval, recipe.model.max_length, "eval", recipe.data.drop_long)
-        if data.validation is not None:
-            data.validation = fit_prompts(fmt, data.validation, recipe.model.max_length, "validation",
-                                          recipe.data.drop_long)
-
-
-def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]) -> None:
-    """Refuse model/task combinations that would fail (or silently mislead) only after the baseline was scored."""
-    decoder = source.origin != "hub" and is_decoder(source.location)
-    if recipe.task == "fewshot" and decoder:
-        raise TunelabError(f"task fewshot tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
-                           f"encoder (minilm, mpnet-base) or task: classify")
-    if recipe.eval.in_context_shots and source.origin != "hub" and not decoder:
-        raise TunelabError(f"eval.in_context_shots prompts a decoder, but '{recipe.model.name}' is an encoder; "
-                           f"use a decoder (e.g. smollm2-135m) or drop eval.in_context_shots")
-    earlier = earlier_run_labels(recipe.model.name) if source.origin == "run" else None
-    if earlier and earlier[0] == "classify" and recipe.task == "classify" and not recipe.model.new_head \
-            and earlier[1] != labels:
-        raise TunelabError(f"model.name '{recipe.model.name}' was trained on the labels {earlier[1][:5]}, not this "
-                           f"recipe's {labels[:5]}; set model.new_head: true to train a fresh head for the new labels")
+    return recipe.entry.stage().load_data(recipe)
 
 
 def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tuple[Path, dict]:
@@ -147,7 +53,7 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
         data, source = check_recipe(recipe)
     say(f"tunelab: {recipe.task} · {recipe.model.name} · method {recipe.method.name} · {device_and_precision(recipe)} "
         f"→ {run_dir}")
-    return run_dir, TASKS[recipe.task].stage()(recipe, data, source, run_dir, resume)
+    return run_dir, recipe.entry.stage().run(recipe, data, source, run_dir, resume)
 
 
 def device_and_precision(recipe: Recipe) -> str:
@@ -156,7 +62,7 @@ def device_and_precision(recipe: Recipe) -> str:
 
     from tunelab.trainer import resolve_bf16
 
-    bf16 = recipe.task != "fewshot" and resolve_bf16(recipe.train.precision)  # fewshot always trains in fp32
+    bf16 = not recipe.entry.fp32_only and resolve_bf16(recipe.train.precision)
     return f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {'bf16' if bf16 else 'fp32'}"
 
 
@@ -181,7 +87,8 @@ def evaluate_in_context(model_name: str, data: DataConfig, shots: int) -> dict:
 
 def predict(model_path: str, texts: list[str], top_k: int = 1) -> list[dict]:
     """Labels with probabilities for each text, best first; for a reward run, its score of each text."""
-    task = task_named((read_run_recipe(Path(model_path)) or {}).get("task"))  # None for model folders and exports
+    run = run_folder(model_path)
+    task = run.task if run is not None else None  # None for model folders and exports
     if task is not None and task.scores:
         return score_texts(model_path, texts)
     if task is not None and not task.labels:
@@ -236,7 +143,7 @@ def generation_settings(max_new_tokens: int = 64, temperature: float = 0.0) -> G
 
 def load_generator(run_dir: str):
     """A trained run of a task that answers prompts (sft, pretrain, seq2seq, dpo, kto, grpo), ready to answer."""
-    from tunelab.models.generator import load_generator as load
+    from tunelab.inference.generator import load_generator as load
 
     return load(run_dir)
 

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.tasks import TASKS
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WAYS = ("tutorial", "hand-written", "tunelab")
 CONVENTION = ("model FLOPs per real (non-padding) token: 6·N for full fine-tuning, 4·N for adapter methods (frozen "
@@ -250,7 +252,7 @@ def machine_peaks() -> dict:
 
 def bf16_native() -> bool:
     """Whether this machine runs bf16 natively (what the hand-written baseline checks before setting bf16=True)."""
-    from tunelab.trainer import bf16_supported
+    from tunelab.models.precision import bf16_supported
 
     return bf16_supported()
 
@@ -262,7 +264,7 @@ def way_settings(way: str, task: str = "classify") -> WaySettings:
     if way == "tutorial":
         return WaySettings(batch_size=1, grad_accum=4, pad_to_max_length=True, bf16=False)
     if way == "hand-written":
-        return WaySettings(batch_size=4 if task == "sft" else 16, grad_accum=1, pad_to_max_length=False,
+        return WaySettings(batch_size=4 if TASKS[task].decoder else 16, grad_accum=1, pad_to_max_length=False,
                            bf16=bf16_native())
     raise ValueError(f"'{way}' is not a plain-transformers way")
 
@@ -347,7 +349,7 @@ def train_plain(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     from tunelab.models.loading import resolve_model
     from tunelab.trainer import MeteredTrainer
 
-    if recipe.task == "sft":
+    if recipe.entry.decoder:
         return train_plain_sft(recipe, way, steps, workdir)
     settings = way_settings(way)
     data = load_labelled_data(recipe.data)  # the same rows tunelab trains and scores
@@ -409,7 +411,7 @@ def train_plain_sft(recipe, way: str, steps: int | None, workdir: Path) -> dict:
     if recipe.method.name not in ("lora", "dora"):
         raise ValueError(f"the plain SFT ways know LoRA, not '{recipe.method.name}'")
     settings = way_settings(way, "sft")
-    data = load_generative_data(recipe.data, "sft")  # the same rows tunelab trains and scores
+    data = load_generative_data(recipe.data)  # the same rows tunelab trains and scores
 
     def conversational(split) -> datasets.Dataset:
         return datasets.Dataset.from_dict({"prompt": [row[:-1] for row in split["messages"]],
@@ -442,7 +444,7 @@ def train_tunelab(recipe, steps: int | None, workdir: Path) -> dict:
     if steps:
         recipe.train.max_steps = steps
     _, metrics = api.train(recipe, str(workdir / "tunelab-run"))
-    if recipe.task == "sft":  # the best checkpoint by eval loss (the last, unless the loss rose again)
+    if recipe.entry.decoder:  # the best checkpoint by eval loss (the last, unless the loss rose again)
         quality = {"accuracy": None, "accuracy_best_checkpoint": None, "eval_loss": metrics["after"]["loss"],
                    "labels": None}
     else:

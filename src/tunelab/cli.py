@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 
 from tunelab.bench import add_arguments as add_bench_arguments  # stdlib-only at import time
-from tunelab.console import headline_changes
 from tunelab.distributed import Launch, LaunchFailed
 from tunelab.errors import TunelabError
+from tunelab.runs.reading import headline_changes
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -16,8 +16,6 @@ import time
 import warnings
 from pathlib import Path
 
-from tunelab.evaluation import HEADLINE_METRICS
-
 _state = {"quiet": False, "log": None, "pending": []}
 
 
@@ -89,21 +87,3 @@ def percent(ratio: float) -> str:
     """A ratio (after / before) as a signed percentage change: 1.19 → '+19%'."""
     return signed(100 * (ratio - 1), ".0f") + "%"
 
-
-def headline_changes(metrics: dict) -> str:
-    """The headline metrics before → after, each gain with its paired 95% interval ("no significant change" when
-    that interval includes 0), and the win rate when judged: the line a run ends on."""
-    from tunelab.evaluation.uncertainty import describe_gain
-
-    before, after, gains = metrics["before"], metrics["after"], metrics.get("gain", {})
-    changes = []
-    for key in HEADLINE_METRICS:
-        if not (isinstance(before.get(key), float | int) and isinstance(after.get(key), float | int)):
-            continue
-        change = f"{key} {before[key]:.4f} → {after[key]:.4f}"
-        changes.append(f"{change}{describe_gain(gains[key])}" if key in gains else change)
-    if "win_rate" in metrics:
-        span = metrics.get("win_rate_interval")
-        changes.append(f"win rate {metrics['win_rate']:.3f}"
-                       + (f" [{span['low']:.3f}, {span['high']:.3f}]" if span else ""))
-    return "; ".join(changes)

@@ -29,10 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from tunelab.console import say
 from tunelab.errors import TunelabError
 from tunelab.recipe import Recipe, load_recipe
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_text_atomic
+from tunelab.runs.folder import RunFolder, write_json_atomic, write_text_atomic
+from tunelab.tasks import tasks_that
 
 SPEC_FILE = "curve_spec.json"
 CLASSIFY_METHODS = ("full", "lora", "dora", "ia3", "prompt")
@@ -86,15 +89,16 @@ def method_overrides(method: str, recipe_method: str) -> list[str]:
     """The recipe overrides that turn a recipe into `method`; the recipe's own method keeps its options."""
     if method == "fewshot":
         return ["task=fewshot", "method={name: full}"]
+    classify = ["task=classify", "fewshot=null"]  # the recipe's fewshot section configures the fewshot points only
     if method in CLASSIFY_METHODS:
-        return ["task=classify"] + ([] if method == recipe_method else [f"method={{name: {method}}}"])
+        return classify + ([] if method == recipe_method else [f"method={{name: {method}}}"])
     variant = re.fullmatch(r"freeze:(head|top(\d+)|gradual)", method)
     if variant is None:
         raise TunelabError(f"--methods: unknown method '{method}'; use fewshot, {', '.join(CLASSIFY_METHODS)}, "
                            f"freeze:head, freeze:topN (e.g. freeze:top2) or freeze:gradual")
     options = {"head": "train_top_layers: 0", "gradual": "unfreeze_schedule: 1"}.get(
         variant.group(1), f"train_top_layers: {variant.group(2)}")
-    return ["task=classify", f"method={{name: freeze, {options}}}"]
+    return [*classify, f"method={{name: freeze, {options}}}"]
 
 
 def point_recipe(recipe_path: Path, overrides: list[str], base: Recipe, point: CurvePoint) -> Recipe:
@@ -106,13 +110,21 @@ def point_recipe(recipe_path: Path, overrides: list[str], base: Recipe, point: C
                                      name])
 
 
+def curve_recipe(recipe_path: Path, overrides: list[str]) -> Recipe:
+    """The recipe the curve's points vary. A classify recipe may carry a fewshot section, the options of the curve's
+    fewshot points, which a classify run does not take: it is set aside here and kept for those points."""
+    raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path.is_file() else None
+    fewshot = isinstance(raw, dict) and raw.get("task") == "fewshot"
+    return load_recipe(recipe_path, [*overrides, *([] if fewshot else ["fewshot=null"])])
+
+
 def run_curve(recipe_path: str | Path, shots: list[int | None], seeds: int, methods: list[str] | None = None,
               output: str | None = None, overrides: list[str] | None = None, metric: str = "accuracy") -> Path:
     """Run every (k, seed, method) point, write the table and report, and return the curve folder."""
     from tunelab import api  # the API imports every stage; the curve's parsing helpers stay light without it
 
     recipe_path, overrides = Path(recipe_path), list(overrides or [])
-    base = load_recipe(recipe_path, overrides)
+    base = curve_recipe(recipe_path, overrides)
     methods = methods or ["fewshot" if base.task == "fewshot" else base.method.name]
     spec = {"recipe": str(recipe_path), "overrides": overrides, "shots": shots, "seeds": seeds,
             "methods": methods, "metric": metric}
@@ -128,8 +140,8 @@ def run_curve(recipe_path: str | Path, shots: list[int | None], seeds: int, meth
         run_dir = folder / "runs" / point.folder_name
         say(f"tunelab curve: run {number}/{len(points)}: {point.method}, "
               f"k={point.shots or 'all'}, seed {point.seed} → {run_dir}")
-        if (run_dir / METRICS_FILE).is_file():
-            metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+        if RunFolder(run_dir).finished:
+            metrics = RunFolder(run_dir).metrics
         else:
             _, metrics = api.train(recipes[point], str(run_dir), resume=run_dir.exists())
         results.append(point_result(point, metrics, run_dir.relative_to(folder)))
@@ -142,9 +154,10 @@ def run_seeds(recipe_path: str | Path, recipe: Recipe, seeds: int, output: str |
               overrides: list[str] | None = None) -> tuple[Path, dict]:
     """`tunelab train --seeds N`: the recipe as one curve point (its own data size and method) over N seeds, in
     one folder; returns it and the mean and sample std of accuracy and macro-F1 over the seeds."""
-    if recipe.task not in ("classify", "fewshot"):
-        raise TunelabError(f"--seeds averages accuracy and macro-F1 over runs of tasks classify and fewshot; for "
-                           f"task {recipe.task} run `tunelab train` once per train.seed=N instead")
+    if not recipe.entry.labels:
+        raise TunelabError(f"--seeds averages accuracy and macro-F1 over runs of tasks "
+                           f"{', '.join(tasks_that('labels'))}; for task {recipe.task} run `tunelab train` once per "
+                           f"train.seed=N instead")
     output = output or str(Path(recipe.output.root) / f"{recipe.name}-seeds-{time.strftime('%Y%m%d-%H%M%S')}")
     method = "fewshot" if recipe.task == "fewshot" else recipe.method.name
     folder = run_curve(recipe_path, [recipe.data.shots], seeds, [method], output, overrides)

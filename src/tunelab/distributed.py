@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
+from tunelab.tasks import tasks_that
 
 if TYPE_CHECKING:
     from tunelab.recipe import Recipe
@@ -147,12 +148,11 @@ def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None, launc
 
     from tunelab.sharding import check_strategy
 
-    if recipe.task == "fewshot" and world_size > 1:
-        raise TunelabError("task fewshot (SetFit) trains in one process; drop --nproc (it trains in seconds on "
-                           "a few examples per class)")
-    if recipe.train.distributed.strategy == "fsdp" and (recipe.task not in ("sft", "pretrain")
-                                                        or recipe.method.name != "full"):
-        raise TunelabError(f"train.distributed.strategy fsdp shards decoders trained in full (tasks sft and pretrain, "
+    if recipe.entry.one_process and world_size > 1:
+        raise TunelabError(f"task {recipe.task} trains in one process; drop --nproc")
+    if recipe.train.distributed.strategy == "fsdp" and (not recipe.entry.fsdp or recipe.method.name != "full"):
+        raise TunelabError(f"train.distributed.strategy fsdp shards decoders trained in full (tasks "
+                           f"{', '.join(tasks_that('fsdp'))}, "
                            f"method full: transformers' FSDP2 takes no peft adapters yet), not task {recipe.task} with "
                            f"method {recipe.method.name}; use strategy deepspeed (zero3 shards the weights) or ddp")
     if resume and recipe.train.distributed.strategy == "fsdp":

@@ -20,7 +20,6 @@ it stopped.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunelab.errors import TunelabError
 from tunelab.recipe import Recipe, load_recipe
-from tunelab.runs.artifacts import write_json_atomic
+from tunelab.runs.folder import RunFolder, write_json_atomic
 
 REFERENCE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_-]*)\}")
 SUMMARY_FILE = "pipeline.json"
@@ -103,9 +102,9 @@ def run_pipeline(path: str | Path, output: str | None = None) -> dict[str, dict]
     results = {}
     for name, recipe in recipes.items():
         run_dir = root / name
-        if (run_dir / "metrics.json").is_file():
+        if RunFolder(run_dir).finished:
             print(f"tunelab: stage {name}: finished earlier, kept ({run_dir})")
-            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+            metrics = RunFolder(run_dir).metrics
         else:
             resume = run_dir.exists()
             print(f"tunelab: stage {name}: {'resuming' if resume else 'starting'} {recipe.task} run in {run_dir}")

@@ -7,6 +7,7 @@ from these classes.
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import TunelabError
-from tunelab.tasks import TASK_NAMES, tasks_that
+from tunelab.tasks import TASK_NAMES, TASKS, Task, tasks_that
 
 
 class Section(BaseModel):
@@ -183,11 +184,6 @@ DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-3, "lora": 1e-3, "dora": 1e
                           "prefix": 1e-2, "prompt": 1e-2}
 
 
-GENERATIVE_TASKS = ("sft", "pretrain", "seq2seq")
-STREAMING_TASKS = tasks_that("streaming")  # tasks that can read their train split as a stream (data.streaming)
-PREFERENCE_TASKS = ("reward", "dpo", "kto")
-DECODER_TASKS = tasks_that("decoder")  # causal LMs trained on text: retention probes and qlora apply
-REPLAY_TASKS = tasks_that("replay")  # sft/pretrain mix text rows in; dpo/kto add an LM loss on them
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")  # peft prepends virtual tokens and ignores position ids
 
 
@@ -260,13 +256,14 @@ class GenerateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together")
 
 
-JUDGED_TASKS = tasks_that("judged")  # tasks whose answers before and after training a judge can compare
 DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust"}  # recipe name → TRL loss_type
 REFERENCE_FREE_LOSSES = ("simpo", "cpo", "orpo")  # TRL's CPO / ORPO trainers: no reference model at all
 DEFAULT_BETAS = {"simpo": 2.0}  # SimPO's paper uses β 2–2.5 on its length-normalised reward; the others 0.1
 
 
 class PreferenceConfig(Section):
+    """Options of task dpo (the `preference` section)."""
+
     loss: Literal["dpo", "ipo", "hinge", "robust", "simpo", "cpo", "orpo"] = Field(
         "dpo", description="dpo: the DPO loss (sigmoid); ipo: identity preference optimisation; hinge: SLiC's hinge "
                            "loss; robust: DPO robust to label noise; simpo: SimPO (length-normalised, no reference "
@@ -278,9 +275,6 @@ class PreferenceConfig(Section):
                                                        "2.0); cpo: loss temperature (0.1); orpo: weight of the "
                                                        "odds-ratio term (λ, 0.1)")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin over beta (γ/β)")
-    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on good completions (raise it "
-                                                           "when bad ones outnumber good ones)")
-    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on bad completions")
 
     @model_validator(mode="after")
     def _default_beta(self) -> PreferenceConfig:
@@ -288,6 +282,15 @@ class PreferenceConfig(Section):
         if self.beta is None:
             self.beta = DEFAULT_BETAS.get(self.loss, 0.1)
         return self
+
+
+class KtoConfig(Section):
+    """Options of task kto (the `preference` section)."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference model")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the loss on good completions (raise it when "
+                                                           "bad ones outnumber good ones)")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the loss on bad completions")
 
 
 class RewardSource(Section):
@@ -384,27 +387,24 @@ def slug(text: str) -> str:
 
 
 class Recipe(Section):
+    """What every task's recipe holds. Each task has its own variant below (`ClassifyRecipe`, `DpoRecipe`, …), with
+    the sections only it takes and the checks only it needs; `RECIPES` picks the variant by `task`."""
+
     name: str = Field(description="Run name: letters, digits, '-', '_' and '.', starting with a letter or digit, at "
                                   "most 128 characters; default: the recipe file's name")
-    task: Literal[TASK_NAMES] = Field(
-        description="What to train: classify (fine-tune a classifier), fewshot (SetFit-style: contrastive encoder "
-                    "tuning + logistic-regression head), sft (a decoder learns responses to prompts), pretrain "
-                    "(continued pre-training on raw domain text), seq2seq (an encoder-decoder maps input to target), "
-                    "reward (a scalar reward model from chosen/rejected pairs), dpo (a decoder learns to prefer the "
-                    "chosen responses: direct preference optimisation and its relatives), kto (a decoder learns from "
-                    "responses marked good or bad, paired or not: Kahneman-Tversky optimisation), grpo (online RL: the "
-                    "decoder samples answers to the prompts and learns from a reward function or reward model)")
+    task: Literal[TASK_NAMES] = Field(description="What to train: " + "; ".join(
+        f"{name} ({task.summary})" for name, task in TASKS.items()))
     model: ModelConfig
     data: DataConfig
     method: Method = Field(default_factory=FullMethod, description="How weights are trained")
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task: fewshot")
-    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of tasks dpo and kto")
-    reward: RewardSource = Field(default_factory=RewardSource, description="task grpo: where rewards come from "
-                                                                           "(set function or model)")
-    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task: grpo")
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @property
+    def entry(self) -> Task:
+        """The task's registry entry: what it trains and what its runs support."""
+        return TASKS[self.task]
 
     @field_validator("name")
     @classmethod
@@ -425,52 +425,11 @@ class Recipe(Section):
         return raw
 
     @model_validator(mode="after")
-    def _check_fewshot(self) -> Recipe:
-        """task: fewshot trains the whole sentence encoder on single texts; refuse what it cannot honour."""
-        if self.task != "fewshot":
-            return self
-        if not isinstance(self.method, FullMethod) or self.method != FullMethod():
-            raise ValueError("task fewshot tunes the whole sentence encoder contrastively; use method: full "
-                             "(without options), or task: classify for other methods")
-        if self.data.text_pair is not None:
-            raise ValueError("task fewshot classifies single texts; drop data.text_pair or use task: classify")
-        if self.train.report_to:
-            raise ValueError("train.report_to hands the Trainer's logs to trackers, and task fewshot trains through "
-                             "SetFit without them; drop train.report_to or use task: classify")
-        if self.train.precision == "bf16":
-            raise ValueError("task fewshot trains in fp32 (bf16 stalls its contrastive loss); set train.precision "
-                             "to auto or fp32")
-        return self
-
-    @model_validator(mode="after")
     def _check_qlora(self) -> Recipe:
         """QLoRA quantizes a decoder's base for generative training; classifiers use lora."""
-        if self.method.name == "qlora" and self.task not in DECODER_TASKS:
-            raise ValueError(f"method qlora is for decoder training (tasks {', '.join(DECODER_TASKS)}); use lora "
-                             f"for task {self.task}")
-        return self
-
-    @model_validator(mode="after")
-    def _check_generative(self) -> Recipe:
-        """Generative tasks pick checkpoints by eval loss (they have no accuracy during training)."""
-        if self.task not in GENERATIVE_TASKS:
-            return self
-        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
-            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss "
-                             f"(exact match and ROUGE-L are scored after training)")
-        if self.data.shots is not None and self.task == "pretrain":
-            raise ValueError("data.shots samples k rows per label, and task pretrain has no labels; use "
-                             "data.train_size")
-        if self.eval.in_context_shots is not None:
-            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
-        if self.task == "seq2seq" and self.method.name == "qlora":
-            raise ValueError("method qlora quantizes a decoder's base; use lora for task seq2seq")
-        if self.task == "seq2seq" and self.train.packing:
-            raise ValueError("train.packing is for decoders (sft, pretrain); drop it for task seq2seq")
-        if self.train.packing and self.method.name in VIRTUAL_TOKEN_METHODS:
-            raise ValueError(f"train.packing needs position ids that restart per row, and peft drops them for method "
-                             f"{self.method.name}; drop train.packing or use lora")
-        self.eval.best_metric = "loss"
+        if self.method.name == "qlora" and not self.entry.decoder:
+            raise ValueError(f"method qlora is for decoder training (tasks {', '.join(tasks_that('decoder'))}); use "
+                             f"lora for task {self.task}")
         return self
 
     @model_validator(mode="after")
@@ -479,8 +438,9 @@ class Recipe(Section):
         data = self.data
         if not data.streaming:
             return self
-        if self.task not in STREAMING_TASKS:
-            raise ValueError(f"data.streaming is for tasks {', '.join(STREAMING_TASKS)}; drop it for task {self.task}")
+        if not self.entry.streaming:
+            raise ValueError(f"data.streaming is for tasks {', '.join(tasks_that('streaming'))}; drop it for task "
+                             f"{self.task}")
         if self.train.max_steps is None:
             raise ValueError("data.streaming reads the train split as a stream of unknown length, so epochs cannot "
                              "be counted; set train.max_steps (rows read = max_steps × batch_size × grad_accum)")
@@ -501,65 +461,14 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _check_preference(self) -> Recipe:
-        """Preference tasks train on chosen/rejected pairs: no labels to sample shots from, no packing."""
-        if self.task not in PREFERENCE_TASKS:
-            if self.customised("preference"):
-                raise ValueError(f"the preference section configures tasks dpo and kto; drop it for task {self.task}")
-            return self
-        if self.task == "reward" and self.customised("preference"):
-            raise ValueError("the preference section configures tasks dpo and kto; a reward model has no options there")
-        kto_weights = (self.preference.desirable_weight, self.preference.undesirable_weight) != (1.0, 1.0)
-        if self.task == "dpo" and kto_weights:
-            raise ValueError("preference.desirable_weight / undesirable_weight weigh KTO's loss; drop them for task "
-                             "dpo")
-        if self.task == "kto" and self.preference.loss != "dpo":
-            raise ValueError(f"preference.loss picks a loss of task dpo, and task kto has its own; drop loss "
-                             f"'{self.preference.loss}' (or use task dpo)")
-        if self.task == "kto" and self.train.batch_size < 2:
-            raise ValueError("task kto estimates its KL term from the other rows of each batch; set train.batch_size "
-                             "to 2 or more")
-        if self.data.shots is not None:
-            raise ValueError(f"data.shots samples k rows per label, and task {self.task} has pairs, not labels; use "
-                             f"data.train_size")
-        if self.eval.in_context_shots is not None:
-            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
-        if self.train.packing:
-            raise ValueError(f"train.packing is for sft and pretrain; drop it for task {self.task}")
-        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
-            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss")
-        self.eval.best_metric = "loss"
-        return self
-
-    @model_validator(mode="after")
-    def _check_grpo(self) -> Recipe:
-        """grpo needs exactly one reward source and whole groups of completions in every step."""
-        if self.task != "grpo":
-            for section in ("reward", "grpo"):
-                if self.customised(section):
-                    raise ValueError(f"the {section} section configures task grpo; drop it for task {self.task}")
-            return self
-        if (self.reward.function is None) == (self.reward.model is None):
-            raise ValueError("task grpo needs one reward source: set reward.function (e.g. exact_match, or "
-                             "module:function) or reward.model (a reward-model run folder)")
-        rows = self.train.batch_size * self.train.grad_accum
-        if rows % self.grpo.num_generations:
-            raise ValueError(f"train.batch_size × train.grad_accum ({rows}) must be a multiple of "
-                             f"grpo.num_generations ({self.grpo.num_generations}): each step scores whole groups")
-        if self.data.shots is not None or self.eval.in_context_shots is not None or self.train.packing:
-            raise ValueError("task grpo takes none of data.shots, eval.in_context_shots, train.packing; drop them")
-        self.eval.select_best = False  # no eval loss to pick a checkpoint by: the last one is the result
-        return self
-
-    @model_validator(mode="after")
     def _check_judge(self) -> Recipe:
         """A judge compares answers before and after training: tasks that generate them, one source, samples."""
         judge = self.eval.judge
         if judge is None:
             return self
-        if self.task not in JUDGED_TASKS:
-            raise ValueError(f"eval.judge scores the answers of tasks {', '.join(JUDGED_TASKS)}; drop it for task "
-                             f"{self.task}")
+        if not self.entry.judged:
+            raise ValueError(f"eval.judge scores the answers of tasks {', '.join(tasks_that('judged'))}; drop it for "
+                             f"task {self.task}")
         if (judge.function is None) == (judge.model is None):
             raise ValueError("eval.judge needs one source: set eval.judge.model (a reward-model run folder) or "
                              "eval.judge.function (e.g. exact_match, or module:function)")
@@ -571,13 +480,13 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_retention(self) -> Recipe:
         """Probes of general ability score a causal LM's text likelihood; replay mixes text into LM training."""
-        if self.eval.retention.enabled and self.task not in DECODER_TASKS:
-            raise ValueError(f"eval.retention scores decoders (tasks {', '.join(DECODER_TASKS)}); drop it for task "
-                             f"{self.task}")
+        if self.eval.retention.enabled and not self.entry.decoder:
+            raise ValueError(f"eval.retention scores decoders (tasks {', '.join(tasks_that('decoder'))}); drop it for "
+                             f"task {self.task}")
         if self.data.replay is not None:
-            if self.task not in REPLAY_TASKS:
+            if not self.entry.replay:
                 raise ValueError(f"data.replay trains on general text alongside the task (tasks "
-                                 f"{', '.join(REPLAY_TASKS)}); drop it for task {self.task}")
+                                 f"{', '.join(tasks_that('replay'))}); drop it for task {self.task}")
             if self.data.streaming:
                 raise ValueError("data.replay samples rows in proportion to the train split, which data.streaming "
                                  "never holds; drop one of them")
@@ -590,14 +499,197 @@ class Recipe(Section):
             self.train.learning_rate = DEFAULT_LEARNING_RATES[self.method.name]
         return self
 
-    def customised(self, section: str) -> bool:
-        """Whether a section differs from its defaults (a resolved recipe writes every section out)."""
-        value = getattr(self, section)
-        return value != type(value)()
-
     def to_yaml(self) -> str:
         """The resolved recipe as YAML: every default written out."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Each task's recipe: its own sections and the checks only it needs. A section of another task is refused as an
+# unknown key, in one line that names the sections this task takes.
+
+class ClassifyRecipe(Recipe):
+    task: Literal["classify"]
+
+
+class FewshotRecipe(Recipe):
+    task: Literal["fewshot"]
+    fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Options of task fewshot")
+
+    @model_validator(mode="after")
+    def _what_setfit_honours(self) -> FewshotRecipe:
+        """fewshot trains the whole sentence encoder on single texts through SetFit; refuse what it cannot honour."""
+        if not isinstance(self.method, FullMethod) or self.method != FullMethod():
+            raise ValueError("task fewshot tunes the whole sentence encoder contrastively; use method: full "
+                             "(without options), or task: classify for other methods")
+        if self.data.text_pair is not None:
+            raise ValueError("task fewshot classifies single texts; drop data.text_pair or use task: classify")
+        if self.train.report_to:
+            raise ValueError("train.report_to hands the Trainer's logs to trackers, and task fewshot trains through "
+                             "SetFit without them; drop train.report_to or use task: classify")
+        if self.train.precision == "bf16":
+            raise ValueError("task fewshot trains in fp32 (bf16 stalls its contrastive loss); set train.precision "
+                             "to auto or fp32")
+        if self.eval.in_context_shots is not None:
+            raise ValueError("eval.in_context_shots prompts a decoder, and task fewshot tunes an encoder; drop it")
+        return self
+
+
+class TextRecipe(Recipe):
+    """sft, pretrain and seq2seq: a model trained on text, its checkpoints picked by eval loss (it has no accuracy
+    during training; exact match and ROUGE-L are scored after)."""
+
+    @model_validator(mode="after")
+    def _picked_by_loss(self) -> TextRecipe:
+        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
+            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss "
+                             f"(exact match and ROUGE-L are scored after training)")
+        if self.eval.in_context_shots is not None:
+            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
+        if self.train.packing and self.method.name in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(f"train.packing needs position ids that restart per row, and peft drops them for method "
+                             f"{self.method.name}; drop train.packing or use lora")
+        self.eval.best_metric = "loss"
+        return self
+
+
+class SftRecipe(TextRecipe):
+    task: Literal["sft"]
+
+
+class PretrainRecipe(TextRecipe):
+    task: Literal["pretrain"]
+
+    @model_validator(mode="after")
+    def _no_labels(self) -> PretrainRecipe:
+        if self.data.shots is not None:
+            raise ValueError("data.shots samples k rows per label, and task pretrain has no labels; use "
+                             "data.train_size")
+        return self
+
+
+class Seq2seqRecipe(TextRecipe):
+    task: Literal["seq2seq"]
+
+    @model_validator(mode="after")
+    def _no_packing(self) -> Seq2seqRecipe:
+        if self.train.packing:
+            raise ValueError("train.packing is for decoders (sft, pretrain); drop it for task seq2seq")
+        return self
+
+
+class PairsRecipe(Recipe):
+    """reward, dpo and kto: trained on chosen/rejected pairs (kto: also single marked responses), so no labels to
+    sample shots from, no packing, checkpoints picked by eval loss."""
+
+    @model_validator(mode="after")
+    def _pairs_not_labels(self) -> PairsRecipe:
+        if self.data.shots is not None:
+            raise ValueError(f"data.shots samples k rows per label, and task {self.task} has pairs, not labels; use "
+                             f"data.train_size")
+        if self.eval.in_context_shots is not None:
+            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
+        if self.train.packing:
+            raise ValueError(f"train.packing is for sft and pretrain; drop it for task {self.task}")
+        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
+            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss")
+        self.eval.best_metric = "loss"
+        return self
+
+
+class RewardRecipe(PairsRecipe):
+    task: Literal["reward"]
+
+
+class DpoRecipe(PairsRecipe):
+    task: Literal["dpo"]
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="Options of task dpo")
+
+
+class KtoRecipe(PairsRecipe):
+    task: Literal["kto"]
+    preference: KtoConfig = Field(default_factory=KtoConfig, description="Options of task kto")
+
+    @model_validator(mode="after")
+    def _batches_of_two(self) -> KtoRecipe:
+        if self.train.batch_size < 2:
+            raise ValueError("task kto estimates its KL term from the other rows of each batch; set train.batch_size "
+                             "to 2 or more")
+        return self
+
+
+class GrpoRecipe(Recipe):
+    task: Literal["grpo"]
+    reward: RewardSource = Field(default_factory=RewardSource, description="Where rewards come from (set function "
+                                                                           "or model)")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task grpo")
+
+    @model_validator(mode="after")
+    def _one_source_whole_groups(self) -> GrpoRecipe:
+        """grpo needs exactly one reward source and whole groups of completions in every step."""
+        if (self.reward.function is None) == (self.reward.model is None):
+            raise ValueError("task grpo needs one reward source: set reward.function (e.g. exact_match, or "
+                             "module:function) or reward.model (a reward-model run folder)")
+        rows = self.train.batch_size * self.train.grad_accum
+        if rows % self.grpo.num_generations:
+            raise ValueError(f"train.batch_size × train.grad_accum ({rows}) must be a multiple of "
+                             f"grpo.num_generations ({self.grpo.num_generations}): each step scores whole groups")
+        if self.data.shots is not None or self.eval.in_context_shots is not None or self.train.packing:
+            raise ValueError("task grpo takes none of data.shots, eval.in_context_shots, train.packing; drop them")
+        self.eval.select_best = False  # no eval loss to pick a checkpoint by: the last one is the result
+        return self
+
+
+RECIPE_CLASSES: dict[str, type[Recipe]] = {
+    "classify": ClassifyRecipe, "fewshot": FewshotRecipe, "sft": SftRecipe, "pretrain": PretrainRecipe,
+    "seq2seq": Seq2seqRecipe, "reward": RewardRecipe, "dpo": DpoRecipe, "kto": KtoRecipe, "grpo": GrpoRecipe}
+assert set(RECIPE_CLASSES) == set(TASK_NAMES), "every task in tasks.py has its recipe class here"
+
+# What a recipe.yaml written before tasks had their own recipe classes lists for every task: the task sections and
+# keys below, at these defaults. They are dropped when a task does not take them and they hold these values (a run
+# folder of an older tunelab still loads) or null, and refused as unknown keys otherwise.
+FLAT_RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fewshot": FewshotConfig().model_dump(mode="json"),
+    "preference": {"loss": "dpo", "beta": 0.1, "simpo_gamma": 0.5, "desirable_weight": 1.0,
+                   "undesirable_weight": 1.0},
+    "reward": RewardSource().model_dump(mode="json"),
+    "grpo": GrpoConfig().model_dump(mode="json"),
+}
+
+
+def without_flat_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` without the default task sections (and keys) an older, flat recipe.yaml wrote for every task."""
+    variant = RECIPE_CLASSES.get(raw.get("task")) if isinstance(raw.get("task"), str) else None
+    if variant is None:
+        return raw
+    kept = dict(raw)
+    for section, defaults in FLAT_RECIPE_DEFAULTS.items():
+        value = kept.get(section)
+        if section not in variant.model_fields:
+            if section in kept and value in (defaults, None):  # null: left out (an override `fewshot=null`)
+                del kept[section]
+        elif isinstance(value, dict):
+            own = model_class_of(variant.model_fields[section].annotation).model_fields
+            kept[section] = {key: item for key, item in value.items()
+                             if key in own or key not in defaults or item != defaults[key]}
+    return kept
+
+
+def model_class_of(annotation: Any) -> type[BaseModel]:
+    """The section class of a field's annotation (`Section` or `Section | None`)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    raise TypeError(f"{annotation} holds no section")
+
+
+def owners_of(section: str) -> list[str]:
+    """The tasks whose recipes take `section`."""
+    return [name for name, cls in RECIPE_CLASSES.items() if section in cls.model_fields]
+
+
+def task_sections(task: str) -> list[str]:
+    """The top-level keys a recipe of `task` takes."""
+    return list(RECIPE_CLASSES[task].model_fields)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -652,24 +744,40 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Validate a raw recipe dict into a Recipe, turning the first schema problem into a one-line error."""
+    """Validate a raw recipe dict into its task's recipe class, turning the first schema problem into a one-line
+    error."""
     try:
-        return Recipe.model_validate(raw)
+        return recipe_from(raw)
     except ValidationError as exc:
         raise TunelabError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def recipe_from(raw: Any) -> Recipe:
+    """The recipe of `raw`'s task, validated by its task's class (pydantic's ValidationError on a problem); a run
+    folder's recipe.yaml written by an older tunelab loads too. Without a known task, the shared class validates it:
+    it refuses the task, and names what else is missing."""
+    task = raw.get("task") if isinstance(raw, dict) else None
+    variant = RECIPE_CLASSES.get(task) if isinstance(task, str) else None
+    if variant is None:
+        return Recipe.model_validate(raw)
+    return variant.model_validate(without_flat_defaults(raw))
 
 
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming the field, what is wrong with it and how to fix it."""
     problems = []
+    task = next((name for name, cls in RECIPE_CLASSES.items() if cls.__name__ == exc.title), None)
     for err in exc.errors():
         loc = [str(part) for part in err["loc"]]
         # A discriminated union puts the chosen variant's tag in the path (method.lora.r): drop it.
         variant = loc.pop(1) if len(loc) > 1 and loc[0] == "method" and loc[1] in METHOD_CLASSES else None
         field = ".".join(loc) or "recipe"
         kind = err["type"]
-        if kind == "extra_forbidden":
-            allowed = list(METHOD_CLASSES[variant].model_fields) if variant else _allowed_keys(loc[:-1])
+        if kind == "extra_forbidden" and len(loc) == 1 and task is not None and owners_of(field):
+            problems.append(f"section '{field}' configures task {', '.join(owners_of(field))}, not {task}; task "
+                            f"{task} takes {', '.join(task_sections(task))}")
+        elif kind == "extra_forbidden":
+            allowed = list(METHOD_CLASSES[variant].model_fields) if variant else _allowed_keys(loc[:-1], task)
             problems.append(f"unknown key '{field}'" + (f"; valid keys here: {', '.join(allowed)}" if allowed else ""))
         elif kind == "missing":
             problems.append(f"'{field}' is required; add it to the recipe")
@@ -686,16 +794,15 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
 
 
-def _allowed_keys(loc: list[str]) -> list[str]:
+def _allowed_keys(loc: list[str], task: str | None) -> list[str]:
     """The keys a recipe section accepts, following a validation error's path."""
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] = RECIPE_CLASSES.get(task, Recipe)
     for part in loc:
         annotation = model.model_fields.get(part)
         if annotation is None:
             return []
-        target = annotation.annotation
-        if isinstance(target, type) and issubclass(target, BaseModel):
-            model = target
-        else:
+        try:
+            model = model_class_of(annotation.annotation)
+        except TypeError:
             return []
     return list(model.model_fields)

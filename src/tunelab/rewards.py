@@ -11,13 +11,18 @@ import importlib
 import importlib.machinery
 import importlib.util
 import inspect
+import re
 from collections.abc import Callable
 
 from tunelab.errors import TunelabError
-from tunelab.evaluation.generation import normalise_answer
 
 RewardFunction = Callable[..., list[float]]
 REQUIRED = ("completions",)
+
+
+def normalise_answer(text: str) -> str:
+    """Lower-case, single-spaced, without surrounding whitespace or a final full stop: how answers are compared."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".").strip().lower()
 
 
 def exact_match(completions: list[str], reference: list[str], **_) -> list[float]:
@@ -108,3 +113,4 @@ def check_signature(function: Callable, spec: str) -> None:
         raise TunelabError(f"reward.function '{spec}' must accept `completions` and `**kwargs` (it is called as "
                            f"f(prompts=…, completions=…, <data columns>=…) and returns one float per completion); "
                            f"its signature is {function.__name__}{inspect.signature(function)}")
+

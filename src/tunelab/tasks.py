@@ -11,8 +11,8 @@ This module imports nothing of tunelab's, so that the recipe schema, the loaders
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 Family = Literal["classifier", "fewshot", "decoder", "seq2seq", "reward"]
@@ -25,7 +25,9 @@ class Task:
     name: str
     family: Family  # classifier: encoder (or decoder) with a label head; decoder: causal LM; reward: one score
     summary: str  # what a run of it learns, in a few words
-    runner: str  # "module:function" of its stage (imported only when a run starts)
+    module: str  # its stage module (imported only when used): load_data(recipe) → data; check_model(recipe, data,
+    # import_code) → the model source, checked before a run folder exists; run(recipe, data, source, run_dir,
+    # resume) → metrics
     answers: bool = False  # generate, chat, serve's chat/completions, the playground's answers
     prompts: Literal["template", "plain", "encoder", None] = None  # how an answering run reads a prompt: through
     # data.prompt_template and the chat template (template), as the plain text it trained on (plain; chat turns go
@@ -38,11 +40,14 @@ class Task:
     judged: bool = False  # eval.judge compares its answers before and after
     replay: bool = False  # data.replay
     base_answers: bool = False  # its starting model can answer on its own (the playground's side-by-side)
+    one_process: bool = False  # trains in one process only (no --nproc / torchrun)
+    fsdp: bool = False  # train.distributed.strategy fsdp (FSDP2 shards a decoder trained in full)
+    fp32_only: bool = False  # trains in fp32 whatever train.precision says
+    pipeline_tag: str = "text-generation"  # the Hugging Face Hub's pipeline tag of its exported model card
 
-    def stage(self) -> Callable:
-        """The stage's run function: run(recipe, data, source, run_dir, resume) → metrics."""
-        module, function = self.runner.split(":")
-        return getattr(importlib.import_module(module), function)
+    def stage(self) -> ModuleType:
+        """The task's stage module: its `load_data`, `check_model` and `run`."""
+        return importlib.import_module(self.module)
 
     @property
     def decoder(self) -> bool:
@@ -51,24 +56,25 @@ class Task:
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
-    Task("classify", "classifier", "labels texts", "tunelab.stages.classify:run_classification",
-         labels=True, exports=("hf", "onnx"), verify=True),
-    Task("fewshot", "fewshot", "labels texts from a few examples (SetFit)", "tunelab.stages.fewshot:run_fewshot",
-         labels=True),
-    Task("sft", "decoder", "answers prompts", "tunelab.stages.sft:run_sft",
+    Task("classify", "classifier", "labels texts", "tunelab.stages.classify",
+         labels=True, exports=("hf", "onnx"), verify=True, pipeline_tag="text-classification"),
+    Task("fewshot", "fewshot", "labels texts from a few examples (SetFit)", "tunelab.stages.fewshot",
+         labels=True, one_process=True, fp32_only=True),
+    Task("sft", "decoder", "answers prompts", "tunelab.stages.sft",
          answers=True, prompts="template", exports=("hf", "gguf"), verify=True, streaming=True, replay=True,
-         base_answers=True),
-    Task("pretrain", "decoder", "continues text of a domain", "tunelab.stages.sft:run_sft",
-         answers=True, prompts="plain", exports=("hf", "gguf"), streaming=True, replay=True, base_answers=True),
-    Task("seq2seq", "seq2seq", "rewrites an input text into an output text", "tunelab.stages.seq2seq:run_seq2seq",
-         answers=True, prompts="encoder", exports=("hf",)),
-    Task("reward", "reward", "scores a response (reward model)", "tunelab.stages.reward:run_reward",
-         scores=True, exports=("hf", "onnx")),
-    Task("dpo", "decoder", "answers prompts as preferred (DPO family)", "tunelab.stages.dpo:run_dpo",
+         base_answers=True, fsdp=True),
+    Task("pretrain", "decoder", "continues text of a domain", "tunelab.stages.sft",
+         answers=True, prompts="plain", exports=("hf", "gguf"), streaming=True, replay=True, base_answers=True,
+         fsdp=True),
+    Task("seq2seq", "seq2seq", "rewrites an input text into an output text", "tunelab.stages.seq2seq",
+         answers=True, prompts="encoder", exports=("hf",), pipeline_tag="text2text-generation"),
+    Task("reward", "reward", "scores a response (reward model)", "tunelab.stages.reward",
+         scores=True, exports=("hf", "onnx"), pipeline_tag="text-classification"),
+    Task("dpo", "decoder", "answers prompts as preferred (DPO family)", "tunelab.stages.dpo",
          answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True),
-    Task("kto", "decoder", "answers prompts as preferred (KTO)", "tunelab.stages.kto:run_kto",
+    Task("kto", "decoder", "answers prompts as preferred (KTO)", "tunelab.stages.kto",
          answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True),
-    Task("grpo", "decoder", "answers prompts for a higher reward (GRPO)", "tunelab.stages.grpo:run_grpo",
+    Task("grpo", "decoder", "answers prompts for a higher reward (GRPO)", "tunelab.stages.grpo",
          answers=True, prompts="template", exports=("hf", "gguf"), judged=True, base_answers=True),
 )}
 

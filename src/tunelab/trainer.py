@@ -22,22 +22,15 @@ from tunelab.distributed import backend, current_world, per_process_batch
 from tunelab.errors import TunelabError
 from tunelab.fused_head import fit_fused_head_to_cpu
 from tunelab.heap import heap_kept_for_training
+from tunelab.models.precision import bf16_supported
 from tunelab.recipe import EvalConfig, TrainConfig
-from tunelab.runs.folder import append_jsonl
+from tunelab.runs.folder import CHECKPOINTS, append_jsonl
 from tunelab.runs.lineage import run_chain
 from tunelab.runs.tracking import prepare_trackers
 from tunelab.sampling import FilledBatches, ShuffledLengthBatches
 from tunelab.sharding import name_deepspeed_accelerator, strategy_name, training_options
 
-CHECKPOINTS = "checkpoints"
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
-
-
-def bf16_supported() -> bool:
-    """Whether bf16 autocast runs natively here (CUDA with bf16, or a CPU with AVX-512 bf16 / AMX)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_bf16(precision: str) -> bool:

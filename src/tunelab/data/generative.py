@@ -57,11 +57,12 @@ class GenerativeData:
     replay: datasets.Dataset | None = None  # general text mixed into training (data.replay): a `text` column
 
 
-def load_generative_data(cfg: DataConfig, task: str) -> GenerativeData:
-    """Read, check, normalise and subsample the data of an sft, seq2seq or pretrain recipe."""
+def load_generative_data(cfg: DataConfig, plain_text: bool = False) -> GenerativeData:
+    """Read, check, normalise and subsample the data of an sft, seq2seq or grpo recipe (prompt → response rows in
+    the format data.format picks), or with plain_text, of a pretrain recipe (text rows)."""
     splits = load_splits(cfg.source, stream=cfg.train_split if cfg.streaming else None)
     eval_name = eval_split_name(cfg, splits)
-    fmt = "text" if task == "pretrain" else detect_format(cfg, column_names(splits[cfg.train_split]))
+    fmt = "text" if plain_text else detect_format(cfg, column_names(splits[cfg.train_split]))
     if cfg.streaming:
         train, dropped = normalise_stream(splits[cfg.train_split], cfg, fmt, cfg.train_split), 0
     else:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
 from collections.abc import Callable
 
 import torch
@@ -13,12 +11,9 @@ from tqdm.auto import tqdm
 
 from tunelab.console import interactive, is_quiet
 from tunelab.evaluation.uncertainty import ROWS_KEY
+from tunelab.models.precision import autocast
 from tunelab.recipe import GenerateConfig
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-case, single-spaced, without surrounding whitespace or a final full stop: how answers are compared."""
-    return re.sub(r"\s+", " ", text).strip().rstrip(".").strip().lower()
+from tunelab.rewards import normalise_answer
 
 
 def generation_metrics(predictions: list[str], references: list[str]) -> dict:
@@ -60,13 +55,6 @@ def sampling_settings(temperature: float) -> dict:
     if temperature <= 0:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": max(temperature, MIN_TEMPERATURE)}
-
-
-def autocast(bf16: bool):
-    """bf16 autocast on the model's device type when asked, else nothing."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
 
 
 @torch.no_grad()

@@ -3,10 +3,7 @@ policy's answers over its starting point's, as such a reward judges them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import yaml
 
 from tunelab.console import say
 from tunelab.evaluation.classification import predict_logits
@@ -14,6 +11,7 @@ from tunelab.evaluation.uncertainty import mean_interval
 from tunelab.models.loading import is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import RewardSource
 from tunelab.rewards import RewardFunction, load_reward_function
+from tunelab.runs.folder import RunFolder
 
 REWARD_LABELS = ["reward"]  # a reward model's one output: the scalar reward
 
@@ -23,12 +21,11 @@ def load_reward(source: RewardSource, batch_size: int, bf16: bool) -> RewardFunc
     completion the way it was trained (its own max_length; EOS appended on decoders; long texts keep their end)."""
     if source.function is not None:
         return load_reward_function(source.function)
-    run = Path(source.model)
-    location = str(run / "model")
+    run = RunFolder(source.model)
+    location = str(run.model_dir)
     tokenizer = load_tokenizer(location)
     model, _ = load_classifier(location, REWARD_LABELS, tokenizer)
-    trained = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
-    max_length = int(trained["model"]["max_length"])
+    max_length = run.recipe.model.max_length
     ending = tokenizer.eos_token if is_decoder(location) and tokenizer.eos_token else ""
 
     def reward_model(prompts: list[str], completions: list[str], **_) -> list[float]:

@@ -16,7 +16,7 @@ from trl import SFTTrainer
 
 from tunelab.data.sft_encoding import IGNORE_INDEX
 from tunelab.distributed import score_sharded
-from tunelab.evaluation.generation import autocast
+from tunelab.models.precision import autocast
 
 
 def token_weighted_loss(trainer, rows) -> float:

@@ -18,15 +18,16 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str = "hf", quantiz
     With `verify`, the published export is then scored against the run on its eval split (its first `verify_size`
     rows): verify.json and the model card's "Verified" section (export/verify.py).
     """
-    from tunelab.export.run import check_format, check_mergeable, check_new_output, read_finished_run
+    from tunelab.export.run import check_format, check_mergeable, check_new_output
     from tunelab.export.verify import check_verifiable, verify_export
+    from tunelab.runs.folder import finished_run
 
     if fmt not in FORMATS:
         raise TunelabError(f"export: --format '{fmt}' is not one of {', '.join(FORMATS)}")
     if quantize is not None and fmt != "gguf":
         raise TunelabError(f"export: --quantize applies to --format gguf only; drop it for --format {fmt}")
     output = check_new_output(output)
-    run = read_finished_run(run_dir)
+    run = finished_run(run_dir, "export")
     check_format(run, fmt)
     check_mergeable(run)
     if verify:

@@ -21,7 +21,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QW
 
 from tunelab.errors import TunelabError
 from tunelab.export.model_card import model_card
-from tunelab.export.run import FinishedRun
+from tunelab.export.run import RunFolder
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2}
 # --quantize choices: every type gguf.quants can write in numpy that suits a dense model (its k-quants and i-quants
@@ -57,7 +57,7 @@ GPT2_PRE_TOKENIZER = {"type": "ByteLevel", "use_regex": True}
 QWEN2_SPLIT = QWEN2_PRETOKENIZE_REGEX  # Qwen2's split rule (digits one by one), as transformers' Qwen2 tokenizer has it
 
 
-def check_gguf_exportable(run: FinishedRun, quantize: str | None) -> str:
+def check_gguf_exportable(run: RunFolder, quantize: str | None) -> str:
     """Refuse unknown quantization types and architectures before anything loads (export_run has checked that the
     task exports to gguf); return the type."""
     quantize = (quantize or DEFAULT_QUANT).lower()
@@ -80,13 +80,13 @@ def check_architecture(architectures: list[str]) -> gguf.MODEL_ARCH:
                        f"use --format hf")
 
 
-def write_gguf(run: FinishedRun, model: torch.nn.Module, tokenizer, folder: Path, quantize: str) -> Path:
+def write_gguf(run: RunFolder, model: torch.nn.Module, tokenizer, folder: Path, quantize: str) -> Path:
     """`<name>-<quantize>.gguf`, an Ollama Modelfile and README.md into `folder`; return the .gguf path."""
     arch = check_architecture(list(model.config.architectures or []))
     qtype, file_type = QUANT_TYPES[quantize]
-    path = folder / f"{run.recipe.get('name', 'model')}-{quantize}.gguf"
+    path = folder / f"{run.recipe.name}-{quantize}.gguf"
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(str(run.recipe.get("name", "model")))
+    writer.add_name(run.recipe.name)
     add_hyperparameters(writer, model.config, arch, file_type)
     add_vocabulary(writer, tokenizer, model.config.vocab_size)
     for name, data, data_type in gguf_tensors(model, arch, qtype):

@@ -9,7 +9,8 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.export.model_card import model_card
-from tunelab.export.run import HEAD_FAMILIES, FinishedRun
+from tunelab.export.run import HEAD_FAMILIES
+from tunelab.runs.folder import RunFolder
 
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth", ".pickle")
 
@@ -24,15 +25,15 @@ def save_hf_folder(model: torch.nn.Module, tokenizer, folder: Path) -> None:
                            f"supported for export")
 
 
-def write_hf(run: FinishedRun, model: torch.nn.Module, tokenizer, folder: Path) -> None:
+def write_hf(run: RunFolder, model: torch.nn.Module, tokenizer, folder: Path) -> None:
     """The hf export: the merged model, tokenizer and README.md model card."""
     save_hf_folder(model, tokenizer, folder)
     (folder / "README.md").write_text(model_card(run, "hf", hf_snippet(run, tokenizer)), encoding="utf-8")
 
 
-def hf_snippet(run: FinishedRun, tokenizer) -> str:
+def hf_snippet(run: RunFolder, tokenizer) -> str:
     """How to load and use the folder with transformers alone, for the model card."""
-    family = run.kind.family if run.kind is not None else None
+    family = run.task.family
     if family in HEAD_FAMILIES:
         use = ("probabilities = model(**batch).logits.softmax(-1)  # labels: model.config.id2label"
                if family == "classifier" else "reward = model(**batch).logits[:, 0]  # higher = preferred")
@@ -40,7 +41,7 @@ def hf_snippet(run: FinishedRun, tokenizer) -> str:
                 "\nmodel = AutoModelForSequenceClassification.from_pretrained(DIR).eval()\n"
                 "tokenizer = AutoTokenizer.from_pretrained(DIR)\n"
                 f"batch = tokenizer([\"your text\"], padding=True, truncation=True, max_length="
-                f"{run.recipe.get('model', {}).get('max_length', 256)}, return_tensors=\"pt\")\n"
+                f"{run.recipe.model.max_length}, return_tensors=\"pt\")\n"
                 f"with torch.no_grad():\n    {use}\n```")
     if family == "seq2seq":
         return ("```python\nfrom transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n\n"

@@ -6,31 +6,29 @@ from __future__ import annotations
 import yaml
 
 from tunelab.evaluation import HEADLINE_METRICS
-from tunelab.export.run import FinishedRun
-
-PIPELINE_TAGS = {"classify": "text-classification", "reward": "text-classification", "seq2seq": "text2text-generation"}
+from tunelab.runs.folder import RunFolder
 
 
-def model_card(run: FinishedRun, fmt: str, how_to_load: str, notes: list[str] | None = None) -> str:
+def model_card(run: RunFolder, fmt: str, how_to_load: str, notes: list[str] | None = None) -> str:
     """README.md text for an export of `run` in format `fmt`; `how_to_load` is a fenced code snippet."""
-    chain = [str(step) for step in run.metrics.get("chain") or [run.recipe.get("model", {}).get("name", "?")]]
-    data = run.recipe.get("data") or {}
+    chain = [str(step) for step in run.metrics.get("chain") or [run.recipe.model.name]]
+    task = run.recipe.task
     front = {"base_model": chain[0], "library_name": "transformers" if fmt == "hf" else fmt,
-             "pipeline_tag": PIPELINE_TAGS.get(run.task, "text-generation"),
-             "tags": ["tunelab", run.task, run.method], "datasets": [str(data.get("source"))]}
+             "pipeline_tag": run.task.pipeline_tag,
+             "tags": ["tunelab", task, run.method], "datasets": [run.recipe.data.source]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {run.recipe.get('name', run.path.name)} ({fmt} export)", "",
-             f"Trained with tunelab: task **{run.task}**, method **{run.method}**, exported from run folder "
+             f"# {run.recipe.name} ({fmt} export)", "",
+             f"Trained with tunelab: task **{task}**, method **{run.method}**, exported from run folder "
              f"`{run.path}`.", "",
              "| | |", "|---|---|",
              f"| base model and chain | {' → '.join(f'`{step}`' for step in chain)}{alias_note(chain[0])} |",
-             f"| task / method | {run.task} / {run.method} |",
-             f"| data | `{data.get('source')}` ({run.metrics.get('train_rows', '?') or 'streamed'} train rows, "
+             f"| task / method | {task} / {run.method} |",
+             f"| data | `{run.recipe.data.source}` ({run.metrics.get('train_rows', '?') or 'streamed'} train rows, "
              f"{run.metrics.get('eval_rows', '?')} eval rows, split `{run.metrics.get('eval_split', '?')}`) |"]
     if run.metrics.get("labels"):
         lines.append(f"| labels | {len(run.metrics['labels'])}: {', '.join(run.metrics['labels'])} |")
-    if data.get("prompt_template"):
-        lines.append(f"| prompt format | `{data['prompt_template']}` (put the text into this template"
+    if run.recipe.data.prompt_template:
+        lines.append(f"| prompt format | `{run.recipe.data.prompt_template}` (put the text into this template"
                      f"{', then into the chat template as the user turn' if run.metrics.get('chat_template') else ''})"
                      f" |")
     lines += ["", "## Evaluation (same eval rows before and after training)", "", "| metric | before | after |",
@@ -43,7 +41,7 @@ def model_card(run: FinishedRun, fmt: str, how_to_load: str, notes: list[str] | 
     for note in notes or []:
         lines += [note, ""]
     lines += ["## Recipe (resolved: every default written out)", "", "```yaml",
-              yaml.safe_dump(run.recipe, sort_keys=False, allow_unicode=True).strip(), "```", ""]
+              run.recipe.to_yaml().strip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -16,9 +16,10 @@ import torch
 
 from tunelab.errors import TunelabError, one_line
 from tunelab.export.model_card import model_card
-from tunelab.export.run import FinishedRun, write_json
-from tunelab.models.trained import ONNX_LABELS_FILE as LABELS_FILE
-from tunelab.models.trained import ONNX_MODEL_FILE as MODEL_FILE
+from tunelab.export.run import write_json
+from tunelab.inference.trained import ONNX_LABELS_FILE as LABELS_FILE
+from tunelab.inference.trained import ONNX_MODEL_FILE as MODEL_FILE
+from tunelab.runs.folder import RunFolder
 
 OPSET = 18
 CHECK_TEXTS = ["a short text", "a somewhat longer text, to check that rows of other lengths pad the same way"]
@@ -38,18 +39,18 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
 
-def check_onnx_exportable(run: FinishedRun) -> None:
+def check_onnx_exportable(run: RunFolder) -> None:
     """ONNX export is for encoder classifiers and reward models; decoders have the gguf and hf formats."""
     from tunelab.models.loading import is_decoder
 
     if is_decoder(str(run.model_dir)):  # the task exports to onnx (export_run checked): on an encoder only
-        raise TunelabError(f"export: --format onnx takes {run.task} runs on an encoder such as minilm; '{run.path}' "
-                           f"is a {run.task} run on a decoder — use --format hf")
+        raise TunelabError(f"export: --format onnx takes {run.task.name} runs on an encoder such as minilm; "
+                           f"'{run.path}' is a {run.task.name} run on a decoder — use --format hf")
 
 
-def write_onnx(run: FinishedRun, model: torch.nn.Module, tokenizer, folder: Path) -> None:
+def write_onnx(run: RunFolder, model: torch.nn.Module, tokenizer, folder: Path) -> None:
     """model.onnx, the tokenizer, labels.json and README.md into `folder`."""
-    max_length = int(run.recipe.get("model", {}).get("max_length", 256))
+    max_length = run.recipe.model.max_length
     batch = tokenizer(CHECK_TEXTS, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     accepted = inspect.signature(model.forward).parameters
     inputs = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch and name in accepted]
@@ -66,7 +67,8 @@ def write_onnx(run: FinishedRun, model: torch.nn.Module, tokenizer, folder: Path
         raise TunelabError(f"export: torch.onnx could not export this model: {one_line(exc, 200)}") from None
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     tokenizer.save_pretrained(folder)
-    write_json(folder / LABELS_FILE, {"task": run.task, "labels": labels, "inputs": inputs, "max_length": max_length})
+    write_json(folder / LABELS_FILE, {"task": run.task.name, "labels": labels, "inputs": inputs,
+                                      "max_length": max_length})
     check_same_logits(folder / MODEL_FILE, wrapper, batch, inputs)
     (folder / "README.md").write_text(model_card(run, "onnx", onnx_snippet(inputs, max_length)), encoding="utf-8")
 

@@ -8,84 +8,33 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from tunelab.errors import TunelabError
+from tunelab.inference.trained import load_classifier_model
 from tunelab.models.loading import load_causal_lm, load_tokenizer
-from tunelab.models.trained import load_classifier_model
-from tunelab.recipe import GENERATIVE_TASKS
-from tunelab.tasks import TASKS, Task, task_named
+from tunelab.runs.folder import RunFolder
+from tunelab.tasks import TASKS
 
 HEAD_FAMILIES = ("classifier", "reward")  # a sequence-classification head: labels, or one reward output
 UNMERGEABLE_PEFT = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT")
 
 
-@dataclass(frozen=True)
-class FinishedRun:
-    """A run folder whose metrics.json exists (the run finished), with its resolved recipe and metrics."""
-
-    path: Path
-    recipe: dict
-    metrics: dict
-
-    @property
-    def model_dir(self) -> Path:
-        """The run's saved weights (or adapter) and tokenizer."""
-        return self.path / "model"
-
-    @property
-    def task(self) -> str:
-        """The recipe's task (classify, sft, reward, …)."""
-        return str(self.recipe.get("task"))
-
-    @property
-    def kind(self) -> Task | None:
-        """The run's task in the registry (None for a task this version does not know)."""
-        return task_named(self.recipe.get("task"))
-
-    @property
-    def method(self) -> str:
-        """The recipe's method name (full, lora, …)."""
-        method = self.recipe.get("method", "full")
-        return str(method.get("name") if isinstance(method, dict) else method)
-
-    @property
-    def adapter(self) -> bool:
-        """Whether model/ holds a peft adapter rather than full weights."""
-        return (self.model_dir / "adapter_config.json").is_file()
-
-
-def read_finished_run(run_dir: str | Path) -> FinishedRun:
-    """The run folder read back; unfinished runs and folders that are no run are refused."""
-    path = Path(run_dir)
-    if not (path / "recipe.yaml").is_file() or not (path / "model").is_dir():
-        raise TunelabError(f"export: '{path}' is not a run folder (no recipe.yaml and model/); give a folder that "
-                           f"`tunelab train` wrote")
-    if not (path / "metrics.json").is_file():
-        raise TunelabError(f"export: run '{path}' has not finished (no metrics.json); finish it with `tunelab train "
-                           f"RECIPE --output {path} --resume` first")
-    recipe = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
-    return FinishedRun(path=path, recipe=recipe, metrics=metrics)
-
-
-def check_format(run: FinishedRun, fmt: str) -> None:
+def check_format(run: RunFolder, fmt: str) -> None:
     """Refuse a format the run's task does not export to (the registry's `exports`), naming those it does."""
-    kind = run.kind
-    if kind is not None and fmt in kind.exports:
+    task = run.task
+    if fmt in task.exports:
         return
-    takers = ", ".join(name for name, task in TASKS.items() if fmt in task.exports)
-    instead = (f" — export it as {' or '.join(kind.exports)}" if kind is not None and kind.exports
+    takers = ", ".join(name for name, each in TASKS.items() if fmt in each.exports)
+    instead = (f" — export it as {' or '.join(task.exports)}" if task.exports
                else " (no format holds its model; e.g. a fewshot run's head is a scikit-learn model)")
-    raise TunelabError(f"export: --format {fmt} takes runs of tasks {takers}; '{run.path}' is a {run.task} "
+    raise TunelabError(f"export: --format {fmt} takes runs of tasks {takers}; '{run.path}' is a {task.name} "
                        f"run{instead}")
 
 
-def check_mergeable(run: FinishedRun) -> None:
+def check_mergeable(run: RunFolder) -> None:
     """Refuse what cannot become plain weights: prompt/prefix tuning (virtual tokens)."""
     if run.adapter:
         peft_type = json.loads((run.model_dir / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type")
@@ -95,12 +44,12 @@ def check_mergeable(run: FinishedRun) -> None:
                                f"it; export a full, freeze, lora, dora or ia3 run")
 
 
-def load_merged(run: FinishedRun) -> tuple[torch.nn.Module, object]:
+def load_merged(run: RunFolder) -> tuple[torch.nn.Module, object]:
     """The run's model in fp32 with any adapter merged into its base, and its tokenizer (pad token set)."""
     check_mergeable(run)
     location = str(run.model_dir)
     tokenizer = load_tokenizer(location)
-    family = run.kind.family if run.kind is not None else None
+    family = run.task.family
     if family in HEAD_FAMILIES:
         model = load_merged_classifier(location)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -112,8 +61,8 @@ def load_merged(run: FinishedRun) -> tuple[torch.nn.Module, object]:
         model = load_merged_seq2seq(run, tokenizer)
     else:
         check_format(run, "hf")  # refuses it, naming the tasks that export
-    template = (run.recipe.get("data") or {}).get("chat_template", "auto")
-    if run.task in GENERATIVE_TASKS and template not in ("auto", "none", None):
+    template = run.recipe.data.chat_template
+    if run.task.prompts == "template" and template not in ("auto", "none"):
         tokenizer.chat_template = template  # the run trained with its own template: users must render with it
     return model.eval(), tokenizer
 
@@ -124,9 +73,9 @@ def load_merged_classifier(location: str) -> torch.nn.Module:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def load_merged_seq2seq(run: FinishedRun, tokenizer) -> torch.nn.Module:
+def load_merged_seq2seq(run: RunFolder, tokenizer) -> torch.nn.Module:
     """An encoder-decoder run (T5/BART, or BERT2BERT warm-started), as `tunelab generate` loads it."""
-    from tunelab.stages.seq2seq import load_seq2seq
+    from tunelab.models.loading import load_seq2seq
 
     if run.adapter:
         raise TunelabError(f"export: run '{run.path}' is a seq2seq run with a {run.method} adapter; only full and "

@@ -28,13 +28,14 @@ import torch
 
 from tunelab.console import say, signed
 from tunelab.errors import TunelabError
-from tunelab.evaluation.generation import generate_texts, normalise_answer
+from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.uncertainty import mcnemar_p_value, mean_interval, mean_of, paired_gain
 from tunelab.export.model_card import with_verified_section
-from tunelab.export.run import FinishedRun, read_finished_run, write_json
-from tunelab.models.trained import ONNX_MODEL_FILE
-from tunelab.recipe import DataConfig, GenerateConfig
-from tunelab.runs.folder import write_text_atomic
+from tunelab.export.run import write_json
+from tunelab.inference.trained import ONNX_MODEL_FILE
+from tunelab.recipe import GenerateConfig
+from tunelab.rewards import normalise_answer
+from tunelab.runs.folder import RunFolder, finished_run, write_text_atomic
 from tunelab.tasks import tasks_that
 
 VERIFY_FILE = "verify.json"
@@ -139,21 +140,22 @@ class Paired:
     eos: str | None = None
 
 
-def check_verifiable(run: FinishedRun) -> None:
+def check_verifiable(run: RunFolder) -> None:
     """`--verify` scores classify runs (accuracy) and sft runs (exact match); others are refused before exporting."""
-    if run.kind is None or not run.kind.verify:  # the registry's `verify`: accuracy of a label, exact match
+    if not run.task.verify:  # the registry's `verify`: accuracy of a label, exact match
         raise TunelabError(f"export: --verify scores tasks {' and '.join(tasks_that('verify'))} (accuracy, exact match "
-                           f"of the generated answer); '{run.path}' is a {run.task} run — export it without --verify")
+                           f"of the generated answer); '{run.path}' is a {run.task.name} run — export it without "
+                           f"--verify")
 
 
 def verify_export(run_dir: str | Path, folder: str | Path, size: int | None = None) -> dict:
     """Score the eval split of `run_dir` (its first `size` rows) through the export in `folder` and through the run's
     own model; write verify.json and the model card's "Verified" section into `folder`; return what verify.json
     holds (the console lines under `summary` and `warnings`)."""
-    run = read_finished_run(run_dir)
+    run = finished_run(run_dir, "export")
     check_verifiable(run)
     exported = exported_file(Path(folder).resolve())  # the fresh process runs elsewhere
-    paired = (verify_classifier if run.kind.family == "classifier" else verify_sft)(run, exported, size)
+    paired = (verify_classifier if run.task.family == "classifier" else verify_sft)(run, exported, size)
     result = comparison(run, exported, paired)
     write_json(exported.folder / VERIFY_FILE, result)
     card = exported.folder / "README.md"
@@ -199,13 +201,13 @@ def gguf_template_and_eos(path: Path) -> tuple[str | None, str | None]:
 
 # --- classifiers: accuracy ------------------------------------------------------------------------------------------
 
-def verify_classifier(run: FinishedRun, exported: ExportedFile, size: int | None) -> Paired:
+def verify_classifier(run: RunFolder, exported: ExportedFile, size: int | None) -> Paired:
     """The run's and the file's right/wrong on each eval row of a classify run."""
     from tunelab.data.labelled import load_labelled_data
-    from tunelab.models.trained import load_onnx_export, load_trained
+    from tunelab.inference.trained import load_onnx_export, load_trained
 
     trained = load_trained(run.path)
-    data = DataConfig.model_validate(run.recipe["data"]).model_copy(update={"labels": trained.labels})
+    data = run.recipe.data.model_copy(update={"labels": trained.labels})
     rows = first_rows(load_labelled_data(data).eval, size)  # label ids in the model's order
     texts = list(rows["text"])
     pairs = list(rows["text_pair"]) if "text_pair" in rows.column_names else None
@@ -218,7 +220,7 @@ def verify_classifier(run: FinishedRun, exported: ExportedFile, size: int | None
         graph = load_onnx_export(exported.folder)
         predicted, runtime = [graph.labels[i] for i in graph.probabilities(texts, pairs).argmax(-1)], "ONNX Runtime"
     elif exported.fmt == "hf":
-        max_length = int((run.recipe.get("model") or {}).get("max_length", 256))
+        max_length = run.recipe.model.max_length
         answer = fresh_process({"kind": "classifier", "folder": str(exported.folder), "gguf_file": None,
                                 "texts": texts, "pairs": pairs, "max_length": max_length})
         predicted, runtime, imports = answer["labels"], "transformers in a fresh process", answer["modules"]
@@ -236,21 +238,21 @@ def right_labels(predicted: list[str], gold: list[str]) -> np.ndarray:
 
 # --- sft: exact match of the greedy answer --------------------------------------------------------------------------
 
-def verify_sft(run: FinishedRun, exported: ExportedFile, size: int | None) -> Paired:
+def verify_sft(run: RunFolder, exported: ExportedFile, size: int | None) -> Paired:
     """The run's and the file's exact match on each eval row of an sft run, greedy answers in both."""
     from tunelab.data.generative import load_generative_data
     from tunelab.data.sft_encoding import fit_prompts
-    from tunelab.models.generator import load_generator
+    from tunelab.inference.generator import load_generator
 
     if exported.fmt == "onnx":
         raise TunelabError(f"export: --verify of an sft run reads hf or gguf exports; '{exported.folder}' is onnx")
-    data = DataConfig.model_validate(run.recipe["data"])
+    data = run.recipe.data
     generator = load_generator(run.path)
     fmt = generator.prompt
-    max_length = int((run.recipe.get("model") or {}).get("max_length", 512))
-    evaluation = fit_prompts(fmt, load_generative_data(data, "sft").eval, max_length, "eval", data.drop_long)
+    max_length = run.recipe.model.max_length
+    evaluation = fit_prompts(fmt, load_generative_data(data).eval, max_length, "eval", data.drop_long)
     rows = first_rows(evaluation, size)
-    settings = GenerateConfig.model_validate((run.recipe.get("eval") or {}).get("generate") or {}).model_copy(
+    settings = run.recipe.eval.generate.model_copy(
         update={"temperature": 0.0})
     references = list(rows["response"])
     say(f"tunelab: verify: generating answers to {len(rows)} eval rows with the run's model")
@@ -329,7 +331,7 @@ def fresh_process(request: dict) -> dict:
         return json.loads(answered.read_text(encoding="utf-8"))
 
 
-def comparison(run: FinishedRun, exported: ExportedFile, paired: Paired) -> dict:
+def comparison(run: RunFolder, exported: ExportedFile, paired: Paired) -> dict:
     """verify.json: both scores with intervals, the paired difference file − run, McNemar's p-value, the file's
     template / EOS against the run's, a few rows that differ, and the console lines."""
     own, file, rows = paired.run, paired.file, paired.rows

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    EncoderDecoderModel,
+)
 
 from tunelab.errors import TunelabError, one_line
 from tunelab.models.aliases import OFFLINE_MODELS
@@ -171,6 +178,19 @@ def is_decoder(location: str) -> bool:
     return bool(getattr(config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in architectures)
 
 
+def existing_model(name: str) -> ModelSource:
+    """The model `name` resolves to, refused in one line when it is not there."""
+    source = resolve_model(name)
+    check_model_exists(source)
+    return source
+
+
+def check_decoder(source: ModelSource, name: str, task: str, instead: str) -> None:
+    """Refuse a model that is not a causal LM for a task that trains one (a Hub id is checked as it loads)."""
+    if source.origin != "hub" and not is_decoder(source.location):
+        raise TunelabError(f"task {task} trains a decoder (causal LM), but '{name}' is not one; {instead}")
+
+
 def check_qlora_available() -> None:
     """QLoRA's 4-bit base needs CUDA and bitsandbytes; say why not, before anything runs."""
     if not torch.cuda.is_available():
@@ -181,6 +201,27 @@ def check_qlora_available() -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise TunelabError("method qlora needs the bitsandbytes package; pip install bitsandbytes") from None
+
+
+def load_seq2seq(location: str, tokenizer):
+    """An encoder-decoder as saved, or one warm-started from an encoder (both halves from its weights).
+
+    Warm-starting (Rothe et al., 2020) gives the decoder the encoder's weights plus fresh cross-attention; the
+    decoder starts generating after [CLS] and stops at [SEP], the encoder's own markers.
+    """
+    config = AutoConfig.from_pretrained(location)
+    try:
+        if config.is_encoder_decoder:
+            return AutoModelForSeq2SeqLM.from_pretrained(location)
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(location, location)
+    except (ValueError, OSError) as exc:
+        raise TunelabError(f"cannot build an encoder-decoder from '{location}': {one_line(exc, 200)}") from None
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tokenizer.pad_token_id
+    model.config.vocab_size = model.config.decoder.vocab_size
+    return model
 
 
 def load_causal_lm(location: str, quantize_4bit: bool = False, sharding: dict | None = None) -> torch.nn.Module:

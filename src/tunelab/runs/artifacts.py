@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.console import headline_changes, say
+from tunelab.console import say
 from tunelab.data.labelled import LabelledData
 from tunelab.distributed import from_main, is_main_process
 from tunelab.evaluation import retention
-from tunelab.evaluation.generation import autocast
 from tunelab.evaluation.uncertainty import compare
-from tunelab.recipe import DECODER_TASKS, Recipe
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.models.precision import autocast
+from tunelab.recipe import Recipe
+from tunelab.runs.folder import CHECKPOINTS, METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.reading import headline_changes
 from tunelab.runs.report import samples_table, write_report
 from tunelab.runs.tracking import log_summary
-from tunelab.trainer import CHECKPOINTS
 
 BASELINE_FILE = "baseline.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -117,7 +117,7 @@ def finish_run(run_dir: Path, recipe: Recipe, metrics: dict, title: str, labels:
     say(f"tunelab: after training: {headline_changes(metrics)}")
     if retained is not None:
         say(f"tunelab: {retained['summary']}")
-    elif recipe.task in DECODER_TASKS:
+    elif recipe.entry.decoder:
         say("tunelab: general ability (forgetting) was not measured; add eval.retention.enabled: true to the recipe "
             "(or add eval.retention.enabled=true to the train command) to score PIQA and WikiText before and after")
     write_report(run_dir, title, metrics, recipe.to_yaml(), labels, extra_sections)

@@ -1,4 +1,4 @@
-"""Create run folders that never overwrite earlier runs, and write files into them atomically."""
+"""Run folders: created so that they never overwrite earlier runs, written atomically, and read back (`RunFolder`)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,104 @@ import json
 import os
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from tunelab.errors import TunelabError
-from tunelab.recipe import Recipe
+from tunelab.recipe import Recipe, describe_validation_error, recipe_from
+from tunelab.tasks import TASKS, Task
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
+CHECKPOINTS = "checkpoints"  # the Trainer's checkpoints inside a run folder (removed when it finishes)
+MODEL_DIR = "model"
+
+
+class RunFolder:
+    """A run folder read back, the one way every command reads runs (predict, generate and chat, serve, export,
+    the judge, earlier-run checks, pipelines): its resolved recipe as its task's typed recipe class, its metrics
+    once it finished, its model folder. (The board reads folders it does not trust with runs/reading.py, which
+    never raises.)"""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def model_dir(self) -> Path:
+        """The run's saved weights (or peft adapter) and tokenizer."""
+        return self.path / MODEL_DIR
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the folder holds a recipe.yaml and a model/ (a plain model folder does not)."""
+        return (self.path / RECIPE_FILE).is_file() and self.model_dir.is_dir()
+
+    @property
+    def finished(self) -> bool:
+        """metrics.json is written last: its presence marks a finished run."""
+        return (self.path / METRICS_FILE).is_file()
+
+    @cached_property
+    def recipe(self) -> Recipe:
+        """The saved recipe, validated again (one written by an older tunelab loads too)."""
+        try:
+            return recipe_from(yaml.safe_load((self.path / RECIPE_FILE).read_text(encoding="utf-8")))
+        except OSError as exc:
+            raise TunelabError(f"'{self.path}' is not a run folder: {exc.strerror} reading its {RECIPE_FILE}; give a "
+                               f"folder that `tunelab train` wrote") from None
+        except (ValidationError, yaml.YAMLError) as exc:
+            problem = describe_validation_error(exc) if isinstance(exc, ValidationError) else "not valid YAML"
+            raise TunelabError(f"run '{self.path}': its {RECIPE_FILE} is not a recipe this tunelab reads "
+                               f"({problem}); fix it, or use the tunelab version that wrote it") from None
+
+    @property
+    def task(self) -> Task:
+        """The run's task in the registry: what its model can do."""
+        return TASKS[self.recipe.task]
+
+    @property
+    def method(self) -> str:
+        """The recipe's method name (full, lora, …)."""
+        return self.recipe.method.name
+
+    @property
+    def adapter(self) -> bool:
+        """Whether model/ holds a peft adapter rather than full weights."""
+        return (self.model_dir / "adapter_config.json").is_file()
+
+    @cached_property
+    def metrics(self) -> dict:
+        """metrics.json; {} while the run has not finished."""
+        if not self.finished:
+            return {}
+        return json.loads((self.path / METRICS_FILE).read_text(encoding="utf-8"))
+
+    @property
+    def labels(self) -> list[str]:
+        """The label names a classifier run trained on ([] for other tasks)."""
+        return list(self.metrics.get("labels") or [])
+
+
+def run_folder(path: str | Path) -> RunFolder | None:
+    """The run folder at `path`, or None when it is not one (e.g. a plain model folder)."""
+    run = RunFolder(path)
+    return run if run.is_run else None
+
+
+def finished_run(path: str | Path, command: str) -> RunFolder:
+    """The finished run at `path`, or a one-line refusal naming what `command` needs."""
+    run = RunFolder(path)
+    if not run.is_run:
+        raise TunelabError(f"{command}: '{run.path}' is not a run folder (no {RECIPE_FILE} and {MODEL_DIR}/); give a "
+                           f"folder that `tunelab train` wrote")
+    if not run.finished:
+        raise TunelabError(f"{command}: run '{run.path}' has not finished (no {METRICS_FILE}); finish it with "
+                           f"`tunelab train RECIPE --output {run.path} --resume` first")
+    return run
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -78,7 +166,7 @@ def same_recipe(saved_yaml: str, recipe: Recipe) -> bool:
     if saved_yaml == recipe.to_yaml():
         return True
     try:
-        return Recipe.model_validate(yaml.safe_load(saved_yaml)).to_yaml() == recipe.to_yaml()
+        return recipe_from(yaml.safe_load(saved_yaml)).to_yaml() == recipe.to_yaml()
     except (ValueError, yaml.YAMLError):  # not a valid recipe (any more)
         return False
 

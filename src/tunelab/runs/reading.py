@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from tunelab.evaluation import HEADLINE_METRICS, PROBE_NAMES
+from tunelab.evaluation.uncertainty import describe_gain
 from tunelab.runs.folder import METRICS_FILE, RECIPE_FILE
 
 LOG_FILE = "log.jsonl"
@@ -286,3 +287,20 @@ def progress(log: list[dict]) -> dict[str, Any]:
                         for row in reversed(steps) if any(k.startswith("eval_") for k in row)), {})
     return {"step": last["step"], "epoch": last.get("epoch", 0.0), "max_steps": total, "eta_seconds": eta,
             "latest_eval": latest_eval}
+
+
+def headline_changes(metrics: dict) -> str:
+    """The headline metrics before → after, each gain with its paired 95% interval ("no significant change" when
+    that interval includes 0), and the win rate when judged: the line a run ends on."""
+    before, after, gains = metrics["before"], metrics["after"], metrics.get("gain", {})
+    changes = []
+    for key in HEADLINE_METRICS:
+        if not (isinstance(before.get(key), float | int) and isinstance(after.get(key), float | int)):
+            continue
+        change = f"{key} {before[key]:.4f} → {after[key]:.4f}"
+        changes.append(f"{change}{describe_gain(gains[key])}" if key in gains else change)
+    if "win_rate" in metrics:
+        span = metrics.get("win_rate_interval")
+        changes.append(f"win rate {metrics['win_rate']:.3f}"
+                       + (f" [{span['low']:.3f}, {span['high']:.3f}]" if span else ""))
+    return "; ".join(changes)

@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from tunelab.errors import TunelabError, one_line
+from tunelab.runs.folder import RunFolder
 from tunelab.serve.protocol import APIError
 
 # Sampling divides logits by the temperature: a tiny one (1e-300 passes validation) turned them into inf and the
@@ -428,7 +429,7 @@ def load_engine(name: str, max_batch: int) -> GenerationEngine | EmbeddingEngine
     alias."""
     from tunelab.models.aliases import OFFLINE_MODELS
     from tunelab.models.loading import resolve_model
-    from tunelab.models.trained import read_run_recipe
+    from tunelab.runs.folder import finished_run, run_folder
 
     path = Path(name).expanduser()
     if name in OFFLINE_MODELS:
@@ -438,40 +439,36 @@ def load_engine(name: str, max_batch: int) -> GenerationEngine | EmbeddingEngine
         return decoder_engine(location, max_batch)
     if path.is_file() and path.suffix == ".gguf":
         return decoder_engine(resolve_model(name).location, max_batch)
-    recipe = read_run_recipe(path) if path.is_dir() else None
-    if recipe is not None:
-        return run_engine(path, recipe.get("task"), max_batch)
+    if path.is_dir() and run_folder(path) is not None:
+        return run_engine(finished_run(path, "tunelab serve"), max_batch)
     if path.is_dir() and (path / "config.json").is_file():
         return folder_engine(path, max_batch)
     raise TunelabError(f"MODEL '{name}' is not a run folder (recipe.yaml + model/), a model folder with config.json, "
                        f"a .gguf file or an alias ({', '.join(OFFLINE_MODELS)})")
 
 
-def run_engine(path: Path, task: str, max_batch: int):
+def run_engine(run: RunFolder, max_batch: int):
     """A finished run folder, served as its task says (the registry): answering runs generate, labelling runs
     classify, reward runs score."""
-    from tunelab.models.generator import load_generator
-    from tunelab.models.trained import load_trained
-    from tunelab.tasks import refusal, task_named
+    from tunelab.inference.generator import load_generator
+    from tunelab.inference.trained import load_trained
+    from tunelab.tasks import refusal
 
-    if not (path / "metrics.json").is_file():
-        raise TunelabError(f"'{path}' is not a finished run (no metrics.json); finish it with `tunelab train ... "
-                           f"--resume` or serve another run")
-    known = task_named(task)
-    if known is not None and known.answers:
-        generator = load_generator(path)
+    task = run.task
+    if task.answers:
+        generator = load_generator(run.path)
         return GenerationEngine(generator.model, generator.tokenizer, generator.chat_template, max_batch,
                                 encoder_decoder=generator.prompt is None)
-    if known is not None and known.labels:
-        return ClassifierEngine(load_trained(path))
-    if known is not None and known.scores:
-        return ScoreEngine(path)
-    raise TunelabError(refusal(f"'{path}'", task, "answers", "tunelab serve"))
+    if task.labels:
+        return ClassifierEngine(load_trained(run.path))
+    if task.scores:
+        return ScoreEngine(run.path)
+    raise TunelabError(refusal(f"'{run.path}'", task.name, "answers", "tunelab serve"))
 
 
 def folder_engine(path: Path, max_batch: int):
     """A plain Hugging Face folder: its architecture says causal LM, sequence classifier or encoder."""
-    from tunelab.models.trained import load_trained_classifier
+    from tunelab.inference.trained import load_trained_classifier
 
     architectures = AutoConfig.from_pretrained(path).architectures or []
     if any(a.endswith("ForCausalLM") for a in architectures):

@@ -9,17 +9,19 @@ import torch
 from transformers import DataCollatorWithPadding, set_seed
 
 from tunelab.console import say
-from tunelab.data.labelled import LabelledData
+from tunelab.data.labelled import LabelledData, load_labelled_data
 from tunelab.data.sft_encoding import IGNORE_INDEX
 from tunelab.distributed import score_sharded
+from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
 from tunelab.evaluation.in_context import score_in_context
 from tunelab.evaluation.uncertainty import classification_rows
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.methods.freeze import method_callbacks, method_optimizer
-from tunelab.models.loading import ModelSource, load_classifier, load_tokenizer
+from tunelab.models.loading import ModelSource, existing_model, is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_predictions
+from tunelab.runs.folder import run_folder
 from tunelab.trainer import (
     JsonlLogCallback,
     TunedTrainer,
@@ -34,8 +36,29 @@ from tunelab.trainer import (
 IN_CONTEXT_FILE = "in_context.json"
 
 
-def run_classification(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path,
-                       resume: bool = False) -> dict:
+def load_data(recipe: Recipe) -> LabelledData:
+    """The labelled rows: train, eval and validation splits, with their labels checked."""
+    return load_labelled_data(recipe.data)
+
+
+def check_model(recipe: Recipe, data: LabelledData, import_code: bool = True) -> ModelSource:
+    """The model exists; an in-context baseline prompts a decoder; an earlier classify run keeps its head only for
+    the same labels (what would fail, or silently mislead, only after the baseline was scored)."""
+    source = existing_model(recipe.model.name)
+    decoder = source.origin != "hub" and is_decoder(source.location)
+    if recipe.eval.in_context_shots and source.origin != "hub" and not decoder:
+        raise TunelabError(f"eval.in_context_shots prompts a decoder, but '{recipe.model.name}' is an encoder; "
+                           f"use a decoder (e.g. smollm2-135m) or drop eval.in_context_shots")
+    earlier = run_folder(recipe.model.name) if source.origin == "run" else None
+    if earlier and earlier.finished and earlier.recipe.task == "classify" and not recipe.model.new_head \
+            and earlier.labels != data.labels:
+        raise TunelabError(f"model.name '{recipe.model.name}' was trained on the labels {earlier.labels[:5]}, not this "
+                           f"recipe's {data.labels[:5]}; set model.new_head: true to train a fresh head for the new "
+                           f"labels")
+    return source
+
+
+def run(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """Fine-tune a sequence classifier as the recipe says; write the run folder and return metrics.json's content."""
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)

@@ -21,12 +21,12 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from tunelab.console import say
-from tunelab.data.preference import PreferenceData
+from tunelab.data.preference import PreferenceData, load_preference_data
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.implicit_reward import completion_logps, pair_completions, reference_context, reward_metrics
 from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
-from tunelab.models.loading import ModelSource, load_tokenizer
+from tunelab.models.loading import ModelSource, check_decoder, existing_model, load_tokenizer
 from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
 from tunelab.replay import ReplayLossMixin
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
@@ -106,7 +106,19 @@ def single_pass_options(recipe: Recipe) -> dict:
     return {"eval_strategy": "no", "load_best_model_at_end": False, "metric_for_best_model": None}
 
 
-def run_dpo(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
+def load_data(recipe: Recipe) -> PreferenceData:
+    """Chosen/rejected pairs."""
+    return load_preference_data(recipe.data)
+
+
+def check_model(recipe: Recipe, data: PreferenceData, import_code: bool = True) -> ModelSource:
+    """A decoder to tune."""
+    source = existing_model(recipe.model.name)
+    check_decoder(source, recipe.model.name, "dpo", "use e.g. smollm2-135m (task reward trains encoders too)")
+    return source
+
+
+def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """Preference-tune a decoder on chosen/rejected pairs; write the run folder and return metrics.json's content."""
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)

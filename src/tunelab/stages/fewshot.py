@@ -22,18 +22,34 @@ import torch
 from transformers import set_seed
 
 from tunelab.console import say
-from tunelab.data.labelled import LabelledData
+from tunelab.data.labelled import LabelledData, load_labelled_data
+from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
 from tunelab.evaluation.uncertainty import classification_rows
 from tunelab.methods.apply import count_parameters
-from tunelab.models.loading import ModelSource
+from tunelab.models.loading import ModelSource, existing_model, is_decoder
 from tunelab.models.sentence_encoder import head_parameter_count, load_setfit_model, setfit_probabilities
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, save_folder_atomically, write_predictions
-from tunelab.trainer import CHECKPOINTS, JsonlLogCallback, history_from, show_tunelab_progress
+from tunelab.runs.folder import CHECKPOINTS
+from tunelab.trainer import JsonlLogCallback, history_from, show_tunelab_progress
 
 
-def run_fewshot(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path,
+def load_data(recipe: Recipe) -> LabelledData:
+    """The labelled rows (data.shots of each label to train on)."""
+    return load_labelled_data(recipe.data)
+
+
+def check_model(recipe: Recipe, data: LabelledData, import_code: bool = True) -> ModelSource:
+    """The model exists and is a sentence encoder."""
+    source = existing_model(recipe.model.name)
+    if source.origin != "hub" and is_decoder(source.location):
+        raise TunelabError(f"task fewshot tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
+                           f"encoder (minilm, mpnet-base) or task: classify")
+    return source
+
+
+def run(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path,
                 resume: bool = False) -> dict:
     """Train a SetFit-style few-shot classifier as the recipe says; write the run folder and return metrics.json's
     content. There are no checkpoints: a resumed run trains again from the start (it takes minutes)."""

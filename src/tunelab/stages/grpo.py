@@ -16,15 +16,18 @@ from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from tunelab.console import say
-from tunelab.data.generative import GenerativeData
+from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
+from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, generation_metrics
 from tunelab.evaluation.judge import judge_generations, load_reward
 from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
-from tunelab.models.loading import ModelSource, load_tokenizer
-from tunelab.recipe import Recipe
+from tunelab.models.loading import ModelSource, check_decoder, existing_model, load_tokenizer
+from tunelab.recipe import Recipe, RewardSource
+from tunelab.rewards import load_reward_function, locate_reward_function
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
+from tunelab.runs.folder import run_folder
 from tunelab.trainer import (
     JsonlLogCallback,
     TunedMixin,
@@ -40,7 +43,32 @@ class TunedGRPOTrainer(TunedMixin, GRPOTrainer):
     """TRL's GRPOTrainer with tunelab's meter and training savings (TunedMixin)."""
 
 
-def run_grpo(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
+def load_data(recipe: Recipe) -> GenerativeData:
+    """Prompts (and the columns a reward function reads), in sft's formats."""
+    return load_generative_data(recipe.data)
+
+
+def check_model(recipe: Recipe, data: GenerativeData, import_code: bool = True) -> ModelSource:
+    """A decoder to tune, and a reward source that loads."""
+    source = existing_model(recipe.model.name)
+    check_decoder(source, recipe.model.name, "grpo", "use e.g. smollm2-135m or an sft run folder")
+    check_reward_source(recipe.reward, "reward", import_code)
+    return source
+
+
+def check_reward_source(source: RewardSource, field: str, import_code: bool = True) -> None:
+    """The reward function imports and has the right signature (with import_code=False: its module can be found),
+    or the reward model is a reward run's folder."""
+    if source.function is not None:
+        (load_reward_function if import_code else locate_reward_function)(source.function)
+        return
+    earlier = run_folder(source.model)
+    if earlier is None or not earlier.finished or not earlier.task.scores:
+        raise TunelabError(f"{field}.model '{source.model}' is not a finished reward-model run folder (task "
+                           f"reward); train one first, or use {field}.function")
+
+
+def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """Improve a decoder's answers to the prompts by reward; write the run folder and return metrics.json's content."""
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)

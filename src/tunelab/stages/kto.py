@@ -17,12 +17,12 @@ from trl import KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
 from tunelab.console import say
-from tunelab.data.preference import PreferenceData
+from tunelab.data.preference import PreferenceData, load_preference_data
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.implicit_reward import completion_logps, pair_completions, reference_context, reward_metrics
 from tunelab.evaluation.judge import judge_generations
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
-from tunelab.models.loading import ModelSource, load_tokenizer
+from tunelab.models.loading import ModelSource, check_decoder, existing_model, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.replay import ReplayLossMixin
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
@@ -59,7 +59,19 @@ def scored_completions(data: PreferenceData) -> tuple[list[str], list[str], list
     return list(data.eval["prompt"]), list(data.eval["completion"]), list(data.eval["label"])
 
 
-def run_kto(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
+def load_data(recipe: Recipe) -> PreferenceData:
+    """Chosen/rejected pairs, or single completions marked good or bad."""
+    return load_preference_data(recipe.data, unpaired_ok=True)
+
+
+def check_model(recipe: Recipe, data: PreferenceData, import_code: bool = True) -> ModelSource:
+    """A decoder to tune."""
+    source = existing_model(recipe.model.name)
+    check_decoder(source, recipe.model.name, "kto", "use e.g. smollm2-135m (task reward trains encoders too)")
+    return source
+
+
+def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """KTO-tune a decoder on good/bad completions; write the run folder and return metrics.json's content."""
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)

@@ -17,12 +17,12 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from tunelab.console import say
-from tunelab.data.preference import PreferenceData
+from tunelab.data.preference import PreferenceData, load_preference_data
 from tunelab.evaluation.classification import predict_logits
 from tunelab.evaluation.judge import REWARD_LABELS, reward_texts
 from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, is_decoder, load_classifier, load_tokenizer
+from tunelab.models.loading import ModelSource, existing_model, is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline
 from tunelab.trainer import (
@@ -41,8 +41,17 @@ class TunedRewardTrainer(TunedMixin, RewardTrainer):
     """TRL's RewardTrainer with tunelab's meter and training savings (TunedMixin)."""
 
 
-def run_reward(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path,
-               resume: bool = False) -> dict:
+def load_data(recipe: Recipe) -> PreferenceData:
+    """Chosen/rejected pairs."""
+    return load_preference_data(recipe.data)
+
+
+def check_model(recipe: Recipe, data: PreferenceData, import_code: bool = True) -> ModelSource:
+    """The model exists (an encoder or a decoder: either gets a one-score head)."""
+    return existing_model(recipe.model.name)
+
+
+def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """Train a reward model on chosen/rejected pairs; write the run folder and return metrics.json's content."""
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)

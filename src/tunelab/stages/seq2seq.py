@@ -10,19 +10,16 @@ from pathlib import Path
 
 from peft import TaskType
 from transformers import (
-    AutoConfig,
-    AutoModelForSeq2SeqLM,
     DataCollatorForSeq2Seq,
-    EncoderDecoderModel,
     set_seed,
 )
 
 from tunelab.console import say
-from tunelab.data.generative import GenerativeData
-from tunelab.errors import TunelabError, one_line
+from tunelab.data.generative import GenerativeData, load_generative_data
+from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, load_tokenizer
+from tunelab.models.loading import ModelSource, existing_model, is_decoder, load_seq2seq, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
@@ -37,27 +34,6 @@ from tunelab.trainer import (
 )
 
 
-def load_seq2seq(location: str, tokenizer):
-    """An encoder-decoder as saved, or one warm-started from an encoder (both halves from its weights).
-
-    Warm-starting (Rothe et al., 2020) gives the decoder the encoder's weights plus fresh cross-attention; the
-    decoder starts generating after [CLS] and stops at [SEP], the encoder's own markers.
-    """
-    config = AutoConfig.from_pretrained(location)
-    try:
-        if config.is_encoder_decoder:
-            return AutoModelForSeq2SeqLM.from_pretrained(location)
-        model = EncoderDecoderModel.from_encoder_decoder_pretrained(location, location)
-    except (ValueError, OSError) as exc:
-        raise TunelabError(f"cannot build an encoder-decoder from '{location}': {one_line(exc, 200)}") from None
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    for cfg in (model.config, model.generation_config):
-        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tokenizer.pad_token_id
-    model.config.vocab_size = model.config.decoder.vocab_size
-    return model
-
-
 def encode_pairs(split, tokenizer, decoder_start: int | None, max_length: int):
     """input_ids from the prompt, labels from the response (without a leading decoder-start token)."""
 
@@ -70,8 +46,21 @@ def encode_pairs(split, tokenizer, decoder_start: int | None, max_length: int):
     return split.map(encode, batched=True, remove_columns=split.column_names)
 
 
-def run_seq2seq(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path,
-                resume: bool = False) -> dict:
+def load_data(recipe: Recipe) -> GenerativeData:
+    """Input → target rows in the recipe's format."""
+    return load_generative_data(recipe.data)
+
+
+def check_model(recipe: Recipe, data: GenerativeData, import_code: bool = True) -> ModelSource:
+    """An encoder-decoder, or an encoder to warm-start one from: not a decoder."""
+    source = existing_model(recipe.model.name)
+    if source.origin != "hub" and is_decoder(source.location):
+        raise TunelabError(f"task seq2seq needs an encoder-decoder (T5, BART) or an encoder to warm-start one from "
+                           f"(e.g. minilm), but '{recipe.model.name}' is a decoder; use task sft for decoders")
+    return source
+
+
+def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """Fine-tune an encoder-decoder on prompt → response rows; write the run folder and return metrics."""
     if data.format == "messages":
         raise TunelabError("task seq2seq maps one input text to one target; chat messages need task sft")

@@ -15,16 +15,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import AutoConfig, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from tunelab.console import say
-from tunelab.data.generative import GenerativeData, shuffle_stream
+from tunelab.data.generative import GenerativeData, load_generative_data, shuffle_stream
 from tunelab.data.sft_encoding import (
     IGNORE_INDEX,
     PromptFormat,
     encode_split,
     encode_text_split,
+    fit_prompts,
     mix_in_replay,
     prompt_format,
 )
@@ -33,7 +34,14 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.methods.packed_attention import use_packed_attention
-from tunelab.models.loading import ModelSource, context_length, load_tokenizer
+from tunelab.models.loading import (
+    ModelSource,
+    check_decoder,
+    check_qlora_available,
+    context_length,
+    existing_model,
+    load_tokenizer,
+)
 from tunelab.recipe import VIRTUAL_TOKEN_METHODS, Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
 from tunelab.sharding import fsdp_loading
@@ -65,7 +73,33 @@ class TunedSFTTrainer(TunedMixin, SFTTrainer):
         return loss.detach().mean(), None, None
 
 
-def run_sft(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
+def load_data(recipe: Recipe) -> GenerativeData:
+    """sft: prompt → response rows in the recipe's format; pretrain: plain text rows."""
+    return load_generative_data(recipe.data, plain_text=recipe.task == "pretrain")
+
+
+def check_model(recipe: Recipe, data: GenerativeData, import_code: bool = True) -> ModelSource:
+    """A decoder whose context holds model.max_length; sft rows whose prompt alone fills model.max_length are
+    refused, or left out of `data` with data.drop_long."""
+    source = existing_model(recipe.model.name)
+    if recipe.method.name == "qlora":
+        check_qlora_available()
+    if source.origin == "hub":
+        return source
+    check_decoder(source, recipe.model.name, recipe.task, "use e.g. smollm2-135m, or task seq2seq for encoder models")
+    check_context_length(AutoConfig.from_pretrained(source.location), recipe)
+    if recipe.task == "sft":
+        fmt = prompt_format(load_tokenizer(source.location), recipe.data.chat_template, data.format,
+                            recipe.model.name)
+        data.train = fit_prompts(fmt, data.train, recipe.model.max_length, "train", recipe.data.drop_long)
+        data.eval = fit_prompts(fmt, data.eval, recipe.model.max_length, "eval", recipe.data.drop_long)
+        if data.validation is not None:
+            data.validation = fit_prompts(fmt, data.validation, recipe.model.max_length, "validation",
+                                          recipe.data.drop_long)
+    return source
+
+
+def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path, resume: bool = False) -> dict:
     """Fine-tune a decoder on prompt → response rows (task sft) or raw text (task pretrain); return metrics."""
     set_seed(recipe.train.seed)
     bf16 = resolve_bf16(recipe.train.precision)

@@ -17,11 +17,11 @@ import yaml
 from pydantic import BaseModel
 
 from tunelab.errors import TunelabError
-from tunelab.recipe import METHOD_CLASSES, Recipe, load_recipe, validate_recipe
+from tunelab.recipe import METHOD_CLASSES, RECIPE_CLASSES, Recipe, load_recipe, model_class_of, validate_recipe
 
 SECTION_TITLES = {"": "Run", "model": "Model", "data": "Data", "method": "Method", "train": "Training",
-                  "eval": "Evaluation", "fewshot": "Few-shot (task fewshot)", "preference": "Preference (dpo, kto)",
-                  "reward": "Reward (task grpo)", "grpo": "GRPO (task grpo)", "output": "Output"}
+                  "eval": "Evaluation", "fewshot": "Few-shot", "preference": "Preference",
+                  "reward": "Reward", "grpo": "GRPO", "output": "Output"}
 
 
 def field_kind(annotation: Any) -> tuple[str, list[str] | None]:
@@ -37,12 +37,12 @@ def field_kind(annotation: Any) -> tuple[str, list[str] | None]:
     return "yaml", None
 
 
-def model_class(annotation: Any) -> type[BaseModel] | None:
+def section_class(annotation: Any) -> type[BaseModel] | None:
     """The section class of a field that holds a section (directly or as `Section | None`)."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+    try:
+        return model_class_of(annotation)
+    except TypeError:
+        return None
 
 
 def section_fields(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[dict]:
@@ -52,7 +52,7 @@ def section_fields(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = 
         if name in skip:
             continue
         path = f"{prefix}{name}"
-        nested = model_class(info.annotation)
+        nested = section_class(info.annotation)
         if nested is not None:
             optional = not info.is_required() and info.default is None
             for sub in section_fields(nested, f"{path}."):
@@ -66,28 +66,46 @@ def section_fields(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = 
 
 
 def form_schema() -> dict:
-    """Sections of fields (top-level run fields first) and the fields of each method, for the page to render."""
+    """The sections every task shares (top-level run fields first), each task's own sections and each method's
+    fields, for the page to render: it shows the chosen task's sections and the chosen method's fields only."""
+    shared = Recipe.model_fields
     sections = [{"name": "", "title": SECTION_TITLES[""], "fields": section_fields(Recipe, "", skip=tuple(
-        name for name, info in Recipe.model_fields.items() if model_class(info.annotation) or name == "method"))}]
-    for name, info in Recipe.model_fields.items():
+        name for name, info in shared.items() if section_class(info.annotation) or name == "method"))}]
+    for name, info in shared.items():
         if name == "method":
             sections.append({"name": "method", "title": SECTION_TITLES["method"], "fields": [
                 {"path": "method.name", "kind": "choice", "choices": list(METHOD_CLASSES), "required": False,
                  "default": "full", "description": "How weights are trained"}]})
-        elif model_class(info.annotation):
-            sections.append({"name": name, "title": SECTION_TITLES.get(name, name), "description": info.description,
-                             "fields": section_fields(model_class(info.annotation), f"{name}.")})
+        elif section_class(info.annotation):
+            sections.append(section_of(name, info))
+    tasks = {task: [section_of(name, info) for name, info in cls.model_fields.items() if name not in shared]
+             for task, cls in RECIPE_CLASSES.items()}
     methods = {name: section_fields(cls, "method.", skip=("name",)) for name, cls in METHOD_CLASSES.items()}
-    return {"sections": sections, "methods": methods}
+    return {"sections": sections, "tasks": tasks, "methods": methods}
+
+
+def section_of(name: str, info) -> dict:
+    """One section of the form: its title, help and fields."""
+    return {"name": name, "title": SECTION_TITLES.get(name, name), "description": info.description,
+            "fields": section_fields(section_class(info.annotation), f"{name}.")}
+
+
+def fields_for(task: str | None, method: str | None) -> dict[str, dict]:
+    """The fields a recipe of `task` trained with `method` takes, by path (every task's and method's when unknown)."""
+    schema = form_schema()
+    fields = {field["path"]: field for section in schema["sections"] for field in section["fields"]}
+    for name, sections in schema["tasks"].items():
+        if task not in schema["tasks"] or name == task:
+            fields.update({field["path"]: field for section in sections for field in section["fields"]})
+    for name, method_fields in schema["methods"].items():
+        if method not in schema["methods"] or name == method:
+            fields.update({field["path"]: field for field in method_fields})
+    return fields
 
 
 def all_fields() -> dict[str, dict]:
-    """Every field of the schema by path (each method's fields included)."""
-    schema = form_schema()
-    fields = {field["path"]: field for section in schema["sections"] for field in section["fields"]}
-    for method_fields in schema["methods"].values():
-        fields.update({field["path"]: field for field in method_fields})
-    return fields
+    """Every field of the schema by path (each task's and each method's fields included)."""
+    return fields_for(None, None)
 
 
 def to_text(value: Any, kind: str) -> str:
@@ -117,7 +135,8 @@ def from_text(text: str, kind: str) -> Any:
 def recipe_values(recipe: dict) -> dict[str, str]:
     """A resolved recipe (as a dict) as the form's field texts."""
     values = {}
-    for path, field in all_fields().items():
+    method = recipe.get("method", {}).get("name") if isinstance(recipe.get("method"), dict) else recipe.get("method")
+    for path, field in fields_for(recipe.get("task"), method).items():
         node: Any = recipe
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
@@ -127,18 +146,17 @@ def recipe_values(recipe: dict) -> dict[str, str]:
 
 
 def raw_recipe(values: dict[str, str]) -> dict:
-    """The recipe dict the form's texts describe: only the chosen method's fields; an optional section left empty
-    or at its defaults is left out (e.g. eval.judge, data.replay); an empty required field is left out, so the
-    schema names it as missing."""
-    fields = all_fields()
-    method = (values.get("method.name") or "full").strip()
-    method_paths = {f["path"] for f in form_schema()["methods"].get(method, [])} | {"method.name"}
+    """The recipe dict the form's texts describe: only the chosen task's and method's fields; an optional section
+    left empty or at its defaults is left out (e.g. eval.judge, data.replay); an empty required field is left out,
+    so the schema names it as missing."""
+    known = all_fields()
+    fields = fields_for((values.get("task") or "").strip(), (values.get("method.name") or "full").strip())
     raw: dict = {}
     for path, text in values.items():
-        field = fields.get(path)
-        if field is None:
+        if path not in known:
             raise TunelabError(f"the form sent an unknown field '{path}'")
-        if path.startswith("method.") and path not in method_paths:
+        field = fields.get(path)
+        if field is None:  # a field of another task or method, left over from an earlier choice
             continue
         value = from_text(text, field["kind"])
         if value is None and (field["required"] or field.get("optional_section")):

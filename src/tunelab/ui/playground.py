@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.recipe import GenerateConfig
-from tunelab.runs.reading import read_recipe
-from tunelab.tasks import refusal, task_named
+from tunelab.runs.folder import RunFolder
+from tunelab.tasks import refusal
 
 KEPT_MODELS = 4
 
@@ -44,11 +44,10 @@ class Playground:
 
     def predict(self, run_dir: Path, text: str, top_k: int = 5) -> dict:
         """Labels with probabilities, most likely first."""
-        name = (read_recipe(run_dir) or {}).get("task")
-        task = task_named(name)
-        if task is None or not task.labels:
-            raise TunelabError(refusal(f"run '{run_dir.name}'", name, "labels", "labelling texts"))
-        from tunelab.models.trained import load_trained
+        task = RunFolder(run_dir).task
+        if not task.labels:
+            raise TunelabError(refusal(f"run '{run_dir.name}'", task.name, "labels", "labelling texts"))
+        from tunelab.inference.trained import load_trained
 
         trained = self._load((run_dir, "classifier"), lambda: load_trained(run_dir))
         try:
@@ -61,20 +60,17 @@ class Playground:
 
     def stream(self, run_dir: Path, which: str, text: str, settings: GenerateConfig) -> Iterator[str]:
         """The tuned run's (or its base model's) answer to `text`, piece by piece."""
-        recipe = read_recipe(run_dir) or {}
-        task = task_named(recipe.get("task"))
-        if task is None or not task.answers:
-            raise TunelabError(refusal(f"run '{run_dir.name}'", recipe.get("task"), "answers", "chatting"))
-        from tunelab.models.generator import load_generator
+        run = RunFolder(run_dir)
+        task = run.task
+        if not task.answers:
+            raise TunelabError(refusal(f"run '{run_dir.name}'", task.name, "answers", "chatting"))
+        from tunelab.inference.generator import load_generator
 
         tuned = self._load((run_dir, "tuned"), lambda: load_generator(run_dir))
         if which == "base":
             if not task.base_answers:  # e.g. a seq2seq base warm-started from an encoder
                 raise TunelabError(f"the base of a {task.name} run cannot answer on its own")
-            model = recipe.get("model")
-            if not isinstance(model, dict) or not isinstance(model.get("name"), str):
-                raise TunelabError(f"run '{run_dir.name}': its recipe.yaml names no model.name to answer with")
-            generator = self._load((run_dir, "base"), lambda: base_generator(tuned, model["name"]))
+            generator = self._load((run_dir, "base"), lambda: base_generator(tuned, run.recipe.model.name))
         elif which == "tuned":
             generator = tuned
         else:
@@ -85,7 +81,7 @@ class Playground:
 def base_generator(tuned, model_name: str):
     """The run's starting model with the run's own prompt format, so both see the very same prompt."""
     from tunelab.data.sft_encoding import PromptFormat
-    from tunelab.models.generator import Generator
+    from tunelab.inference.generator import Generator
     from tunelab.models.loading import load_causal_lm, load_tokenizer, resolve_model
 
     location = resolve_model(model_name).location
@@ -109,7 +105,7 @@ def stream_answer(generator, text: str, settings: GenerateConfig) -> Iterator[st
 
 def stream_plain(generator, prompt: str, settings: GenerateConfig) -> Iterator[str]:
     """The rendered prompt continued, piece by piece (with the tokenizer's own start token)."""
-    from tunelab.models.generator import stream_generate
+    from tunelab.inference.generator import stream_generate
 
     tokenizer = generator.tokenizer
     inputs = tokenizer(prompt, return_tensors="pt")

@@ -30,6 +30,7 @@ from tunelab.runs.reading import (
     read_text,
     retention_rows,
 )
+from tunelab.tasks import task_named
 
 UI_ERROR_FILE = "ui_error.txt"
 BASELINE_FILE = "baseline.json"
@@ -148,7 +149,9 @@ def static_summary(run_dir: Path, name: str) -> dict:
     recipe = read_recipe(run_dir) or {}
     metrics = read_metrics(run_dir)
     model, method = recipe.get("model"), recipe.get("method")
+    task = task_named(recipe.get("task"))
     return {"name": name, "task": text_or_none(recipe.get("task")),
+            "answers": bool(task and task.answers), "labels": bool(task and task.labels),  # the playground's panels
             "model": text_or_none(model.get("name") if isinstance(model, dict) else None),
             "method": text_or_none(method.get("name") if isinstance(method, dict) else method),
             "headline": headline(metrics),

@@ -23,18 +23,23 @@ function fieldNode(field) {
     el("div", {class: "help"}, field.description + (field.default && !field.required ? ` (default ${field.default})` : "")));
 }
 
+// The sections every task shares, then the chosen task's own (e.g. preference for dpo); the chosen method's fields.
 function renderForm() {
   const method = values["method.name"] || "full";
-  document.getElementById("form").replaceChildren(...schema.sections.map(section => {
+  const task = values["task"] || "classify";
+  const sections = schema.sections.flatMap(s => s.name === "output" ? [...(schema.tasks[task] || []), s] : [s]);
+  document.getElementById("form").replaceChildren(...sections.map(section => {
     const fields = section.fields.map(fieldNode);
     if (section.name === "method") fields.push(...(schema.methods[method] || []).map(fieldNode));
     return el("fieldset", {}, el("legend", {}, section.title),
       section.description ? el("p", {class: "help"}, section.description) : null, fields);
   }));
-  document.getElementById(fieldId("method.name")).addEventListener("change", () => {
-    values = collect();
-    renderForm();
-  });
+  for (const path of ["method.name", "task"]) {
+    document.getElementById(fieldId(path)).addEventListener("change", () => {
+      values = collect();
+      renderForm();
+    });
+  }
 }
 
 function collect() {

@@ -7,9 +7,8 @@ function current() { return runs.find(r => r.name === document.getElementById("r
 
 function showPanel() {
   const run = current();
-  const generative = run && ["sft", "pretrain", "seq2seq"].includes(run.task);
-  document.getElementById("classify").hidden = !run || generative;
-  document.getElementById("chat").hidden = !generative;
+  document.getElementById("classify").hidden = !run || !run.labels;
+  document.getElementById("chat").hidden = !run || !run.answers;
   document.getElementById("kind").textContent = run ? `${run.task} · ${run.model} · ${run.method}` : "no finished runs";
   document.getElementById("base-name").textContent = run ? `(${run.model})` : "";
 }

@@ -20,12 +20,12 @@ from transformers import TextIteratorStreamer
 from tunelab.data.generative import prompt_row
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
 from tunelab.errors import TunelabError, one_line
-from tunelab.evaluation.generation import autocast, generate_texts, sampling_settings
+from tunelab.evaluation.generation import generate_texts, sampling_settings
 from tunelab.models.loading import load_causal_lm, load_tokenizer
-from tunelab.models.trained import read_run_recipe
+from tunelab.models.precision import autocast, bf16_supported
 from tunelab.recipe import DataConfig, GenerateConfig
-from tunelab.tasks import refusal, task_named
-from tunelab.trainer import bf16_supported
+from tunelab.runs.folder import run_folder
+from tunelab.tasks import refusal
 
 
 @dataclass
@@ -102,23 +102,18 @@ def stream_generate(model, tokenizer, inputs, settings: GenerateConfig, pad_toke
 
 def load_generator(run_dir: str | Path) -> Generator:
     """Load a finished run folder of a task that answers prompts."""
-    import json
+    from tunelab.models.loading import load_seq2seq
 
-    from tunelab.stages.seq2seq import load_seq2seq
-
-    path = Path(run_dir)
-    recipe = read_run_recipe(path)
-    if recipe is None or not (path / "model").is_dir():
-        raise TunelabError(f"'{path}' is not a finished run folder (no recipe.yaml and model/); train one with "
+    run = run_folder(run_dir)
+    if run is None:
+        raise TunelabError(f"'{run_dir}' is not a finished run folder (no recipe.yaml and model/); train one with "
                            f"`tunelab train`")
-    task = task_named(recipe.get("task"))
-    if task is None or not task.answers:
-        raise TunelabError(refusal(f"'{path}'", recipe.get("task"), "answers", "answering prompts"))
-    metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-    data = DataConfig.model_validate(recipe["data"])
-    data_format = metrics.get("data_format", "prompt_completion")
-    model_dir = str(path / "model")
+    task = run.task
+    if not task.answers:
+        raise TunelabError(refusal(f"'{run_dir}'", task.name, "answers", "answering prompts"))
+    data = run.recipe.data
+    data_format = run.metrics.get("data_format", "prompt_completion")
+    model_dir = str(run.model_dir)
     tokenizer = load_tokenizer(model_dir)
     if task.prompts == "encoder":
         model = load_seq2seq(model_dir, tokenizer)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -21,6 +20,8 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import predict_probabilities
 from tunelab.models.loading import load_tokenizer, merged_adapter_base
 from tunelab.models.sentence_encoder import HEAD_FILE, load_trained_setfit, setfit_probabilities
+from tunelab.recipe import Recipe
+from tunelab.runs.folder import run_folder
 
 ONNX_MODEL_FILE, ONNX_LABELS_FILE = "model.onnx", "labels.json"  # what `tunelab export --format onnx` writes
 
@@ -32,11 +33,11 @@ class TrainedClassifier:
     model: torch.nn.Module
     tokenizer: object
     labels: list[str]
-    recipe: dict | None
+    recipe: Recipe | None
 
     def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         """Class probabilities for each text (and its pair)."""
-        max_length = (self.recipe or {}).get("model", {}).get("max_length", 256)
+        max_length = self.recipe.model.max_length if self.recipe is not None else 256
         return predict_probabilities(self.model, self.tokenizer, texts, pairs, max_length=max_length)
 
 
@@ -46,7 +47,7 @@ class TrainedFewshot:
 
     model: object
     labels: list[str]
-    recipe: dict | None
+    recipe: Recipe | None
 
     def probabilities(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         """Class probabilities for each text (few-shot models take single texts)."""
@@ -64,7 +65,7 @@ class TrainedOnnx:
     labels: list[str]
     inputs: list[str]
     max_length: int
-    recipe: dict | None = None
+    recipe: Recipe | None = None
 
     def probabilities(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64) -> np.ndarray:
         """Class probabilities for each text, batched by length as the PyTorch path batches them."""
@@ -97,27 +98,12 @@ def load_trained(path: str | Path) -> TrainedClassifier | TrainedFewshot | Train
     path = Path(path)
     if (path / ONNX_MODEL_FILE).is_file() and (path / ONNX_LABELS_FILE).is_file():
         return load_onnx_export(path)
-    recipe = read_run_recipe(path)
-    model_dir = path / "model" if recipe is not None else path
-    if (recipe or {}).get("task") == "fewshot" or (model_dir / HEAD_FILE).is_file():
+    run = run_folder(path)
+    model_dir = run.model_dir if run is not None else path
+    if (run is not None and run.task.family == "fewshot") or (model_dir / HEAD_FILE).is_file():
         model = load_trained_setfit(model_dir)
-        return TrainedFewshot(model=model, labels=list(model.labels or []), recipe=recipe)
+        return TrainedFewshot(model=model, labels=list(model.labels or []), recipe=run.recipe if run else None)
     return load_trained_classifier(path)
-
-
-def read_run_recipe(path: Path) -> dict | None:
-    """The saved recipe of a run folder, or None for a plain model folder."""
-    recipe = path / "recipe.yaml"
-    return yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
-
-
-def earlier_run_labels(path: str | Path) -> tuple[str, list[str]] | None:
-    """(task, label names) of a finished run folder, or None when `path` is not one."""
-    path = Path(path)
-    recipe, metrics = read_run_recipe(path), path / "metrics.json"
-    if recipe is None or not metrics.is_file():
-        return None
-    return str(recipe.get("task")), list(json.loads(metrics.read_text(encoding="utf-8")).get("labels", []))
 
 
 def load_classifier_model(path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -134,11 +120,10 @@ def load_classifier_model(path: str | Path, dtype: torch.dtype | None = None) ->
 
 def load_trained_classifier(path: str | Path) -> TrainedClassifier:
     """Load `RUN_DIR` (its model/) or a model folder saved by tunelab (full weights or a peft adapter)."""
-    path = Path(path)
-    recipe = None
-    if (path / "recipe.yaml").is_file():
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
-        path = path / "model"
+    path, recipe = Path(path), None
+    run = run_folder(path)
+    if run is not None:
+        path, recipe = run.model_dir, run.recipe
     if not path.is_dir() or not (path / "config.json").is_file():
         raise TunelabError(f"'{path}' is not a trained model: expected a run folder (with model/) or a model folder "
                            f"with config.json; train one with `tunelab train`")
