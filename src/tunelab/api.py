@@ -27,6 +27,7 @@ from tunelab.recipe import GENERATIVE_TASKS, PREFERENCE_TASKS, DataConfig, Gener
 from tunelab.rewards import load_reward_function, locate_reward_function
 from tunelab.runs.folder import open_run_folder
 from tunelab.runs.tracking import check_trackers
+from tunelab.speedups import speedups_for_run
 from tunelab.stages.sft import check_context_length
 from tunelab.tasks import TASKS, refusal, task_named
 
@@ -147,7 +148,9 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
         data, source = check_recipe(recipe)
     say(f"tunelab: {recipe.task} · {recipe.model.name} · method {recipe.method.name} · {device_and_precision(recipe)} "
         f"→ {run_dir}")
-    return run_dir, TASKS[recipe.task].stage()(recipe, data, source, run_dir, resume)
+    stage = TASKS[recipe.task].stage()
+    with speedups_for_run(recipe.train.speedups):  # library patches last as long as the run
+        return run_dir, stage(recipe, data, source, run_dir, resume)
 
 
 def device_and_precision(recipe: Recipe) -> str:
