@@ -131,6 +131,17 @@ def test_the_environment_switch_turns_them_off_whatever_the_recipe(monkeypatch, 
     assert (type(trainer.model[1]) is FastDropout) is enabled
 
 
+def test_checking_them_draws_nothing_from_the_runs_random_stream():
+    """The guard's look at peft's layer must not shift dropout masks or the batch order of the run (a run with
+    speed-ups trains the very steps it trained before they were guarded)."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for name in ("fused_head", "fused_lora", "packed_attention", "fast_dropout", "glibc_malloc", "batch_order"):
+        assert guard.usable(name) is not None
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_recipes_switch_them_with_train_speedups(tiny_llama, qa_data):
     assert validate_recipe(sft_recipe(tiny_llama, qa_data)).train.speedups is True
     assert validate_recipe(sft_recipe(tiny_llama, qa_data, speedups=False)).train.speedups is False

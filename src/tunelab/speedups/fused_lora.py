@@ -34,7 +34,8 @@ LAYER_ATTRIBUTES = ("base_layer", "active_adapters", "disable_adapters", "merged
 
 def missing_internals() -> list[str]:
     """The peft `lora.Linear` attributes the fused forward reads that a layer of the installed peft lacks."""
-    tiny = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(r=1, target_modules=["0"]))
+    with torch.random.fork_rng(devices=[]):  # a layer to look at, drawn without moving the run's random stream
+        tiny = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(r=1, target_modules=["0"]))
     layer = next((module for module in tiny.modules() if isinstance(module, LoraLinear)), None)
     if layer is None:
         return ["lora.Linear (peft's LoRA layer for nn.Linear)"]
