@@ -1,6 +1,6 @@
 """Side by side: SmolLM2-135M LoRA forward + backward on padding-free batches, attention through SDPA with the
 block-diagonal mask (what transformers does with restarting position ids) against tunelab's row-by-row attention
-(methods/packed_attention.py), alternating the two.
+(speedups/packed_attention.py), alternating the two.
 
 Run from the repository root:
     PYTHONPATH=src .venv/bin/python benchmarks/packed_attention_ab.py [--repeats 3]
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from tunelab.methods.packed_attention import PACKED_ATTENTION
+from tunelab.speedups.packed_attention import PACKED_ATTENTION
 
 BATCHES = {"short rows (4 × ~140)": [180, 150, 130, 100], "long rows (4 × ~490)": [512, 500, 480, 470],
            "16 rows (~140)": [180, 170, 160, 150, 150, 140, 140, 140, 130, 130, 120, 120, 110, 100, 100, 90]}

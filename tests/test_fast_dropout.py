@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tunelab.methods.fast_dropout import (
+from tunelab.speedups.fast_dropout import (
     FAST_DROPOUT_ATTENTION,
     FastDropout,
     attention_with_fast_dropout,

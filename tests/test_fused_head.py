@@ -1,4 +1,5 @@
-"""TRL's fused LM head fitted to a CPU (fused_head.py): labelled positions only, bf16 products, the same figures."""
+"""TRL's fused LM head fitted to a CPU (speedups/fused_head.py): labelled positions only, bf16 products, the same
+figures."""
 
 import math
 
@@ -9,7 +10,7 @@ import trl.trainer.utils as trl_utils
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
-from tunelab.fused_head import CPU_TOKEN_TILE, fit_fused_head_to_cpu
+from tunelab.speedups.fused_head import CPU_TOKEN_TILE, fused_head_fitted_to_cpu
 
 
 def scored(tiny_llama, bf16: bool):
@@ -30,24 +31,13 @@ def scored(tiny_llama, bf16: bool):
     return out.log_probs.detach().float(), out.label_mask, grads, out.entropy.detach().float(), out.is_top1
 
 
-@pytest.fixture
-def trl_defaults(monkeypatch):
-    """TRL's own settings and functions for the test (an earlier Trainer may have fitted them already), restored
-    after it."""
-    monkeypatch.setattr(kernel, "TOKEN_CHUNK_SIZE", 4096)
-    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
-    for module, name in [(kernel, "_addmm_fp32"), (kernel, "_forward_tile"), (kernel, "_backward_tile"),
-                         (trl_utils, "_use_triton")]:
-        function = getattr(module, name)
-        monkeypatch.setattr(module, name, getattr(function, "__wrapped__", None) or function)
-
-
 @pytest.mark.parametrize("bf16", [False, True])
-def test_cpu_fitted_head_gives_trls_figures(tiny_llama, trl_defaults, bf16):
+def test_cpu_fitted_head_gives_trls_figures(tiny_llama, bf16):
     reference = scored(tiny_llama, bf16)
-    fit_fused_head_to_cpu()
-    assert kernel.TOKEN_CHUNK_SIZE == CPU_TOKEN_TILE and trl_utils._use_triton(torch.device("cpu"))
-    fitted = scored(tiny_llama, bf16)
+    with fused_head_fitted_to_cpu():
+        assert kernel.TOKEN_CHUNK_SIZE == CPU_TOKEN_TILE and trl_utils._use_triton(torch.device("cpu"))
+        fitted = scored(tiny_llama, bf16)
+        assert kernel._forward_tile.__wrapped__ is not None  # the lean folds did the work, TRL's the reference
     assert torch.equal(fitted[1], reference[1])
     assert not fitted[0][~fitted[1]].any()  # unlabelled positions are zero, as TRL returns them
     tolerance = 2e-2 if bf16 else 1e-5
@@ -56,10 +46,9 @@ def test_cpu_fitted_head_gives_trls_figures(tiny_llama, trl_defaults, bf16):
     labelled = fitted[1]
     assert torch.allclose(fitted[3][labelled], reference[3][labelled], atol=tolerance, rtol=tolerance)
     assert torch.equal(fitted[4][labelled], reference[4][labelled])
-    assert kernel._forward_tile.__wrapped__ is not None  # the lean folds did the work, TRL's the reference
 
 
-def test_lean_folds_give_trls_statistics_on_a_tile_with_ties_and_targets_everywhere(trl_defaults):
+def test_lean_folds_give_trls_statistics_on_a_tile_with_ties_and_targets_everywhere():
     torch.manual_seed(0)
     tile = torch.randn(6, 50).to(torch.bfloat16)
     tile[1, 7] = tile[1, 30] = tile[1].max() + 1  # a tie: the first maximum wins the top-1 test
@@ -78,14 +67,15 @@ def test_lean_folds_give_trls_statistics_on_a_tile_with_ties_and_targets_everywh
                 (target_logit >= running_max) & (target_logit > before), log_z)
 
     trl_figures = fold(kernel._forward_tile)
-    fit_fused_head_to_cpu()
-    lean_figures = fold(kernel._forward_tile)
+    with fused_head_fitted_to_cpu():
+        lean_figures = fold(kernel._forward_tile)
+        lean_backward = kernel._backward_tile
     assert torch.equal(lean_figures[2], trl_figures[2])
     assert not lean_figures[2][1] and lean_figures[2][3]  # the tie goes to token 7, not the target 30; 49 is top
     for lean, trl_figure in zip(lean_figures[:2], trl_figures[:2], strict=True):
         assert torch.allclose(lean, trl_figure, atol=1e-5)
     grads = []
-    for backward in (kernel._backward_tile.__wrapped__, kernel._backward_tile):
+    for backward in (kernel._backward_tile, lean_backward):
         out = tile.clone().float()
         backward(out, 50, targets, trl_figures[3], trl_figures[1], torch.full((6,), 0.5), None, 0, 50,
                  HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=False, **flags)
@@ -93,13 +83,12 @@ def test_lean_folds_give_trls_statistics_on_a_tile_with_ties_and_targets_everywh
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_the_bf16_product_is_rounded_once_and_summed_in_fp32(trl_defaults):
-    fit_fused_head_to_cpu()
+def test_the_bf16_product_is_rounded_once_and_summed_in_fp32():
     a = torch.randn(64, 96, dtype=torch.bfloat16)
     b = torch.randn(96, 32, dtype=torch.bfloat16)
-    acc = torch.ones(64, 32)
-    kernel._addmm_fp32(acc, a, b)
+    acc, exact = torch.ones(64, 32), torch.ones(64, 32)
+    with fused_head_fitted_to_cpu():
+        kernel._addmm_fp32(acc, a, b)
+        kernel._addmm_fp32(exact, a.float(), b.float())  # fp32 inputs: fp32 product
     assert torch.equal(acc, 1 + (a @ b).float())
-    exact = torch.ones(64, 32)
-    kernel._addmm_fp32(exact, a.float(), b.float())  # fp32 inputs: fp32 product
     assert torch.allclose(exact, 1 + a.float() @ b.float())

@@ -1,4 +1,4 @@
-"""LoRA's base and adapter products in one pass (methods/fused_lora.py): the figures of peft's own path."""
+"""LoRA's base and adapter products in one pass (speedups/fused_lora.py): the figures of peft's own path."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tunelab.methods.apply import frozen_weights_in_bf16
-from tunelab.methods.fast_dropout import use_fast_dropout
-from tunelab.methods.fused_lora import FusedLoraProduct, use_fused_lora
+from tunelab.speedups.fast_dropout import use_fast_dropout
+from tunelab.speedups.fused_lora import FusedLoraProduct, use_fused_lora
 
 
 def lora_model(tiny_llama, dropout: float, bf16: bool, **options):

@@ -1,9 +1,9 @@
-"""Row-by-row attention over padding-free batches (methods/packed_attention.py)."""
+"""Row-by-row attention over padding-free batches (speedups/packed_attention.py)."""
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunelab.methods.packed_attention import PACKED_ATTENTION, row_bounds, use_packed_attention
+from tunelab.speedups.packed_attention import PACKED_ATTENTION, row_bounds, use_packed_attention
 
 LENGTHS = [7, 5, 9]
 

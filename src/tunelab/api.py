@@ -14,6 +14,7 @@ from tunelab.models.loading import check_model_exists, resolve_model
 from tunelab.recipe import DataConfig, GenerateConfig, Recipe, RewardSource
 from tunelab.runs.folder import open_run_folder, run_folder
 from tunelab.runs.tracking import check_trackers
+from tunelab.speedups import speedups_for_run
 from tunelab.stages.grpo import check_reward_source
 from tunelab.tasks import refusal
 
@@ -53,7 +54,8 @@ def train(recipe: Recipe, output: str | None = None, resume: bool = False) -> tu
         data, source = check_recipe(recipe)
     say(f"tunelab: {recipe.task} · {recipe.model.name} · method {recipe.method.name} · {device_and_precision(recipe)} "
         f"→ {run_dir}")
-    return run_dir, recipe.entry.stage().run(recipe, data, source, run_dir, resume)
+    with speedups_for_run(recipe.train.speedups):  # library patches last as long as the run
+        return run_dir, recipe.entry.stage().run(recipe, data, source, run_dir, resume)
 
 
 def device_and_precision(recipe: Recipe) -> str:

@@ -240,6 +240,8 @@ class TrainConfig(Section):
                                                  "tuning train padded (peft drops position ids for them)")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                             "memory, about a third more compute")
+    speedups: bool = Field(True, description="tunelab's CPU speed-ups (fused LM head and LoRA, row-by-row attention, "
+                                             "cheap dropout, heap and batch order); false: the libraries' own paths")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig,
                                            description="Training on several processes or machines")
     report_to: list[Literal["tensorboard", "mlflow", "trackio", "wandb"]] = Field(

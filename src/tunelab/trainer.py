@@ -5,13 +5,14 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import SequentialSampler
+from torch.utils.data import Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -20,15 +21,13 @@ from transformers.trainer_utils import has_length
 from tunelab.console import format_seconds, interactive, is_quiet
 from tunelab.distributed import backend, current_world, per_process_batch
 from tunelab.errors import TunelabError
-from tunelab.fused_head import fit_fused_head_to_cpu
-from tunelab.heap import heap_kept_for_training
 from tunelab.models.precision import bf16_supported
 from tunelab.recipe import EvalConfig, TrainConfig
 from tunelab.runs.folder import CHECKPOINTS, append_jsonl
 from tunelab.runs.lineage import run_chain
 from tunelab.runs.tracking import prepare_trackers
-from tunelab.sampling import FilledBatches, ShuffledLengthBatches
 from tunelab.sharding import name_deepspeed_accelerator, strategy_name, training_options
+from tunelab.speedups import speedups_of_this_run
 
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
 
@@ -364,10 +363,30 @@ class MeteredMixin:
         return SequentialSampler(eval_dataset)
 
 
+class FilledBatches(Sampler[int]):
+    """Another sampler's row order with its short last batch filled up to `batch_size` with `filler`, a row that
+    adds nothing to the loss: N processes then split every batch of one process's order evenly (accelerate would
+    otherwise fill the last one with rows from the epoch's start, which then count twice)."""
+
+    def __init__(self, order: Sampler[int], batch_size: int, filler: int) -> None:
+        self.order = order
+        self.batch_size = batch_size
+        self.filler = filler
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        rows = list(self.order)
+        yield from rows
+        yield from [self.filler] * (-len(rows) % self.batch_size)
+
+
 class TunedMixin(MeteredMixin):
-    """MeteredMixin plus tunelab's training savings: TRL's fused LM head in CPU-sized tiles, batches of similar
-    length over whole groups of batches, and freed memory kept for reuse while training on a CPU; and tunelab's
-    one-line training bar in place of HF's bars and printed dicts.
+    """MeteredMixin plus the run's speed-ups (tunelab.speedups: TRL's fused LM head in CPU-sized tiles, LoRA in one
+    pass, padding-free rows attending apart, cheaper dropout masks, batches of similar length over whole groups of
+    batches, freed memory kept for reuse while training on a CPU); and tunelab's one-line training bar in place of
+    HF's bars and printed dicts.
 
     `filler_row` (a tokenized row whose label is -100, for a loss that sums over counted rows) lets several
     processes split an epoch's short last batch exactly: it fills that batch up, adding nothing to the loss."""
@@ -379,14 +398,21 @@ class TunedMixin(MeteredMixin):
         if filler_row is not None and self.args.world_size > 1 and has_length(self.train_dataset):
             self.filler = len(self.train_dataset)
             self.train_dataset = self.train_dataset.add_item(filler_row)
-        fit_fused_head_to_cpu()
+        self.speedups = speedups_of_this_run()
+        rows_apart = self.speedups.fit(self)  # the run's speed-ups, fitted to this trainer's model
+        if getattr(self, "padding_free", False) and not rows_apart:
+            # A padding-free batch is one long sequence whose attention mask grows with the square of its tokens:
+            # scoring 212 symptom rows took 63 s in batches of 64 against 34 s in batches of 8. Score as many rows
+            # at once as a training step holds. (Rows attending apart cost the sum of their squares: any will do.)
+            self.args.per_device_eval_batch_size = min(self.args.per_device_eval_batch_size,
+                                                       self.args.train_batch_size * self.args.world_size)
         show_tunelab_progress(self)
 
     def train(self, *args, **kwargs):
-        """Train as the Trainer does, with freed memory kept in the heap for the next step (CPU, glibc)."""
+        """Train as the Trainer does (with freed memory kept in the heap for the next step: CPU, glibc)."""
         unmark_evaluated_model(self)
         drop_inference_engine(self)
-        with heap_kept_for_training():
+        with self.speedups.while_training():
             return super().train(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
@@ -403,9 +429,10 @@ class TunedMixin(MeteredMixin):
             self.is_deepspeed_enabled = True
 
     def _get_train_sampler(self, train_dataset=None):
-        """Length grouping (one process, padded batches) with batches sorted over whole groups of batches, in
-        random order. Padding-free batches have no padding to save, so they keep HF's sampler: sorting them would
-        only make every epoch's batches alike (SmolLM2 SFT: eval loss 2.188 with it against 2.173, same peak RSS)."""
+        """Length grouping (padded batches) with batches sorted over whole groups of batches, in random order (the
+        batch_order speed-up; HF's LengthGroupedSampler without it). Padding-free batches have no padding to save,
+        so they keep HF's sampler: sorting them would only make every epoch's batches alike (SmolLM2 SFT: eval loss
+        2.188 with it against 2.173, same peak RSS)."""
         sampler = super()._get_train_sampler(train_dataset)
         if not isinstance(sampler, LengthGroupedSampler):
             return sampler
@@ -414,11 +441,11 @@ class TunedMixin(MeteredMixin):
         # process; the filler then fills the short last batch up.
         step_rows = self.args.train_batch_size * self.args.world_size
         lengths = sampler.lengths if self.filler is None else sampler.lengths[:self.filler]
-        if not getattr(self.args, "padding_free", False):
-            order = ShuffledLengthBatches(lengths, step_rows)
-        elif self.filler is not None:  # HF's order in mega-batches of one process's step
+        padded = not getattr(self.args, "padding_free", False)
+        order = self.speedups.batch_order(lengths, step_rows) if padded else None
+        if order is None and self.filler is not None:  # HF's order in mega-batches of one process's step
             order = LengthGroupedSampler(step_rows * self.args.gradient_accumulation_steps, lengths=lengths)
-        else:
+        if order is None:
             return sampler
         return order if self.filler is None else FilledBatches(order, step_rows, self.filler)
 

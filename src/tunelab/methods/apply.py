@@ -8,9 +8,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from tunelab.errors import TunelabError, one_line
-from tunelab.methods.fast_dropout import use_fast_dropout
 from tunelab.methods.freeze import apply_freeze, apply_full
-from tunelab.methods.fused_lora import use_fused_lora
 from tunelab.models.loading import HEAD_NAMES, load_causal_lm
 from tunelab.recipe import FreezeMethod, FullMethod, IA3Method, LoraMethod, VirtualTokenMethod
 
@@ -45,10 +43,10 @@ def head_modules(model: torch.nn.Module, new_modules: list[str]) -> list[str]:
 
 def apply_method(model: torch.nn.Module, method, new_modules: list[str],
                  task_type: TaskType = TaskType.SEQ_CLS, bf16: bool = False) -> torch.nn.Module:
-    """Return the model prepared for training with `method`; the head always trains. Dropout draws its masks the
-    fast way (fast_dropout.py). With `bf16` (training under bf16 autocast) an adapter method's frozen base is
-    stored in bf16."""
-    prepared = use_fast_dropout(with_method(model, method, new_modules, task_type))  # after peft adds its dropouts
+    """Return the model prepared for training with `method`; the head always trains. With `bf16` (training under
+    bf16 autocast) an adapter method's frozen base is stored in bf16. (The trainer fits the run's speed-ups to it:
+    tunelab.speedups.)"""
+    prepared = with_method(model, method, new_modules, task_type)
     adapter = not isinstance(method, FullMethod | FreezeMethod)
     return frozen_weights_in_bf16(prepared) if bf16 and adapter else prepared
 
@@ -74,12 +72,9 @@ def with_method(model: torch.nn.Module, method, new_modules: list[str], task_typ
 
 def load_trainable_decoder(location: str, method, bf16: bool, sharding: dict | None = None) -> torch.nn.Module:
     """A decoder (causal LM) ready to train with `method`: its base loaded in 4-bit for qlora (or sharded over the
-    processes, for fsdp), then the method applied (the shared start of the sft, dpo, kto and grpo stages), its LoRA
-    layers computing in one pass on a CPU (fused_lora.py)."""
-    model = apply_method(load_causal_lm(location, quantize_4bit=method.name == "qlora", sharding=sharding), method,
-                         [], TaskType.CAUSAL_LM, bf16)
-    use_fused_lora(model)  # LoRA layers in one pass on a CPU (measured on SmolLM2 SFT; classifiers keep peft's)
-    return model
+    processes, for fsdp), then the method applied (the shared start of the sft, dpo, kto and grpo stages)."""
+    return apply_method(load_causal_lm(location, quantize_4bit=method.name == "qlora", sharding=sharding), method,
+                        [], TaskType.CAUSAL_LM, bf16)
 
 
 def frozen_weights_in_bf16(model: torch.nn.Module) -> torch.nn.Module:

@@ -33,7 +33,6 @@ from tunelab.data.sources import row_count
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
-from tunelab.methods.packed_attention import use_packed_attention
 from tunelab.models.loading import (
     ModelSource,
     check_decoder,
@@ -105,8 +104,6 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     bf16 = resolve_bf16(recipe.train.precision)
     tokenizer = load_tokenizer(source.location)
     model = load_trainable_decoder(source.location, recipe.method, bf16, fsdp_loading(recipe.train.distributed))
-    # Padding-free rows attend each to itself alone: Σ n² attention scores, not (Σ n)².
-    rows_apart = recipe.task == "sft" and uses_padding_free(recipe) and use_packed_attention(model)
     fmt = prompt_format(tokenizer, recipe.data.chat_template, data.format, recipe.model.name) \
         if recipe.task == "sft" else None
     params = count_parameters(model)
@@ -124,7 +121,7 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     trainer = TunedSFTTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=SFTConfig,
-                                selection=selection, **sft_options(recipe, rows_apart)),
+                                selection=selection, **sft_options(recipe)),
         train_dataset=train_rows,
         eval_dataset=epoch_rows,
         processing_class=tokenizer,
@@ -189,32 +186,26 @@ def encode(recipe: Recipe, rows, tokenizer, fmt: PromptFormat | None):
     return encode_split(fmt, rows, recipe.train.completion_only_loss, recipe.model.max_length)
 
 
-def sft_options(recipe: Recipe, rows_apart: bool) -> dict:
+def sft_options(recipe: Recipe) -> dict:
     """SFTConfig options: sequence length, packing, loss-only evaluation.
 
     pretrain chunks the concatenated texts into max_length blocks (TRL's "wrapped" packing), train and eval alike,
     so perplexity is measured on the same kind of blocks the model trains on. sft with packing uses best-fit
-    decreasing packing without padding: rows stay whole and position ids restart at each row.
+    decreasing packing without padding: rows stay whole and position ids restart at each row. (Padding-free
+    batches are scored at most a training batch at a time unless their rows attend apart: see TunedMixin.)
     """
     # prediction_loss_only: evaluation needs the loss, not every token's logits over the vocabulary (GiBs).
     if recipe.task == "pretrain":
         return {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "wrapped",
                 "eval_packing": True, "padding_free": False, "prediction_loss_only": True}
-    padding_free = uses_padding_free(recipe)
     if recipe.train.packing:
-        options = {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "bfd",
-                   "eval_packing": False, "prediction_loss_only": True}
-    else:
-        # Padding-free without packing: each batch's rows concatenated, position ids restarting per row. The rows
-        # are already cut to max_length by encode_example (TRL refuses a max_length it would not enforce here).
-        options = {"max_length": None if padding_free else recipe.model.max_length, "packing": False,
-                   "padding_free": padding_free, "prediction_loss_only": True}
-    if padding_free and not rows_apart:
-        # A padding-free batch is one long sequence whose attention mask grows with the square of its tokens:
-        # scoring 212 symptom rows took 63 s in batches of 64 against 34 s in batches of 8. Score as many rows at
-        # once as a training step holds. (Rows attending apart cost the sum of their squares: any batch will do.)
-        options["per_device_eval_batch_size"] = min(recipe.eval.batch_size, recipe.train.batch_size)
-    return options
+        return {"max_length": recipe.model.max_length, "packing": True, "packing_strategy": "bfd",
+                "eval_packing": False, "prediction_loss_only": True}
+    # Padding-free without packing: each batch's rows concatenated, position ids restarting per row. The rows are
+    # already cut to max_length by encode_example (TRL refuses a max_length it would not enforce here).
+    padding_free = uses_padding_free(recipe)
+    return {"max_length": None if padding_free else recipe.model.max_length, "packing": False,
+            "padding_free": padding_free, "prediction_loss_only": True}
 
 
 def uses_padding_free(recipe: Recipe) -> bool:

@@ -10,7 +10,8 @@ a fifth of a MiniLM full fine-tuning step went to that (7.46 -> 5.94 s over 40 s
 Blocks over 32 MiB (glibc's largest mmap threshold) are still mapped and unmapped on their own: kept in the heap,
 their 64-byte-aligned reallocations did not fit the freed blocks and grew the heap instead. glibc's settings are
 process-wide: when training ends the trim threshold goes back to what glibc's own dynamic rule reaches after seeing
-a 32 MiB block freed, and free pages go back to the kernel.
+a 32 MiB block freed, and free pages go back to the kernel. (It relies on no Python library: off glibc, or on
+CUDA, it does nothing.)
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from contextlib import contextmanager
 
 import torch
 
+CHECKED_WITH: dict[str, tuple[str, str]] = {}  # glibc's mallopt, which has kept these parameters since 2.x
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 LARGEST_HEAP_BLOCK = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
 NEVER_TRIM = 2**31 - 1
+
+
+def missing_internals() -> list[str]:
+    """Nothing: glibc() decides whether there is a mallopt to call."""
+    return []
 
 
 def glibc() -> ctypes.CDLL | None:

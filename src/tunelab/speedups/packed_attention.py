@@ -9,7 +9,9 @@ causal kernel skips the upper triangle the mask only hid. One SmolLM2 LoRA train
 1.93 s at 560 tokens, 11.5 → 6.5 s at 1,830. On a CPU the rows attend in fp32, whose flash backward is faster.
 
 Off the packed case (padded batches, generation with a cache, attention dropout while training) it attends exactly
-as `attention_with_fast_dropout` does (SDPA, or the fast-dropout path).
+as `attention_with_fast_dropout` does (SDPA, or the fast-dropout path). It reads the rows from the `position_ids`
+transformers hands attention functions, hence the transformers range below (checked by
+tests/test_packed_attention.py).
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tunelab.methods.fast_dropout import FAST_DROPOUT_ATTENTION, attention_with_fast_dropout
+from tunelab.speedups import fast_dropout
+from tunelab.speedups.fast_dropout import FAST_DROPOUT_ATTENTION, attention_with_fast_dropout
 
+CHECKED_WITH = {"transformers": ("5.24", "5.26")}
 PACKED_ATTENTION = "tunelab_packed_sdpa"
+
+
+def missing_internals() -> list[str]:
+    """The transformers names this relies on: those of the fast-dropout attention it attends through otherwise."""
+    return fast_dropout.missing_internals()
 
 
 def row_bounds(position_ids: torch.Tensor | None, length: int) -> list[int] | None:

@@ -15,33 +15,74 @@ Its tiling is sized for GPUs, and four of its choices cost a CPU dearly:
   a masked copy for the top-1 test). With the whole vocabulary in one tile the same figures take three passes
   (`forward_tile`, `backward_tile`); any other case goes to TRL's own.
 
-TRL exposes these as module constants and helpers; no option reaches them, hence the patching here.
+TRL exposes these as module constants and helpers; no option reaches them, hence the patching here: six module
+attributes of `trl.kernels.chunked_logprob` and `trl.trainer.utils`, set for the run and given back to TRL when it
+ends (`fused_head_fitted_to_cpu`). The lean folds take the arguments of TRL's private `_forward_tile` and
+`_backward_tile`, so those signatures are checked before anything is patched (`missing_internals`), and the
+version range below is the one the equivalence tests (tests/test_fused_head.py) passed on.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+CHECKED_WITH = {"trl": ("1.16", "1.17")}
+KERNEL, UTILS = "trl.kernels.chunked_logprob", "trl.trainer.utils"
 CPU_TOKEN_TILE = 512
 CPU_VOCABULARY_CHUNK = 1 << 20  # the whole vocabulary in one chunk
+# TRL's private fold functions as the lean folds below take their arguments (TRL calls them positionally up to n_cols)
+FORWARD_TILE = ("tile", "tile_stride", "targets", "running_max", "sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum",
+                "max_before_target", "target_logit", "vocab_start", "n_cols", "logit_scale", "softcap", "inv_t",
+                "HAS_SOFTCAP", "HAS_ENTROPY", "HAS_LOG_SUM_SQ_PROBS", "HAS_MEAN_LOGITS", "HAS_IS_TOP1", "BLOCK_SIZE")
+BACKWARD_TILE = ("tile", "tile_stride", "targets", "log_z", "entropy", "grad_logprobs", "grad_entropy", "vocab_start",
+                 "n_cols", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP", "HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD",
+                 "BLOCK_SIZE")
+SIGNATURES = {(KERNEL, "_forward_tile"): FORWARD_TILE, (KERNEL, "_backward_tile"): BACKWARD_TILE,
+              (KERNEL, "_addmm_fp32"): ("acc", "a", "b"), (UTILS, "_use_triton"): ("device",)}
+CONSTANTS = ((KERNEL, "TOKEN_CHUNK_SIZE"), (UTILS, "_CHUNKED_LOGPROB_CHUNK_SIZE"))
 
 
-def fit_fused_head_to_cpu() -> None:
-    """Off CUDA, when TRL is in use: 512-token tiles, labelled positions only, bf16 gradient products."""
-    kernel = sys.modules.get("trl.kernels.chunked_logprob")
-    utils = sys.modules.get("trl.trainer.utils")
+def missing_internals() -> list[str]:
+    """The TRL names this patches that are missing, or whose arguments differ from those the folds were written
+    for ([] when TRL's fused head is not loaded: then there is nothing to patch)."""
+    if KERNEL not in sys.modules or UTILS not in sys.modules:
+        return []
+    missing = [f"{module}.{name}" for module, name in CONSTANTS if not hasattr(sys.modules[module], name)]
+    for (module, name), parameters in SIGNATURES.items():
+        function = getattr(sys.modules[module], name, None)
+        if function is None or tuple(inspect.signature(function).parameters) != parameters:
+            missing.append(f"{module}.{name}({', '.join(parameters)})")
+    return missing
+
+
+@contextmanager
+def fused_head_fitted_to_cpu() -> Iterator[bool]:
+    """Off CUDA, when TRL is in use: inside the block, 512-token tiles, labelled positions only, bf16 gradient
+    products and lean folds (yields whether it patched); TRL's own values and functions again after it."""
+    kernel, utils = sys.modules.get(KERNEL), sys.modules.get(UTILS)
     if kernel is None or utils is None or torch.cuda.is_available():
+        yield False
         return
-    kernel.TOKEN_CHUNK_SIZE = min(kernel.TOKEN_CHUNK_SIZE, CPU_TOKEN_TILE)
-    utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_VOCABULARY_CHUNK
-    if getattr(kernel._forward_tile, "__wrapped__", None) is None:  # once: each replacement keeps TRL's own
-        utils._use_triton = compact_on_cpu(utils._use_triton)
-        kernel._addmm_fp32 = products_in_bf16(kernel._addmm_fp32)
-        kernel._forward_tile = lean_forward(kernel._forward_tile)
-        kernel._backward_tile = lean_backward(kernel._backward_tile)
+    fitted = {(kernel, "TOKEN_CHUNK_SIZE"): min(kernel.TOKEN_CHUNK_SIZE, CPU_TOKEN_TILE),
+              (utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"): CPU_VOCABULARY_CHUNK,
+              (utils, "_use_triton"): compact_on_cpu(utils._use_triton),
+              (kernel, "_addmm_fp32"): products_in_bf16(kernel._addmm_fp32),
+              (kernel, "_forward_tile"): lean_forward(kernel._forward_tile),
+              (kernel, "_backward_tile"): lean_backward(kernel._backward_tile)}
+    trls = {place: getattr(*place) for place in fitted}
+    try:
+        for (module, name), value in fitted.items():
+            setattr(module, name, value)
+        yield True
+    finally:
+        for (module, name), value in trls.items():
+            setattr(module, name, value)
 
 
 def compact_on_cpu(use_triton):

@@ -13,15 +13,36 @@ CPUs (Unsloth's fused LoRA kernels are Triton, GPU-only), hence this module.
 
 A layer goes through peft's own forward whenever this does not apply: adapters disabled or merged, several or
 mixed adapters, a LoRA variant (DoRA, …), a base that is not a plain frozen `nn.Linear` in the compute precision,
-or a tensor off the CPU.
+or a tensor off the CPU. It reads peft's layer attributes and stands in for `lora.Linear.forward` on each layer
+(nothing of peft's is patched: the layer's own forward is shadowed on that instance), hence the peft range below
+(checked by tests/test_fused_lora.py) and the attribute check.
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
+
+CHECKED_WITH = {"peft": ("0.21", "0.22")}
+LAYER_ATTRIBUTES = ("base_layer", "active_adapters", "disable_adapters", "merged", "lora_A", "lora_B", "lora_dropout",
+                    "scaling", "lora_variant")  # what fused_forward reads of a layer
+
+
+def missing_internals() -> list[str]:
+    """The peft `lora.Linear` attributes the fused forward reads that a layer of the installed peft lacks."""
+    with torch.random.fork_rng(devices=[]):  # a layer to look at, drawn without moving the run's random stream
+        tiny = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(r=1, target_modules=["0"]))
+    layer = next((module for module in tiny.modules() if isinstance(module, LoraLinear)), None)
+    if layer is None:
+        return ["lora.Linear (peft's LoRA layer for nn.Linear)"]
+    missing = [f"lora.Linear.{name}" for name in LAYER_ATTRIBUTES if not hasattr(layer, name)]
+    if tuple(inspect.signature(LoraLinear.forward).parameters)[:2] != ("self", "x"):
+        missing.append("lora.Linear.forward(self, x, ...)")
+    return missing
 
 
 class FusedLoraProduct(torch.autograd.Function):

@@ -6,16 +6,32 @@ data set (so small data sets keep much of their padding: MiniLM on symptom_to_di
 of up to GROUP_BATCHES batches and shuffling the batches pads 4.7% there. Each epoch draws new groups, but a
 data set of at most one group (250 rows at batch 16) is sorted whole, so its batches change between epochs only
 among rows of equal length.
+
+The Trainer takes it through its private `_get_train_sampler` hook (TunedMixin overrides it, in place of HF's
+`LengthGroupedSampler`, whose `lengths` it reuses), hence the transformers range below (checked by
+tests/test_batch_order.py).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+CHECKED_WITH = {"transformers": ("5.24", "5.26")}
 GROUP_BATCHES = 50  # HF's largest mega-batch: rows are sorted by length within groups of this many batches
+
+
+def missing_internals() -> list[str]:
+    """The transformers names the training order relies on that the installed version lacks."""
+    missing = [] if hasattr(Trainer, "_get_train_sampler") else ["Trainer._get_train_sampler"]
+    if "lengths" not in inspect.signature(LengthGroupedSampler).parameters:
+        missing.append("LengthGroupedSampler(lengths=...)")
+    return missing
 
 
 class ShuffledLengthBatches(Sampler[int]):
@@ -45,21 +61,3 @@ class ShuffledLengthBatches(Sampler[int]):
         for batch in short:
             yield from batch
 
-
-class FilledBatches(Sampler[int]):
-    """Another sampler's row order with its short last batch filled up to `batch_size` with `filler`, a row that
-    adds nothing to the loss: N processes then split every batch of one process's order evenly (accelerate would
-    otherwise fill the last one with rows from the epoch's start, which then count twice)."""
-
-    def __init__(self, order: Sampler[int], batch_size: int, filler: int) -> None:
-        self.order = order
-        self.batch_size = batch_size
-        self.filler = filler
-
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size) * self.batch_size
-
-    def __iter__(self) -> Iterator[int]:
-        rows = list(self.order)
-        yield from rows
-        yield from [self.filler] * (-len(rows) % self.batch_size)

@@ -10,10 +10,13 @@ Attention dropout is applied inside torch's scaled_dot_product_attention, which 
 kernel for the unfused path and draws its mask with `bernoulli_` too (7% of a MiniLM full fine-tuning step). A model
 with attention dropout therefore attends through `attention_with_fast_dropout` (registered with transformers'
 AttentionInterface): the same unfused computation, with the cheaper mask, while training on a CPU; SDPA otherwise.
+That function is called as transformers calls attention functions and falls back to its `sdpa_attention_forward`,
+hence the transformers range below (checked by tests/test_fast_dropout.py) and the signature check.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -21,9 +24,19 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+CHECKED_WITH = {"transformers": ("5.24", "5.26")}
+SDPA_ARGUMENTS = ("module", "query", "key", "value", "attention_mask", "dropout", "scaling", "is_causal")
 INT16_VALUES = 65536
 FAST_DROPOUT_ATTENTION = "tunelab_sdpa"
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")  # BERT, Llama, GPT-2
+
+
+def missing_internals() -> list[str]:
+    """The transformers names this relies on that the installed version lacks or calls differently."""
+    missing = [] if hasattr(PreTrainedModel, "set_attn_implementation") else ["PreTrainedModel.set_attn_implementation"]
+    if tuple(inspect.signature(sdpa_attention_forward).parameters)[:len(SDPA_ARGUMENTS)] != SDPA_ARGUMENTS:
+        missing.append(f"sdpa_attention_forward({', '.join(SDPA_ARGUMENTS)}, ...)")
+    return missing
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:

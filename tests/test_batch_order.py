@@ -1,5 +1,5 @@
-"""Length-grouped training order: every row once an epoch, batches of similar length in random order, less
-padding than HF's sampler, and tunelab's trainers use it."""
+"""Length-grouped training order (speedups/batch_order.py): every row once an epoch, batches of similar length in
+random order, less padding than HF's sampler, and tunelab's trainers use it in a run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from tunelab.sampling import GROUP_BATCHES, FilledBatches, ShuffledLengthBatches
-from tunelab.trainer import MeteredTrainer, TunedTrainer
+from tunelab.speedups import speedups_for_run
+from tunelab.speedups.batch_order import GROUP_BATCHES, ShuffledLengthBatches
+from tunelab.trainer import FilledBatches, MeteredTrainer, TunedTrainer
 
 RANDOM = random.Random(0)
 LENGTHS = [RANDOM.randint(17, 76) for _ in range(250)]  # like symptom_to_diagnosis's MiniLM rows
@@ -66,7 +67,8 @@ def test_tunelab_trainers_group_by_length_with_it_and_the_plain_trainer_does_not
     rows = [{"input_ids": [2] * length, "labels": 0} for length in (3, 9, 4, 8)]
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, train_sampling_strategy="group_by_length",
                              report_to="none", use_cpu=True)
-    tuned = TunedTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    with speedups_for_run():
+        tuned = TunedTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     plain = MeteredTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     sampler = tuned._get_train_sampler()
     assert isinstance(sampler, ShuffledLengthBatches) and sampler.lengths == [3, 9, 4, 8]
@@ -81,8 +83,9 @@ def test_padding_free_batches_keep_hf_length_grouping(tiny_llama, tmp_path):
     rows = [{"input_ids": [2] * length, "labels": 0} for length in (3, 9, 4, 8)]
     args = SFTConfig(str(tmp_path), per_device_train_batch_size=2, train_sampling_strategy="group_by_length",
                      padding_free=True, report_to="none", use_cpu=True)
-    tuned = TunedTrainer(model=model, args=args, train_dataset=rows, processing_class=AutoTokenizer.from_pretrained(
-        tiny_llama))
+    with speedups_for_run():
+        tuned = TunedTrainer(model=model, args=args, train_dataset=rows,
+                             processing_class=AutoTokenizer.from_pretrained(tiny_llama))
     assert type(tuned._get_train_sampler()) is LengthGroupedSampler
 
 

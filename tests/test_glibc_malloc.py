@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tunelab.heap import glibc
+from tunelab.speedups.glibc_malloc import glibc
 
 pytestmark = pytest.mark.skipif(glibc() is None or torch.cuda.is_available(), reason="glibc CPU training only")
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(glibc() is None or torch.cuda.is_available(), re
 STEPS = """
 import json, resource, torch
 from transformers import BertConfig, BertForSequenceClassification
-from tunelab.heap import heap_kept_for_training
+from tunelab.speedups.glibc_malloc import heap_kept_for_training
 torch.manual_seed(0)
 model = BertForSequenceClassification(BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                  intermediate_size=512)).train()
