@@ -39,6 +39,11 @@ def check_recipe(recipe: Recipe, import_code: bool = True):
     if recipe.eval.judge is not None:
         check_reward_source(recipe.eval.judge, "eval.judge", import_code)
     data = load_data_for(recipe)
+    if TASKS[recipe.task].loader is not None:  # a task with its own loader: the model checks below are all it needs
+        source = resolve_model(recipe.model.name)
+        check_model_exists(source)
+        check_model_fits_task(recipe, source, [])
+        return data, source
     if recipe.task in GENERATIVE_TASKS:
         source = resolve_model(recipe.model.name)
         check_model_exists(source)
@@ -67,6 +72,8 @@ def check_recipe(recipe: Recipe, import_code: bool = True):
 
 def load_data_for(recipe: Recipe):
     """The recipe's data, read and checked the way its task reads it (rows, eval split, validation split)."""
+    if TASKS[recipe.task].loader is not None:
+        return TASKS[recipe.task].load_data()(recipe)
     if recipe.task in GENERATIVE_TASKS:
         return load_generative_data(recipe.data, recipe.task)
     if recipe.task == "grpo":
@@ -117,9 +124,9 @@ def check_generative_model(recipe: Recipe, source: ModelSource, data: Generative
 def check_model_fits_task(recipe: Recipe, source: ModelSource, labels: list[str]) -> None:
     """Refuse model/task combinations that would fail (or silently mislead) only after the baseline was scored."""
     decoder = source.origin != "hub" and is_decoder(source.location)
-    if recipe.task == "fewshot" and decoder:
-        raise TunelabError(f"task fewshot tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
-                           f"encoder (minilm, mpnet-base) or task: classify")
+    if TASKS[recipe.task].sentence_encoder and decoder:
+        raise TunelabError(f"task {recipe.task} tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use "
+                           f"an encoder (minilm, mpnet-base)")
     if recipe.eval.in_context_shots and source.origin != "hub" and not decoder:
         raise TunelabError(f"eval.in_context_shots prompts a decoder, but '{recipe.model.name}' is an encoder; "
                            f"use a decoder (e.g. smollm2-135m) or drop eval.in_context_shots")

@@ -370,6 +370,20 @@ class FewshotConfig(Section):
                                                   "default 1 is too strong for unit-length embeddings)")
 
 
+class EmbedConfig(Section):
+    """Sentence-embedding training for retrieval or similarity (task: embed), with sentence-transformers' trainer.
+
+    The pairs come from data.text (query) and data.text_pair (the text it should find); scored pairs also from
+    data.label (their similarity). Epochs, batch size, learning rate and the rest come from `train`.
+    """
+
+    loss: Literal["auto", "mnrl", "cosent"] = Field(
+        "auto", description="mnrl: MultipleNegativesRankingLoss, each query against its own positive and every other "
+                            "positive of the batch (batches never hold the same text twice); cosent: CoSENTLoss on "
+                            "pairs scored by data.label (only the order of the scores matters); auto: cosent when "
+                            "data.label is set in the recipe, else mnrl")
+
+
 class OutputConfig(Section):
     root: str = Field("runs", description="Folder that holds run folders when --output is not given")
     keep_checkpoints: bool = Field(False, description="Keep intermediate checkpoints after a successful run")
@@ -393,7 +407,9 @@ class Recipe(Section):
                     "reward (a scalar reward model from chosen/rejected pairs), dpo (a decoder learns to prefer the "
                     "chosen responses: direct preference optimisation and its relatives), kto (a decoder learns from "
                     "responses marked good or bad, paired or not: Kahneman-Tversky optimisation), grpo (online RL: the "
-                    "decoder samples answers to the prompts and learns from a reward function or reward model)")
+                    "decoder samples answers to the prompts and learns from a reward function or reward model), "
+                    "embed (a sentence encoder learns to find each query's paired text: embeddings for retrieval or "
+                    "similarity)")
     model: ModelConfig
     data: DataConfig
     method: Method = Field(default_factory=FullMethod, description="How weights are trained")
@@ -404,6 +420,7 @@ class Recipe(Section):
     reward: RewardSource = Field(default_factory=RewardSource, description="task grpo: where rewards come from "
                                                                            "(set function or model)")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="Options of task: grpo")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="Options of task: embed")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @field_validator("name")
@@ -440,6 +457,32 @@ class Recipe(Section):
         if self.train.precision == "bf16":
             raise ValueError("task fewshot trains in fp32 (bf16 stalls its contrastive loss); set train.precision "
                              "to auto or fp32")
+        return self
+
+    @model_validator(mode="after")
+    def _check_embed(self) -> Recipe:
+        """task: embed tunes a whole sentence encoder on text pairs and keeps its last checkpoint; `auto` is
+        written out as the loss it picks, so the saved recipe re-runs exactly."""
+        if self.task != "embed":
+            if self.customised("embed"):
+                raise ValueError(f"the embed section configures task embed; drop it for task {self.task}")
+            return self
+        if not isinstance(self.method, FullMethod) or self.method != FullMethod():
+            raise ValueError("task embed tunes the whole sentence encoder; use method: full (without options)")
+        if self.data.text_pair is None:
+            raise ValueError("task embed trains on (query, positive) pairs; set data.text to the query column and "
+                             "data.text_pair to the column of the text each query should find")
+        dropped = {"data.shots": self.data.shots, "data.validation_fraction": self.data.validation_fraction,
+                   "eval.in_context_shots": self.eval.in_context_shots}
+        for field, value in dropped.items():
+            if value is not None:
+                raise ValueError(f"task embed takes no {field} (it trains on all pairs and keeps its last "
+                                 f"checkpoint); drop {field}")
+        if self.train.packing:
+            raise ValueError("train.packing is for sft and pretrain; drop it for task embed")
+        if self.embed.loss == "auto":
+            self.embed.loss = "cosent" if "label" in self.data.model_fields_set else "mnrl"
+        self.eval.select_best = False  # no split picks a checkpoint: the last one is the result
         return self
 
     @model_validator(mode="after")

@@ -2,8 +2,9 @@
 
 Commands ask this registry instead of testing task names: `generate`, `chat`, `serve` and the playground take the
 runs whose task `answers`; `predict` and `/v1/classify` those that `labels`; `predict` and `/v1/score` those that
-`scores`; `export` the formats in `exports`. A command a task does not support is refused with `refusal`, which
-names the commands that do take it.
+`scores`; `/v1/embeddings` those that `embeds`; `export` the formats in `exports`. A task whose data or exports the
+built-in loaders and writers do not cover names its own (`loader`, `exporter`), as it names its stage. A command a
+task does not support is refused with `refusal`, which names the commands that do take it.
 
 This module imports nothing of tunelab's, so that the recipe schema, the loaders and the servers can all read it.
 """
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-Family = Literal["classifier", "fewshot", "decoder", "seq2seq", "reward"]
+Family = Literal["classifier", "fewshot", "decoder", "seq2seq", "reward", "embedder"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Task:
     """One task: how it trains and what its finished runs support."""
 
     name: str
-    family: Family  # classifier: encoder (or decoder) with a label head; decoder: causal LM; reward: one score
+    family: Family  # classifier: encoder (or decoder) with a label head; decoder: causal LM; reward: one score;
+    # embedder: a sentence encoder (sentence-transformers) whose output is the embedding
     summary: str  # what a run of it learns, in a few words
     runner: str  # "module:function" of its stage (imported only when a run starts)
     answers: bool = False  # generate, chat, serve's chat/completions, the playground's answers
@@ -38,16 +40,31 @@ class Task:
     judged: bool = False  # eval.judge compares its answers before and after
     replay: bool = False  # data.replay
     base_answers: bool = False  # its starting model can answer on its own (the playground's side-by-side)
+    embeds: bool = False  # serve's /v1/embeddings (its model/ is a sentence-transformers folder)
+    loader: str | None = None  # "module:function" reading its data from the recipe (None: tunelab.api's loaders)
+    exporter: str | None = None  # "module:function" writing an export of its runs: (run, folder, format)
 
     def stage(self) -> Callable:
         """The stage's run function: run(recipe, data, source, run_dir, resume) → metrics."""
-        module, function = self.runner.split(":")
-        return getattr(importlib.import_module(module), function)
+        return imported(self.runner)
+
+    def load_data(self) -> Callable:
+        """The task's own data loader: load(recipe) → the data its stage takes."""
+        return imported(self.loader)
+
+    def export(self) -> Callable:
+        """The task's own export writer: write(run, folder, format), the format one of `exports`."""
+        return imported(self.exporter)
 
     @property
     def decoder(self) -> bool:
         """Trains a causal LM on text (general-ability probes apply)."""
         return self.family == "decoder"
+
+    @property
+    def sentence_encoder(self) -> bool:
+        """Tunes a sentence encoder (sentence-transformers): its model cannot be a decoder."""
+        return self.family in ("fewshot", "embedder")
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (
@@ -70,9 +87,18 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True),
     Task("grpo", "decoder", "answers prompts for a higher reward (GRPO)", "tunelab.stages.grpo:run_grpo",
          answers=True, prompts="template", exports=("hf", "gguf"), judged=True, base_answers=True),
+    Task("embed", "embedder", "embeds texts so that each query finds its paired text (retrieval, similarity)",
+         "tunelab.stages.embed:run_embed", embeds=True, exports=("hf", "onnx"),
+         loader="tunelab.stages.embed:load_embed_data", exporter="tunelab.stages.embed:write_embed_export"),
 )}
 
 TASK_NAMES = tuple(TASKS)
+
+
+def imported(target: str | None) -> Callable:
+    """The function a "module:function" string names, imported now (stages load torch: only when needed)."""
+    module, function = str(target).split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def task_named(name: object) -> Task | None:
@@ -87,7 +113,7 @@ def tasks_that(*capabilities: str) -> tuple[str, ...]:
 
 # What each capability is for, as the commands that use it (for refusals: "use … instead").
 USES = {"answers": "`tunelab generate` / `tunelab chat`", "labels": "`tunelab predict` (labels)",
-        "scores": "`tunelab predict` (scores)"}
+        "scores": "`tunelab predict` (scores)", "embeds": "`tunelab serve` (/v1/embeddings)"}
 
 
 def refusal(what: str, task: object, needs: str | tuple[str, ...], action: str) -> str:

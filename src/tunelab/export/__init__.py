@@ -41,6 +41,9 @@ def write_export(run, output: Path, fmt: str, quantize: str | None) -> Path:
     """The export itself, in one format (the checks common to all formats are done)."""
     from tunelab.export.run import load_merged, publish_folder
 
+    if run.kind is not None and run.kind.exporter is not None:  # a task that writes its own exports (the registry)
+        write = run.kind.export()
+        return publish_folder(output, lambda folder: write(run, folder, fmt))
     if fmt == "gguf":
         from tunelab.export.gguf import check_gguf_exportable, write_gguf
 

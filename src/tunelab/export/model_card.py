@@ -8,14 +8,16 @@ import yaml
 from tunelab.evaluation import HEADLINE_METRICS
 from tunelab.export.run import FinishedRun
 
-PIPELINE_TAGS = {"classify": "text-classification", "reward": "text-classification", "seq2seq": "text2text-generation"}
+PIPELINE_TAGS = {"classify": "text-classification", "reward": "text-classification", "seq2seq": "text2text-generation",
+                 "embed": "sentence-similarity"}
 
 
 def model_card(run: FinishedRun, fmt: str, how_to_load: str, notes: list[str] | None = None) -> str:
     """README.md text for an export of `run` in format `fmt`; `how_to_load` is a fenced code snippet."""
     chain = [str(step) for step in run.metrics.get("chain") or [run.recipe.get("model", {}).get("name", "?")]]
     data = run.recipe.get("data") or {}
-    front = {"base_model": chain[0], "library_name": "transformers" if fmt == "hf" else fmt,
+    library = "sentence-transformers" if run.kind is not None and run.kind.embeds else "transformers"
+    front = {"base_model": chain[0], "library_name": library if fmt == "hf" else fmt,
              "pipeline_tag": PIPELINE_TAGS.get(run.task, "text-generation"),
              "tags": ["tunelab", run.task, run.method], "datasets": [str(data.get("source"))]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

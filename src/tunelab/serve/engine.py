@@ -14,8 +14,8 @@ temperature are fixed per manager, there is no per-request seed, and results com
 that requests re-queue for each other. A request's own sampling settings are part of the OpenAI protocol, so the
 batching loop here is small and tunelab's own; new requests join at the next batch rather than the next step.
 
-An encoder gets an `EmbeddingEngine` (sentence-transformers: mean pooling, normalised), a classifier run a
-`ClassifierEngine` that answers with `tunelab predict`'s numbers.
+An encoder or an embed run gets an `EmbeddingEngine` (sentence-transformers: its pooling, normalised), a classifier
+run a `ClassifierEngine` that answers with `tunelab predict`'s numbers.
 """
 
 from __future__ import annotations
@@ -449,7 +449,7 @@ def load_engine(name: str, max_batch: int) -> GenerationEngine | EmbeddingEngine
 
 def run_engine(path: Path, task: str, max_batch: int):
     """A finished run folder, served as its task says (the registry): answering runs generate, labelling runs
-    classify, reward runs score."""
+    classify, reward runs score, embedding runs embed."""
     from tunelab.models.generator import load_generator
     from tunelab.models.trained import load_trained
     from tunelab.tasks import refusal, task_named
@@ -466,7 +466,9 @@ def run_engine(path: Path, task: str, max_batch: int):
         return ClassifierEngine(load_trained(path))
     if known is not None and known.scores:
         return ScoreEngine(path)
-    raise TunelabError(refusal(f"'{path}'", task, "answers", "tunelab serve"))
+    if known is not None and known.embeds:
+        return EmbeddingEngine(str(path / "model"))
+    raise TunelabError(refusal(f"'{path}'", task, ("answers", "labels", "scores", "embeds"), "tunelab serve"))
 
 
 def folder_engine(path: Path, max_batch: int):
