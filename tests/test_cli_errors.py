@@ -153,7 +153,7 @@ TRAIN_CASES = [
     pytest.param({"epochs": 3}, {}, [],
                  ["unknown key 'epochs'",
                   "valid keys here: name, task, model, data, method, train, eval, fewshot, preference, reward, grpo, "
-                  "output"],
+                  "embed, output"],
                  id="unknown-top-level-key-lists-valid-keys"),
     pytest.param({"train": {"epoch": 3}}, {}, [],
                  ["unknown key 'train.epoch'", "valid keys here: epochs, max_steps, learning_rate"],

@@ -37,6 +37,7 @@ from transformers import set_seed
 
 from tunelab.console import say
 from tunelab.data.pairs import PairData, load_pair_data
+from tunelab.distributed import is_main_process
 from tunelab.errors import TunelabError, one_line
 from tunelab.methods.apply import count_parameters
 from tunelab.models.loading import ModelSource
@@ -76,7 +77,8 @@ class EmbedTrainer(TunedMixin, SentenceTransformerTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Count every text column's rows and tokens (a sentence-transformers batch holds `<column>_input_ids`,
-        which MeteredMixin's count of `input_ids` would miss), then train as the trainer does."""
+        which MeteredMixin's count of `input_ids` would miss), then train as the trainer does (without
+        MeteredMixin's DDP communication timing: embed trains in one process as measured here)."""
         for key in [key for key in inputs if key.endswith("_input_ids")]:
             column = key.removesuffix("_input_ids")
             self.meter.count_batch({"input_ids": inputs[key], "attention_mask": inputs.get(f"{column}_attention_mask")})
@@ -235,7 +237,8 @@ def write_retrieval_predictions(run_dir: Path, before: dict, after: dict) -> dic
     rows = [{"query": query, "positive": positive, "rank_before": rank_before, "rank": rank, "top_hit": hit}
             for query, positive, rank_before, rank, hit in zip(last["query"], last["positive"], first["rank"],
                                                                last["rank"], last["top_hit"], strict=True)]
-    write_jsonl_atomic(run_dir / "predictions.jsonl", rows)
+    if is_main_process():  # one run, one folder: rank 0 writes it
+        write_jsonl_atomic(run_dir / "predictions.jsonl", rows)
     shown = rows[:SHOWN_PREDICTIONS]
     cells = "".join(f"<tr><td>{html.escape(row['query'][:200])}</td><td>{row['rank_before']}</td>"
                     f"<td>{row['rank']}</td><td>{html.escape(row['top_hit'][:200])}</td></tr>" for row in shown)
