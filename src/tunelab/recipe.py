@@ -375,6 +375,20 @@ class FewshotConfig(Section):
                                                   "default 1 is too strong for unit-length embeddings)")
 
 
+class EmbedConfig(Section):
+    """Sentence-embedding training for retrieval or similarity (task: embed), with sentence-transformers' trainer.
+
+    The pairs come from data.text (query) and data.text_pair (the text it should find); scored pairs also from
+    data.label (their similarity). Epochs, batch size, learning rate and the rest come from `train`.
+    """
+
+    loss: Literal["auto", "mnrl", "cosent"] = Field(
+        "auto", description="mnrl: MultipleNegativesRankingLoss, each query against its own positive and every other "
+                            "positive of the batch (batches never hold the same text twice); cosent: CoSENTLoss on "
+                            "pairs scored by data.label (only the order of the scores matters); auto: cosent when "
+                            "data.label is set in the recipe, else mnrl")
+
+
 class OutputConfig(Section):
     root: str = Field("runs", description="Folder that holds run folders when --output is not given")
     keep_checkpoints: bool = Field(False, description="Keep intermediate checkpoints after a successful run")
@@ -641,9 +655,37 @@ class GrpoRecipe(Recipe):
         return self
 
 
+class EmbedRecipe(Recipe):
+    task: Literal["embed"]
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="Options of task embed")
+
+    @model_validator(mode="after")
+    def _pairs_whole_encoder(self) -> EmbedRecipe:
+        """embed tunes a whole sentence encoder on text pairs and keeps its last checkpoint; `auto` is written out
+        as the loss it picks, so the saved recipe re-runs exactly."""
+        if not isinstance(self.method, FullMethod) or self.method != FullMethod():
+            raise ValueError("task embed tunes the whole sentence encoder; use method: full (without options)")
+        if self.data.text_pair is None:
+            raise ValueError("task embed trains on (query, positive) pairs; set data.text to the query column and "
+                             "data.text_pair to the column of the text each query should find")
+        dropped = {"data.shots": self.data.shots, "data.validation_fraction": self.data.validation_fraction,
+                   "eval.in_context_shots": self.eval.in_context_shots}
+        for field, value in dropped.items():
+            if value is not None:
+                raise ValueError(f"task embed takes no {field} (it trains on all pairs and keeps its last "
+                                 f"checkpoint); drop {field}")
+        if self.train.packing:
+            raise ValueError("train.packing is for sft and pretrain; drop it for task embed")
+        if self.embed.loss == "auto":
+            self.embed.loss = "cosent" if "label" in self.data.model_fields_set else "mnrl"
+        self.eval.select_best = False  # no split picks a checkpoint: the last one is the result
+        return self
+
+
 RECIPE_CLASSES: dict[str, type[Recipe]] = {
     "classify": ClassifyRecipe, "fewshot": FewshotRecipe, "sft": SftRecipe, "pretrain": PretrainRecipe,
-    "seq2seq": Seq2seqRecipe, "reward": RewardRecipe, "dpo": DpoRecipe, "kto": KtoRecipe, "grpo": GrpoRecipe}
+    "seq2seq": Seq2seqRecipe, "reward": RewardRecipe, "dpo": DpoRecipe, "kto": KtoRecipe, "grpo": GrpoRecipe,
+    "embed": EmbedRecipe}
 assert set(RECIPE_CLASSES) == set(TASK_NAMES), "every task in tasks.py has its recipe class here"
 
 # What a recipe.yaml written before tasks had their own recipe classes lists for every task: the task sections and

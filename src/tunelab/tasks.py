@@ -2,8 +2,8 @@
 
 Commands ask this registry instead of testing task names: `generate`, `chat`, `serve` and the playground take the
 runs whose task `answers`; `predict` and `/v1/classify` those that `labels`; `predict` and `/v1/score` those that
-`scores`; `export` the formats in `exports`. A command a task does not support is refused with `refusal`, which
-names the commands that do take it.
+`scores`; `/v1/embeddings` those that `embeds`; `export` the formats in `exports`. A command a task does not support
+is refused with `refusal`, which names the commands that do take it.
 
 This module imports nothing of tunelab's, so that the recipe schema, the loaders and the servers can all read it.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
 
-Family = Literal["classifier", "fewshot", "decoder", "seq2seq", "reward"]
+Family = Literal["classifier", "fewshot", "decoder", "seq2seq", "reward", "embedder"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class Task:
     """One task: how it trains and what its finished runs support."""
 
     name: str
-    family: Family  # classifier: encoder (or decoder) with a label head; decoder: causal LM; reward: one score
+    family: Family  # classifier: encoder (or decoder) with a label head; decoder: causal LM; reward: one score;
+    # embedder: a sentence encoder (sentence-transformers) whose output is the embedding
     summary: str  # what a run of it learns, in a few words
     module: str  # its stage module (imported only when used): load_data(recipe) → data; check_model(recipe, data,
     # import_code) → the model source, checked before a run folder exists; run(recipe, data, source, run_dir,
@@ -44,6 +45,7 @@ class Task:
     fsdp: bool = False  # train.distributed.strategy fsdp (FSDP2 shards a decoder trained in full)
     fp32_only: bool = False  # trains in fp32 whatever train.precision says
     pipeline_tag: str = "text-generation"  # the Hugging Face Hub's pipeline tag of its exported model card
+    embeds: bool = False  # serve's /v1/embeddings (its model/ is a sentence-transformers folder)
 
     def stage(self) -> ModuleType:
         """The task's stage module: its `load_data`, `check_model` and `run`."""
@@ -76,6 +78,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True),
     Task("grpo", "decoder", "answers prompts for a higher reward (GRPO)", "tunelab.stages.grpo",
          answers=True, prompts="template", exports=("hf", "gguf"), judged=True, base_answers=True),
+    Task("embed", "embedder", "embeds texts so that each query finds its paired text (retrieval, similarity)",
+         "tunelab.stages.embed", embeds=True, exports=("hf", "onnx"), pipeline_tag="sentence-similarity"),
 )}
 
 TASK_NAMES = tuple(TASKS)
@@ -93,7 +97,7 @@ def tasks_that(*capabilities: str) -> tuple[str, ...]:
 
 # What each capability is for, as the commands that use it (for refusals: "use … instead").
 USES = {"answers": "`tunelab generate` / `tunelab chat`", "labels": "`tunelab predict` (labels)",
-        "scores": "`tunelab predict` (scores)"}
+        "scores": "`tunelab predict` (scores)", "embeds": "`tunelab serve` (/v1/embeddings)"}
 
 
 def refusal(what: str, task: object, needs: str | tuple[str, ...], action: str) -> str:

@@ -42,6 +42,10 @@ def write_export(run, output: Path, fmt: str, quantize: str | None) -> Path:
     """The export itself, in one format (the checks common to all formats are done)."""
     from tunelab.export.run import load_merged, publish_folder
 
+    if run.task.embeds:  # a sentence encoder: its embedding is the output, there is no task head to write
+        from tunelab.export.embeddings import write_embeddings
+
+        return publish_folder(output, lambda folder: write_embeddings(run, folder, fmt))
     if fmt == "gguf":
         from tunelab.export.gguf import check_gguf_exportable, write_gguf
 

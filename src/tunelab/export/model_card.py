@@ -13,7 +13,8 @@ def model_card(run: RunFolder, fmt: str, how_to_load: str, notes: list[str] | No
     """README.md text for an export of `run` in format `fmt`; `how_to_load` is a fenced code snippet."""
     chain = [str(step) for step in run.metrics.get("chain") or [run.recipe.model.name]]
     task = run.recipe.task
-    front = {"base_model": chain[0], "library_name": "transformers" if fmt == "hf" else fmt,
+    library = "sentence-transformers" if run.task.embeds else "transformers"
+    front = {"base_model": chain[0], "library_name": library if fmt == "hf" else fmt,
              "pipeline_tag": run.task.pipeline_tag,
              "tags": ["tunelab", task, run.method], "datasets": [run.recipe.data.source]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",

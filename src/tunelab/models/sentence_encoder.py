@@ -1,4 +1,5 @@
-"""Sentence encoders for few-shot classification: a SetFit model (sentence-transformers body + sklearn head).
+"""Sentence encoders: loaded for embedding training (task embed), and as a SetFit model (sentence-transformers body +
+sklearn head) for few-shot classification.
 
 SetFit 1.2 works with the installed transformers 5.x / sentence-transformers 6, so tunelab uses it rather than
 re-implementing its pair sampling and contrastive loss.
@@ -25,23 +26,31 @@ def quiet_setfit() -> None:
     logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
 
 
-def load_setfit_model(location: str, labels: list[str], max_length: int, head_c: float, seed: int):
-    """A SetFit model: the encoder at `location` (mean pooling is added to a plain transformer) + an unfit head."""
+def load_sentence_encoder(location: str, max_length: int, task: str = "fewshot"):
+    """The SentenceTransformer at `location` (mean pooling is added to a plain transformer), reading at most
+    `max_length` tokens; a folder that is no sentence encoder is refused in one line naming `task`."""
     from sentence_transformers import SentenceTransformer
-    from setfit import SetFitModel
-    from sklearn.linear_model import LogisticRegression
 
     quiet_setfit()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Nn]o sentence-transformers model found.*")
-            body = SentenceTransformer(location)
+            encoder = SentenceTransformer(location)
     except (OSError, ValueError) as exc:
         raise TunelabError(f"model '{location}' cannot be loaded as a sentence encoder: {one_line(exc, 200)}") from None
-    if body.tokenizer.pad_token is None:
-        raise TunelabError(f"model '{location}' has no padding token, so it is not a sentence encoder; task fewshot "
+    if encoder.tokenizer.pad_token is None:
+        raise TunelabError(f"model '{location}' has no padding token, so it is not a sentence encoder; task {task} "
                            f"needs an encoder such as minilm or mpnet-base")
-    body.max_seq_length = max_length
+    encoder.max_seq_length = max_length
+    return encoder
+
+
+def load_setfit_model(location: str, labels: list[str], max_length: int, head_c: float, seed: int):
+    """A SetFit model: the encoder at `location` (mean pooling is added to a plain transformer) + an unfit head."""
+    from setfit import SetFitModel
+    from sklearn.linear_model import LogisticRegression
+
+    body = load_sentence_encoder(location, max_length)
     head = LogisticRegression(C=head_c, max_iter=1000, random_state=seed)
     return SetFitModel(model_body=body, model_head=head, labels=list(labels))
 

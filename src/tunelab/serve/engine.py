@@ -14,8 +14,8 @@ temperature are fixed per manager, there is no per-request seed, and results com
 that requests re-queue for each other. A request's own sampling settings are part of the OpenAI protocol, so the
 batching loop here is small and tunelab's own; new requests join at the next batch rather than the next step.
 
-An encoder gets an `EmbeddingEngine` (sentence-transformers: mean pooling, normalised), a classifier run a
-`ClassifierEngine` that answers with `tunelab predict`'s numbers.
+An encoder or an embed run gets an `EmbeddingEngine` (sentence-transformers: its pooling, normalised), a classifier
+run a `ClassifierEngine` that answers with `tunelab predict`'s numbers.
 """
 
 from __future__ import annotations
@@ -449,7 +449,7 @@ def load_engine(name: str, max_batch: int) -> GenerationEngine | EmbeddingEngine
 
 def run_engine(run: RunFolder, max_batch: int):
     """A finished run folder, served as its task says (the registry): answering runs generate, labelling runs
-    classify, reward runs score."""
+    classify, reward runs score, embedding runs embed."""
     from tunelab.inference.generator import load_generator
     from tunelab.inference.trained import load_trained
     from tunelab.tasks import refusal
@@ -463,7 +463,9 @@ def run_engine(run: RunFolder, max_batch: int):
         return ClassifierEngine(load_trained(run.path))
     if task.scores:
         return ScoreEngine(run.path)
-    raise TunelabError(refusal(f"'{run.path}'", task.name, "answers", "tunelab serve"))
+    if task.embeds:
+        return EmbeddingEngine(str(run.model_dir))
+    raise TunelabError(refusal(f"'{run.path}'", task.name, ("answers", "labels", "scores", "embeds"), "tunelab serve"))
 
 
 def folder_engine(path: Path, max_batch: int):
