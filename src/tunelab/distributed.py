@@ -152,7 +152,7 @@ def check_plan(recipe: Recipe, world_size: int, nnodes: int | None = None, launc
         raise TunelabError(f"task {recipe.task} trains in one process; drop --nproc")
     if recipe.train.distributed.strategy == "fsdp" and (not recipe.entry.fsdp or recipe.method.name != "full"):
         raise TunelabError(f"train.distributed.strategy fsdp shards decoders trained in full (tasks "
-                           f"{', '.join(tasks_that('fsdp'))}, "
+                           f"{' and '.join(tasks_that('fsdp'))}, "
                            f"method full: transformers' FSDP2 takes no peft adapters yet), not task {recipe.task} with "
                            f"method {recipe.method.name}; use strategy deepspeed (zero3 shards the weights) or ddp")
     if resume and recipe.train.distributed.strategy == "fsdp":
