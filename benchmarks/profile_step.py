@@ -61,16 +61,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from tunelab import api
     from tunelab.recipe import load_recipe
-    from tunelab.trainer import TunedMixin
+    from tunelab.trainer import TunelabMixin
 
     profiler = StepProfiler(args.skip, args.steps, args.rows)
-    init = TunedMixin.__init__
+    init = TunelabMixin.__init__
 
     def profiled_init(self, *a, **k):
         init(self, *a, **k)
         self.add_callback(profiler)
 
-    TunedMixin.__init__ = profiled_init
+    TunelabMixin.__init__ = profiled_init
     recipe_file, overrides = JOBS[args.job]
     steps = args.skip + args.steps
     with tempfile.TemporaryDirectory(prefix="tunelab-profile-") as folder:

@@ -11,7 +11,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from tunelab.speedups import speedups_for_run
 from tunelab.speedups.batch_order import GROUP_BATCHES, ShuffledLengthBatches
-from tunelab.trainer import FilledBatches, MeteredTrainer, TunedTrainer
+from tunelab.trainer import FilledBatches, MeteredTrainer, TunelabTrainer
 
 RANDOM = random.Random(0)
 LENGTHS = [RANDOM.randint(17, 76) for _ in range(250)]  # like symptom_to_diagnosis's MiniLM rows
@@ -68,7 +68,7 @@ def test_tunelab_trainers_group_by_length_with_it_and_the_plain_trainer_does_not
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, train_sampling_strategy="group_by_length",
                              report_to="none", use_cpu=True)
     with speedups_for_run():
-        tuned = TunedTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        tuned = TunelabTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     plain = MeteredTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     sampler = tuned._get_train_sampler()
     assert isinstance(sampler, ShuffledLengthBatches) and sampler.lengths == [3, 9, 4, 8]
@@ -84,7 +84,7 @@ def test_padding_free_batches_keep_hf_length_grouping(tiny_llama, tmp_path):
     args = SFTConfig(str(tmp_path), per_device_train_batch_size=2, train_sampling_strategy="group_by_length",
                      padding_free=True, report_to="none", use_cpu=True)
     with speedups_for_run():
-        tuned = TunedTrainer(model=model, args=args, train_dataset=rows,
+        tuned = TunelabTrainer(model=model, args=args, train_dataset=rows,
                              processing_class=AutoTokenizer.from_pretrained(tiny_llama))
     assert type(tuned._get_train_sampler()) is LengthGroupedSampler
 

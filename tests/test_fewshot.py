@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from tunelab import api
 from tunelab.cli import main
 from tunelab.data.labelled import load_labelled_data
-from tunelab.data.sampling import sample_shots
+from tunelab.data.subsets import sample_shots
 from tunelab.errors import TunelabError
 from tunelab.evaluation.in_context import build_prompt, label_log_likelihoods, order_examples
 from tunelab.models.loading import load_tokenizer

@@ -19,7 +19,7 @@ from tunelab.methods.apply import load_trainable_decoder
 from tunelab.models.loading import load_tokenizer
 from tunelab.models.precision import bf16_supported
 from tunelab.recipe import validate_recipe
-from tunelab.stages.sft import TunedSFTTrainer
+from tunelab.stages.sft import TunelabSFTTrainer
 
 
 def generative_recipe(model, source, task="sft", **sections) -> dict:
@@ -302,7 +302,7 @@ def test_loss_only_evaluation_step_gives_the_trainers_own_loss(tiny_llama, tmp_p
     tokenizer = load_tokenizer(str(tiny_llama))
     rows = datasets.Dataset.from_list([{"input_ids": [4, 5, 6, 7, 8, 9][:length], "completion_mask": [0, 0] +
                                         [1] * (length - 2)} for length in (4, 6, 5)])
-    trainer = TunedSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), train_dataset=rows,
+    trainer = TunelabSFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), train_dataset=rows,
                                 eval_dataset=rows, processing_class=tokenizer,
                                 args=SFTConfig(output_dir=str(tmp_path), per_device_eval_batch_size=3,
                                                prediction_loss_only=True, report_to="none", use_cpu=True,

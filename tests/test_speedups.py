@@ -60,12 +60,12 @@ def test_train_speedups_false_trains_on_the_libraries_own_paths(tiny_llama, qa_d
     trl_before = trls_own()
     seen = {}
 
-    class Recording(sft.TunedSFTTrainer):
+    class Recording(sft.TunelabSFTTrainer):
         def train(self, *args, **kwargs):
             seen["trl"], seen["trainer"] = trls_own(), self  # what TRL's fused head runs on while training
             return super().train(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "TunedSFTTrainer", Recording)
+    monkeypatch.setattr(sft, "TunelabSFTTrainer", Recording)
     api.train(validate_recipe(sft_recipe(tiny_llama, qa_data, speedups=speedups)), str(tmp_path / "run"))
     model = seen["trainer"].model
     lora_layers = [module for name, module in model.named_modules() if name.endswith("q_proj")]

@@ -72,12 +72,12 @@ def test_streamed_sft_learns_the_answers(tiny_llama, qa_data, tmp_path, packing)
 def test_the_stage_trains_on_a_stream_tokenized_on_the_fly(tiny_llama, toy_data, tmp_path, monkeypatch):
     seen = {}
 
-    class Recording(sft.TunedSFTTrainer):
+    class Recording(sft.TunelabSFTTrainer):
         def __init__(self, *args, **kwargs):
             seen["train_dataset"] = kwargs["train_dataset"]
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(sft, "TunedSFTTrainer", Recording)
+    monkeypatch.setattr(sft, "TunelabSFTTrainer", Recording)
     api.train(validate_recipe(streamed_recipe(tiny_llama, toy_data, train={"max_steps": 1})), str(tmp_path / "run"))
     assert isinstance(seen["train_dataset"], datasets.IterableDataset)
 

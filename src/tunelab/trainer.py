@@ -104,7 +104,7 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         logging_first_step=True,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         report_to=list(train.report_to) or "none",
-        disable_tqdm=True,  # TunedMixin shows tunelab's own bar instead
+        disable_tqdm=True,  # TunelabMixin shows tunelab's own bar instead
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=train.gradient_checkpointing,
@@ -341,7 +341,7 @@ def drop_inference_engine(trainer: Trainer) -> None:
 
 class MeteredMixin:
     """Gives a Trainer (HF's or a TRL subclass) a TrainingMeter (`.meter`) that sees every training batch, and
-    evaluation in dataset order. The benchmark's plain ways use it as it is; tunelab's stages use TunedMixin."""
+    evaluation in dataset order. The benchmark's plain ways use it as it is; tunelab's stages use TunelabMixin."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -382,7 +382,7 @@ class FilledBatches(Sampler[int]):
         yield from [self.filler] * (-len(rows) % self.batch_size)
 
 
-class TunedMixin(MeteredMixin):
+class TunelabMixin(MeteredMixin):
     """MeteredMixin plus the run's speed-ups (tunelab.speedups: TRL's fused LM head in CPU-sized tiles, LoRA in one
     pass, padding-free rows attending apart, cheaper dropout masks, batches of similar length over whole groups of
     batches, freed memory kept for reuse while training on a CPU); and tunelab's one-line training bar in place of
@@ -454,7 +454,7 @@ class MeteredTrainer(MeteredMixin, Trainer):
     """The HF Trainer with a TrainingMeter (the benchmark's plain ways)."""
 
 
-class TunedTrainer(TunedMixin, Trainer):
+class TunelabTrainer(TunelabMixin, Trainer):
     """The HF Trainer as tunelab's stages train with it."""
 
 

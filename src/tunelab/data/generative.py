@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import datasets
 
-from tunelab.data.sampling import sample_shots
 from tunelab.data.sources import Split, column_names, eval_split_name, load_splits, split_off_validation
+from tunelab.data.subsets import sample_shots
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig, ReplayConfig
 

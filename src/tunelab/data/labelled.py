@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import datasets
 
-from tunelab.data.sampling import sample_shots, stratified_holdout, stratified_subsample
 from tunelab.data.sources import eval_split_name, load_splits, split_off_validation
+from tunelab.data.subsets import sample_shots, stratified_holdout, stratified_subsample
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 

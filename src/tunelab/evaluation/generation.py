@@ -50,7 +50,7 @@ def perplexity(loss: float) -> float:
 MIN_TEMPERATURE = 1e-6
 
 
-def sampling_settings(temperature: float) -> dict:
+def decoding_settings(temperature: float) -> dict:
     """`generate` keywords for a temperature: 0 is greedy, above 0 samples (floored at MIN_TEMPERATURE)."""
     if temperature <= 0:
         return {"do_sample": False}
@@ -77,7 +77,7 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerateConfig, bf
                               add_special_tokens=add_special_tokens).to(device)
             with autocast(bf16):
                 generated = model.generate(**batch, max_new_tokens=cfg.max_new_tokens,
-                                           pad_token_id=tokenizer.pad_token_id, **sampling_settings(cfg.temperature))
+                                           pad_token_id=tokenizer.pad_token_id, **decoding_settings(cfg.temperature))
             new_tokens = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1]:]
             outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:

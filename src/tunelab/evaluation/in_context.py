@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunelab.data.sampling import sample_shots
+from tunelab.data.subsets import sample_shots
 from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
 from tunelab.models.loading import is_decoder, load_tokenizer

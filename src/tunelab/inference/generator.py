@@ -20,7 +20,7 @@ from transformers import TextIteratorStreamer
 from tunelab.data.generative import prompt_row
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
 from tunelab.errors import TunelabError, one_line
-from tunelab.evaluation.generation import generate_texts, sampling_settings
+from tunelab.evaluation.generation import decoding_settings, generate_texts
 from tunelab.models.loading import load_causal_lm, load_tokenizer
 from tunelab.models.precision import autocast, bf16_supported
 from tunelab.recipe import DataConfig, GenerateConfig
@@ -84,7 +84,7 @@ def stream_generate(model, tokenizer, inputs, settings: GenerateConfig, pad_toke
         try:
             with torch.no_grad(), autocast(bf16_supported()):
                 model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
-                               pad_token_id=pad_token_id, **sampling_settings(settings.temperature))
+                               pad_token_id=pad_token_id, **decoding_settings(settings.temperature))
         except Exception as exc:  # noqa: BLE001 - handed to the reader below, which raises it as the run's error
             failure.append(exc)
             streamer.end()  # wakes the reader: the stream is over

@@ -13,7 +13,7 @@ library's result in tests/:
 | batch_order.py | length-grouped batches sorted over whole groups, in random order | padded batches |
 
 A run applies them through one call: `api.train` runs its stage inside `speedups_for_run(recipe.train.speedups)`,
-and each trainer the stage builds (trainer.TunedMixin) takes that run's `Speedups` (`speedups_of_this_run()`) to fit
+and each trainer the stage builds (trainer.TunelabMixin) takes that run's `Speedups` (`speedups_of_this_run()`) to fit
 its model, order its batches and keep freed memory while it trains. Patches of library modules (the fused head's six
 TRL attributes) are given back to the library when the block ends, however it ends; what is fitted to a model (its
 dropout modules, LoRA forwards, attention function) stays with that model.

@@ -7,7 +7,7 @@ of up to GROUP_BATCHES batches and shuffling the batches pads 4.7% there. Each e
 data set of at most one group (250 rows at batch 16) is sorted whole, so its batches change between epochs only
 among rows of equal length.
 
-The Trainer takes it through its private `_get_train_sampler` hook (TunedMixin overrides it, in place of HF's
+The Trainer takes it through its private `_get_train_sampler` hook (TunelabMixin overrides it, in place of HF's
 `LengthGroupedSampler`, whose `lengths` it reuses), hence the transformers range below (checked by
 tests/test_batch_order.py).
 """

@@ -16,6 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
 from tunelab.evaluation.in_context import score_in_context
 from tunelab.evaluation.uncertainty import classification_rows
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.methods.freeze import method_callbacks, method_optimizer
 from tunelab.models.loading import ModelSource, existing_model, is_decoder, load_classifier, load_tokenizer
@@ -24,13 +25,10 @@ from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_pre
 from tunelab.runs.folder import run_folder
 from tunelab.trainer import (
     JsonlLogCallback,
-    TunedTrainer,
-    last_checkpoint,
+    TunelabTrainer,
     plan_selection,
     resolve_bf16,
-    save_model,
     training_arguments,
-    training_summary,
 )
 
 IN_CONTEXT_FILE = "in_context.json"
@@ -92,7 +90,7 @@ def run(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path, 
 
     selection = plan_selection(data, recipe.eval)
     train_rows = tokenize(data.train, tokenizer, recipe.model.max_length)
-    trainer = TunedTrainer(
+    trainer = TunelabTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, selection=selection),
         train_dataset=train_rows,
@@ -105,17 +103,17 @@ def run(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path, 
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl"), *method_callbacks(model, recipe.method)],
         optimizers=(method_optimizer(model, recipe.method, recipe.train), None),  # None: the Trainer's default
     )
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
+    scored = {}
 
-    after, probabilities = score(data.eval)  # the checkpoint the validation split picked, else the last one
-    save_model(trainer, run_dir / "model")
-    write_predictions(run_dir, data, probabilities)
+    def score_after() -> dict:
+        after, scored["probabilities"] = score(data.eval)
+        return after
+
+    metrics = train_and_rescore(trainer, score_after, before, recipe, data, run_dir, resume, params=params, bf16=bf16,
+                                selected_on=selection.selected_on)
+    write_predictions(run_dir, data, scored["probabilities"])
     metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name,
-                           selected_on=selection.selected_on),
+        **metrics,
         "shots": recipe.data.shots,
         "labels": data.labels,
         **({"in_context": in_context} if in_context else {}),

@@ -25,6 +25,7 @@ from tunelab.data.preference import PreferenceData, load_preference_data
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.implicit_reward import completion_logps, pair_completions, reference_context, reward_metrics
 from tunelab.evaluation.judge import judge_generations
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, check_decoder, existing_model, load_tokenizer
 from tunelab.recipe import DPO_LOSSES, PreferenceConfig, Recipe
@@ -32,44 +33,41 @@ from tunelab.replay import ReplayLossMixin
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_retention, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
-    TunedMixin,
-    last_checkpoint,
+    TunelabMixin,
     plan_selection,
     resolve_bf16,
-    save_model,
     training_arguments,
-    training_summary,
 )
 
 # SimPO and ORPO reward the policy's mean log-prob per completion token; the others its summed log-prob
 LENGTH_NORMALISED_LOSSES = ("simpo", "orpo")
 
 
-class TunedDPOTrainer(ReplayLossMixin, TunedMixin, DPOTrainer):
+class TunelabDPOTrainer(ReplayLossMixin, TunelabMixin, DPOTrainer):
     """TRL's DPOTrainer with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
-    training savings (TunedMixin)."""
+    training savings (TunelabMixin)."""
 
 
-class TunedCPOTrainer(ReplayLossMixin, TunedMixin, CPOTrainer):
+class TunelabCPOTrainer(ReplayLossMixin, TunelabMixin, CPOTrainer):
     """TRL's CPOTrainer (CPO and SimPO) with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
-    training savings (TunedMixin)."""
+    training savings (TunelabMixin)."""
 
 
-class TunedORPOTrainer(ReplayLossMixin, TunedMixin, ORPOTrainer):
+class TunelabORPOTrainer(ReplayLossMixin, TunelabMixin, ORPOTrainer):
     """TRL's ORPOTrainer with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
-    training savings (TunedMixin)."""
+    training savings (TunelabMixin)."""
 
 
 def preference_trainer(preference: PreferenceConfig) -> tuple[type, type, dict]:
     """The TRL trainer, its config class and the loss options for preference.loss."""
     if preference.loss in DPO_LOSSES:
-        return TunedDPOTrainer, DPOConfig, {"loss_type": [DPO_LOSSES[preference.loss]], "beta": preference.beta}
+        return TunelabDPOTrainer, DPOConfig, {"loss_type": [DPO_LOSSES[preference.loss]], "beta": preference.beta}
     if preference.loss == "orpo":
-        return TunedORPOTrainer, ORPOConfig, {"beta": preference.beta}
+        return TunelabORPOTrainer, ORPOConfig, {"beta": preference.beta}
     if preference.loss == "simpo":
-        return TunedCPOTrainer, CPOConfig, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": preference.beta,
+        return TunelabCPOTrainer, CPOConfig, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": preference.beta,
                                               "simpo_gamma": preference.simpo_gamma}
-    return TunedCPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": preference.beta}
+    return TunelabCPOTrainer, CPOConfig, {"loss_type": "sigmoid", "beta": preference.beta}
 
 
 def pair_loss(loss: str, rewards: np.ndarray) -> float | None:
@@ -175,20 +173,10 @@ def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path
     # log-probs show what the starting model prefers; the reference-free losses score the starting model itself.
     score = with_retention(score, recipe, trainer, tokenizer, bf16)
     before = load_or_score_baseline(run_dir, score)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-    after = score()
-    save_model(trainer, run_dir / "model")
+    metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16)
+    after = metrics["after"]
     judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size,
                                bf16) if recipe.eval.judge else {}
     extra = write_samples(run_dir, samples["prompt"], samples["chosen"], before, after)
-    metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
-        "loss_type": recipe.preference.loss,
-        "beta": recipe.preference.beta,
-        "replay_rows": len(data.replay) if data.replay is not None else 0,
-        **judged,
-    }
+    metrics = {**metrics, "loss_type": recipe.preference.loss, "beta": recipe.preference.beta, **judged}
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

@@ -38,6 +38,7 @@ from tunelab.console import say
 from tunelab.data.pairs import PairData, load_pair_data
 from tunelab.distributed import is_main_process
 from tunelab.errors import TunelabError
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters
 from tunelab.models.loading import ModelSource, existing_model, is_decoder
 from tunelab.models.sentence_encoder import load_sentence_encoder
@@ -47,11 +48,9 @@ from tunelab.runs.folder import write_jsonl_atomic
 from tunelab.trainer import (
     JsonlLogCallback,
     MeteredMixin,
-    TunedMixin,
-    last_checkpoint,
+    TunelabMixin,
     resolve_bf16,
     training_arguments,
-    training_summary,
 )
 
 CUTOFF = 10  # recall@10, MRR@10, nDCG@10
@@ -75,7 +74,7 @@ def check_model(recipe: Recipe, data: PairData, import_code: bool = True) -> Mod
     return source
 
 
-class EmbedTrainer(TunedMixin, SentenceTransformerTrainer):
+class EmbedTrainer(TunelabMixin, SentenceTransformerTrainer):
     """sentence-transformers' trainer as tunelab's stages train: tunelab's bar and log, its meter, memory kept."""
 
     def add_model_card_callback(self, default_args_dict: dict) -> None:
@@ -115,17 +114,12 @@ def run(recipe: Recipe, data: PairData, source: ModelSource, run_dir: Path, resu
                               batch_sampler=BatchSamplers.NO_DUPLICATES if mnrl else BatchSamplers.BATCH_SAMPLER)
     trainer = EmbedTrainer(model=model, args=args, train_dataset=data.train, loss=loss,
                            callbacks=[JsonlLogCallback(run_dir / "log.jsonl")])
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-
-    after = score()
-    save_folder_atomically(run_dir / "model", lambda folder: model.save_pretrained(str(folder),
-                                                                                  create_model_card=False))
-    section = write_retrieval_predictions(run_dir, before, after)
+    metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16,
+                                save=lambda target: save_folder_atomically(target, lambda folder: model.save_pretrained(
+                                    str(folder), create_model_card=False)))
+    section = write_retrieval_predictions(run_dir, before, metrics["after"])
     metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
+        **metrics,
         "loss": recipe.embed.loss,
         "queries": section["queries"],
         "documents": section["documents"],

@@ -22,6 +22,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, generation_metrics
 from tunelab.evaluation.judge import judge_generations, load_reward
 from tunelab.evaluation.uncertainty import ROWS_KEY
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, check_decoder, existing_model, load_tokenizer
 from tunelab.recipe import Recipe, RewardSource
@@ -30,17 +31,14 @@ from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_rete
 from tunelab.runs.folder import run_folder
 from tunelab.trainer import (
     JsonlLogCallback,
-    TunedMixin,
-    last_checkpoint,
+    TunelabMixin,
     resolve_bf16,
-    save_model,
     training_arguments,
-    training_summary,
 )
 
 
-class TunedGRPOTrainer(TunedMixin, GRPOTrainer):
-    """TRL's GRPOTrainer with tunelab's meter and training savings (TunedMixin)."""
+class TunelabGRPOTrainer(TunelabMixin, GRPOTrainer):
+    """TRL's GRPOTrainer with tunelab's meter and training savings (TunelabMixin)."""
 
 
 def load_data(recipe: Recipe) -> GenerativeData:
@@ -80,7 +78,7 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     reward = load_reward(recipe.reward, recipe.eval.batch_size, bf16)
     train_rows, eval_rows = prompt_rows(data.train, fmt), prompt_rows(data.eval, fmt)
     say(f"tunelab: {params}; {len(train_rows)} train prompts, {len(eval_rows)} eval prompts ({data.eval_split})")
-    trainer = TunedGRPOTrainer(
+    trainer = TunelabGRPOTrainer(
         model=model,
         reward_funcs=[reward],
         args=training_arguments(
@@ -108,18 +106,15 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     score = with_retention(score, recipe, trainer, tokenizer, bf16)
     before = load_or_score_baseline(run_dir, score)
     say(f"tunelab: before training: mean reward {before['mean_reward']:.4f}")
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-    after = score()
-    save_model(trainer, run_dir / "model")
+    metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16,
+                                train_rows=len(train_rows), eval_rows=len(eval_rows))
+    after = metrics["after"]
     judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size, bf16,
                                {key: samples[key] for key in samples.column_names if key != "prompt"}
                                ) if recipe.eval.judge else {}
     extra = write_samples(run_dir, samples["prompt"], samples["reference"], before, after)
     metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(train_rows), eval_rows=len(eval_rows),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
+        **metrics,
         **reward_trend(trainer.state.log_history),
         "reward_source": recipe.reward.function or recipe.reward.model,
         "data_format": data.format,  # how `tunelab generate` and `serve` put a prompt into the trained shape

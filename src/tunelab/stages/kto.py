@@ -21,6 +21,7 @@ from tunelab.data.preference import PreferenceData, load_preference_data
 from tunelab.evaluation.generation import generate_texts
 from tunelab.evaluation.implicit_reward import completion_logps, pair_completions, reference_context, reward_metrics
 from tunelab.evaluation.judge import judge_generations
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, check_decoder, existing_model, load_tokenizer
 from tunelab.recipe import Recipe
@@ -29,19 +30,16 @@ from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_rete
 from tunelab.stages.dpo import replay_options, replayed, single_pass_options
 from tunelab.trainer import (
     JsonlLogCallback,
-    TunedMixin,
-    last_checkpoint,
+    TunelabMixin,
     plan_selection,
     resolve_bf16,
-    save_model,
     training_arguments,
-    training_summary,
 )
 
 
-class TunedKTOTrainer(ReplayLossMixin, TunedMixin, KTOTrainer):
+class TunelabKTOTrainer(ReplayLossMixin, TunelabMixin, KTOTrainer):
     """TRL's KTOTrainer with data.replay's language-model loss (ReplayLossMixin) and tunelab's meter and
-    training savings (TunedMixin)."""
+    training savings (TunelabMixin)."""
 
 
 def shuffled_completions(data: PreferenceData, seed: int):
@@ -82,7 +80,7 @@ def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path
     say(f"tunelab: {params}; {len(data.train)} train {unit}{replayed(data, recipe)}, {len(data.eval)} eval {unit} "
         f"({data.eval_split})")
     preference = recipe.preference
-    trainer = TunedKTOTrainer(
+    trainer = TunelabKTOTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=KTOConfig, beta=preference.beta,
                                 desirable_weight=preference.desirable_weight,
@@ -117,22 +115,11 @@ def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path
 
     score = with_retention(score, recipe, trainer, tokenizer, bf16)
     before = load_or_score_baseline(run_dir, score)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-    after = score()
-    save_model(trainer, run_dir / "model")
+    metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16)
+    after = metrics["after"]
     judged = judge_generations(recipe.eval.judge, samples["prompt"], before, after, recipe.eval.batch_size,
                                bf16) if recipe.eval.judge and len(samples) else {}
     extra = write_samples(run_dir, samples["prompt"], samples["chosen" if data.paired else "completion"], before,
                           after)
-    metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name),
-        "loss_type": "kto",
-        "beta": preference.beta,
-        "paired": data.paired,
-        "replay_rows": len(data.replay) if data.replay is not None else 0,
-        **judged,
-    }
+    metrics = {**metrics, "loss_type": "kto", "beta": preference.beta, "paired": data.paired, **judged}
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

@@ -21,24 +21,22 @@ from tunelab.data.preference import PreferenceData, load_preference_data
 from tunelab.evaluation.classification import predict_logits
 from tunelab.evaluation.judge import REWARD_LABELS, reward_texts
 from tunelab.evaluation.uncertainty import ROWS_KEY
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, existing_model, is_decoder, load_classifier, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline
 from tunelab.trainer import (
     JsonlLogCallback,
-    TunedMixin,
-    last_checkpoint,
+    TunelabMixin,
     plan_selection,
     resolve_bf16,
-    save_model,
     training_arguments,
-    training_summary,
 )
 
 
-class TunedRewardTrainer(TunedMixin, RewardTrainer):
-    """TRL's RewardTrainer with tunelab's meter and training savings (TunedMixin)."""
+class TunelabRewardTrainer(TunelabMixin, RewardTrainer):
+    """TRL's RewardTrainer with tunelab's meter and training savings (TunelabMixin)."""
 
 
 def load_data(recipe: Recipe) -> PreferenceData:
@@ -68,7 +66,7 @@ def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path
     before = load_or_score_baseline(run_dir, score)
     say(f"tunelab: before training: pairwise accuracy {before['pairwise_accuracy']:.4f}")
     selection = plan_selection(data, recipe.eval)
-    trainer = TunedRewardTrainer(
+    trainer = TunelabRewardTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=RewardConfig,
                                 # pairs have no input_ids column to group by length
@@ -80,16 +78,8 @@ def run(recipe: Recipe, data: PreferenceData, source: ModelSource, run_dir: Path
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(run_dir / "log.jsonl")],
     )
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-    after = score()
-    save_model(trainer, run_dir / "model")
-    metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name,
-                           selected_on=selection.selected_on),
-    }
+    metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16,
+                                selected_on=selection.selected_on)
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}")
 
 

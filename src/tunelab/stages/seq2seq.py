@@ -18,19 +18,17 @@ from tunelab.console import say
 from tunelab.data.generative import GenerativeData, load_generative_data
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.models.loading import ModelSource, existing_model, is_decoder, load_seq2seq, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
     JsonlLogCallback,
-    TunedTrainer,
-    last_checkpoint,
+    TunelabTrainer,
     plan_selection,
     resolve_bf16,
-    save_model,
     training_arguments,
-    training_summary,
 )
 
 
@@ -74,7 +72,7 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     say(f"tunelab: {params}; {len(data.train)} train rows, {len(data.eval)} eval rows ({data.eval_split})")
     selection = plan_selection(data, recipe.eval)
     reported = encode_pairs(data.eval, tokenizer, start, recipe.model.max_length)
-    trainer = TunedTrainer(
+    trainer = TunelabTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, prediction_loss_only=True,
                                 selection=selection),
@@ -93,15 +91,7 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
 
     before = load_or_score_baseline(run_dir, score)
     say(f"tunelab: before training: loss {before['loss']:.4f}, exact match {before.get('exact_match', 0):.4f}")
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-    after = score()
-    save_model(trainer, run_dir / "model")
-    extra = write_samples(run_dir, samples["prompt"], samples["response"], before, after)
-    metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=len(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name,
-                           selected_on=selection.selected_on),
-    }
+    metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16,
+                                selected_on=selection.selected_on)
+    extra = write_samples(run_dir, samples["prompt"], samples["response"], before, metrics["after"])
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)

@@ -32,6 +32,7 @@ from tunelab.data.sft_encoding import (
 from tunelab.data.sources import row_count
 from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
+from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import (
     ModelSource,
@@ -46,18 +47,15 @@ from tunelab.runs.artifacts import finish_run, load_or_score_baseline, with_rete
 from tunelab.sharding import fsdp_loading
 from tunelab.trainer import (
     JsonlLogCallback,
-    TunedMixin,
-    last_checkpoint,
+    TunelabMixin,
     plan_selection,
     resolve_bf16,
-    save_model,
     training_arguments,
-    training_summary,
 )
 
 
-class TunedSFTTrainer(TunedMixin, SFTTrainer):
-    """TRL's SFTTrainer with tunelab's meter and training savings (TunedMixin)."""
+class TunelabSFTTrainer(TunelabMixin, SFTTrainer):
+    """TRL's SFTTrainer with tunelab's meter and training savings (TunelabMixin)."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """A loss-only evaluation step in one forward pass. HF's step asks `compute_loss` for the outputs as well,
@@ -118,7 +116,7 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     say(f"tunelab: {params}; {row_count(data.train) or 'streamed'} train rows{replayed}, {len(data.eval)} eval rows "
         f"({data.eval_split})")
 
-    trainer = TunedSFTTrainer(
+    trainer = TunelabSFTTrainer(
         model=model,
         args=training_arguments(recipe.train, recipe.eval, run_dir, bf16, args_class=SFTConfig,
                                 selection=selection, **sft_options(recipe)),
@@ -139,30 +137,24 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     # base model; prompt/prefix tuning start from random virtual tokens).
     before = load_or_score_baseline(run_dir, score)
     say(f"tunelab: before training: {summary(before)}")
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(run_dir) if resume else None)
-    after = score()
-    save_model(trainer, run_dir / "model")
+    metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16,
+                                selected_on=selection.selected_on, train_rows=row_count(data.train))
     extra = write_samples(run_dir, [sample_prompt(row, fmt) for row in samples], samples["response"], before,
-                          after) if samples is not None else []
+                          metrics["after"]) if samples is not None else []
     metrics = {
-        "before": before,
-        "after": after,
-        **training_summary(trainer, result, params, bf16, train_rows=row_count(data.train), eval_rows=len(data.eval),
-                           eval_split=data.eval_split, model_name=recipe.model.name,
-                           selected_on=selection.selected_on),
+        **metrics,
         "shots": recipe.data.shots,
         "data_format": data.format,
         "chat_template": fmt.uses_chat_template if fmt else None,
         "packing": recipe.train.packing or recipe.task == "pretrain",
         "padding_free": recipe.task == "sft" and uses_padding_free(recipe),
         "streaming": recipe.data.streaming,  # train_rows is then null: train_loop_samples counts what trained
-        "replay_rows": len(data.replay) if data.replay is not None else 0,
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
 
 
 def filler_row(recipe: Recipe, train_rows) -> dict | None:
-    """A real row's tokens with no token to predict, for TunedMixin to fill the short batch of N processes (the
+    """A real row's tokens with no token to predict, for TunelabMixin to fill the short batch of N processes (the
     loss sums token losses over the step's counted tokens, so it adds nothing). None where the training order is
     not length-grouped rows (packing, pretrain's blocks, a random order): those keep the Trainer's own order."""
     if recipe.task != "sft" or recipe.train.packing or not recipe.train.group_by_length:
@@ -192,7 +184,7 @@ def sft_options(recipe: Recipe) -> dict:
     pretrain chunks the concatenated texts into max_length blocks (TRL's "wrapped" packing), train and eval alike,
     so perplexity is measured on the same kind of blocks the model trains on. sft with packing uses best-fit
     decreasing packing without padding: rows stay whole and position ids restart at each row. (Padding-free
-    batches are scored at most a training batch at a time unless their rows attend apart: see TunedMixin.)
+    batches are scored at most a training batch at a time unless their rows attend apart: see TunelabMixin.)
     """
     # prediction_loss_only: evaluation needs the loss, not every token's logits over the vocabulary (GiBs).
     if recipe.task == "pretrain":
