@@ -550,21 +550,28 @@ class FewshotRecipe(Recipe):
         return self
 
 
-class TextRecipe(Recipe):
-    """sft, pretrain and seq2seq: a model trained on text, its checkpoints picked by eval loss (it has no accuracy
-    during training; exact match and ROUGE-L are scored after)."""
+class PickedByLossRecipe(Recipe):
+    """A task without accuracy during training: its checkpoints are picked by eval loss, and the in-context
+    classification baseline means nothing for it."""
 
     @model_validator(mode="after")
-    def _picked_by_loss(self) -> TextRecipe:
+    def _picked_by_loss(self) -> PickedByLossRecipe:
         if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
-            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss "
-                             f"(exact match and ROUGE-L are scored after training)")
+            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss")
         if self.eval.in_context_shots is not None:
             raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
+        self.eval.best_metric = "loss"
+        return self
+
+
+class TextRecipe(PickedByLossRecipe):
+    """sft, pretrain and seq2seq: a model trained on text (exact match and ROUGE-L are scored after training)."""
+
+    @model_validator(mode="after")
+    def _rows_apart(self) -> TextRecipe:
         if self.train.packing and self.method.name in VIRTUAL_TOKEN_METHODS:
             raise ValueError(f"train.packing needs position ids that restart per row, and peft drops them for method "
                              f"{self.method.name}; drop train.packing or use lora")
-        self.eval.best_metric = "loss"
         return self
 
 
@@ -593,22 +600,17 @@ class Seq2seqRecipe(TextRecipe):
         return self
 
 
-class PairsRecipe(Recipe):
+class PairsRecipe(PickedByLossRecipe):
     """reward, dpo and kto: trained on chosen/rejected pairs (kto: also single marked responses), so no labels to
-    sample shots from, no packing, checkpoints picked by eval loss."""
+    sample shots from, and no packing."""
 
     @model_validator(mode="after")
     def _pairs_not_labels(self) -> PairsRecipe:
         if self.data.shots is not None:
             raise ValueError(f"data.shots samples k rows per label, and task {self.task} has pairs, not labels; use "
                              f"data.train_size")
-        if self.eval.in_context_shots is not None:
-            raise ValueError(f"eval.in_context_shots is a classification baseline; drop it for task {self.task}")
         if self.train.packing:
             raise ValueError(f"train.packing is for sft and pretrain; drop it for task {self.task}")
-        if "best_metric" in self.eval.model_fields_set and self.eval.best_metric != "loss":
-            raise ValueError(f"task {self.task} picks the best checkpoint by eval loss; set eval.best_metric: loss")
-        self.eval.best_metric = "loss"
         return self
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.generative import random_subsample
-from tunelab.data.sources import eval_split_name, load_splits
+from tunelab.data.sources import load_splits, train_and_eval
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -41,15 +41,8 @@ def load_pair_data(cfg: DataConfig, scored: bool) -> PairData:
                            "data.text to the query column and data.text_pair to the column of the text each query "
                            "should find")
     splits = load_splits(cfg.source)
-    eval_name = eval_split_name(cfg, splits)
-    train, dropped = normalise_pairs(splits[cfg.train_split], cfg, scored, cfg.train_split)
-    if eval_name is not None:
-        evaluation, dropped_eval = normalise_pairs(splits[eval_name], cfg, scored, eval_name)
-        dropped += dropped_eval
-    else:
-        parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
-        train, evaluation = parts["train"], parts["test"]
-        eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
+    train, evaluation, eval_name, dropped = train_and_eval(
+        splits, cfg, lambda split, name: normalise_pairs(split, cfg, scored, name))
     evaluation = random_subsample(evaluation, cfg.eval_size, cfg.seed)
     if len(evaluation) < 2:
         raise TunelabError(f"eval split '{eval_name}' holds {len(evaluation)} pair; retrieval needs at least two "

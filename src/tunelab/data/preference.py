@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import datasets
 
 from tunelab.data.generative import load_replay, random_subsample
-from tunelab.data.sources import eval_split_name, load_splits, split_off_validation
+from tunelab.data.sources import load_splits, split_off_validation, train_and_eval
 from tunelab.errors import TunelabError
 from tunelab.recipe import DataConfig
 
@@ -64,15 +64,8 @@ def read_preference_data(cfg: DataConfig, unpaired_ok: bool) -> PreferenceData:
 def split_and_sample(splits: datasets.DatasetDict, cfg: DataConfig, has_prompt: bool, normalise,
                      paired: bool) -> PreferenceData:
     """Normalise the train and eval splits (or hold out part of train), then subsample both."""
-    eval_name = eval_split_name(cfg, splits)
-    train, dropped = normalise(splits[cfg.train_split], cfg, has_prompt, cfg.train_split)
-    if eval_name is not None:
-        evaluation, dropped_eval = normalise(splits[eval_name], cfg, has_prompt, eval_name)
-        dropped += dropped_eval
-    else:
-        parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
-        train, evaluation = parts["train"], parts["test"]
-        eval_name = f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
+    train, evaluation, eval_name, dropped = train_and_eval(
+        splits, cfg, lambda split, name: normalise(split, cfg, has_prompt, name))
     train, validation, validation_name = split_off_validation(
         cfg, splits, eval_name, train, lambda split, name: normalise(split, cfg, has_prompt, name)[0])
     return PreferenceData(train=random_subsample(train, cfg.train_size, cfg.seed),

@@ -121,6 +121,18 @@ def column_names(split: Split) -> list[str]:
     return list(next(iter(split), {}))
 
 
+def train_and_eval(splits: dict, cfg: DataConfig, normalise) -> tuple:
+    """The train split and the eval split, each through `normalise(split, name) → (rows, dropped rows)`; without an
+    eval split, `holdout_fraction` of train held out (seeded). Returns (train, eval, eval split name, dropped)."""
+    eval_name = eval_split_name(cfg, splits)
+    train, dropped = normalise(splits[cfg.train_split], cfg.train_split)
+    if eval_name is not None:
+        evaluation, dropped_eval = normalise(splits[eval_name], eval_name)
+        return train, evaluation, eval_name, dropped + dropped_eval
+    parts = train.train_test_split(test_size=cfg.holdout_fraction, seed=cfg.seed)
+    return parts["train"], parts["test"], f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})", dropped
+
+
 def eval_split_name(cfg: DataConfig, splits: dict) -> str | None:
     """Check data.train_split / data.eval_split against a source's splits; the eval split to use, or None (hold out)."""
     if cfg.train_split not in splits:
