@@ -191,6 +191,13 @@ def check_decoder(source: ModelSource, name: str, task: str, instead: str) -> No
         raise TunelabError(f"task {task} trains a decoder (causal LM), but '{name}' is not one; {instead}")
 
 
+def check_encoder(source: ModelSource, refusal: str) -> None:
+    """Refuse a decoder (a causal LM) with `refusal` where a task needs an encoder (a Hub id is checked as it
+    loads)."""
+    if source.origin != "hub" and is_decoder(source.location):
+        raise TunelabError(refusal)
+
+
 def check_qlora_available() -> None:
     """QLoRA's 4-bit base needs CUDA and bitsandbytes; say why not, before anything runs."""
     if not torch.cuda.is_available():

@@ -40,7 +40,7 @@ from tunelab.distributed import is_main_process
 from tunelab.errors import TunelabError
 from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters
-from tunelab.models.loading import ModelSource, existing_model, is_decoder
+from tunelab.models.loading import ModelSource, check_encoder, existing_model
 from tunelab.models.sentence_encoder import load_sentence_encoder
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, save_folder_atomically
@@ -68,9 +68,8 @@ def load_data(recipe: Recipe) -> PairData:
 def check_model(recipe: Recipe, data: PairData, import_code: bool = True) -> ModelSource:
     """The model exists and is an encoder (its sentence embedding is what trains)."""
     source = existing_model(recipe.model.name)
-    if source.origin != "hub" and is_decoder(source.location):
-        raise TunelabError(f"task embed tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
-                           f"encoder (minilm, mpnet-base)")
+    check_encoder(source, f"task embed tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
+                          f"encoder (minilm, mpnet-base)")
     return source
 
 

@@ -23,11 +23,10 @@ from transformers import set_seed
 
 from tunelab.console import say
 from tunelab.data.labelled import LabelledData, load_labelled_data
-from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics
 from tunelab.evaluation.uncertainty import classification_rows
 from tunelab.methods.apply import count_parameters
-from tunelab.models.loading import ModelSource, existing_model, is_decoder
+from tunelab.models.loading import ModelSource, check_encoder, existing_model
 from tunelab.models.sentence_encoder import head_parameter_count, load_setfit_model, setfit_probabilities
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, save_folder_atomically, write_predictions
@@ -43,9 +42,8 @@ def load_data(recipe: Recipe) -> LabelledData:
 def check_model(recipe: Recipe, data: LabelledData, import_code: bool = True) -> ModelSource:
     """The model exists and is a sentence encoder."""
     source = existing_model(recipe.model.name)
-    if source.origin != "hub" and is_decoder(source.location):
-        raise TunelabError(f"task fewshot tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
-                           f"encoder (minilm, mpnet-base) or task: classify")
+    check_encoder(source, f"task fewshot tunes a sentence encoder, but '{recipe.model.name}' is a decoder; use an "
+                          f"encoder (minilm, mpnet-base) or task: classify")
     return source
 
 

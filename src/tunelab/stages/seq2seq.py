@@ -20,7 +20,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, score_generative
 from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import apply_method, count_parameters
-from tunelab.models.loading import ModelSource, existing_model, is_decoder, load_seq2seq, load_tokenizer
+from tunelab.models.loading import ModelSource, check_encoder, existing_model, load_seq2seq, load_tokenizer
 from tunelab.recipe import Recipe
 from tunelab.runs.artifacts import finish_run, load_or_score_baseline, write_samples
 from tunelab.trainer import (
@@ -52,9 +52,8 @@ def load_data(recipe: Recipe) -> GenerativeData:
 def check_model(recipe: Recipe, data: GenerativeData, import_code: bool = True) -> ModelSource:
     """An encoder-decoder, or an encoder to warm-start one from: not a decoder."""
     source = existing_model(recipe.model.name)
-    if source.origin != "hub" and is_decoder(source.location):
-        raise TunelabError(f"task seq2seq needs an encoder-decoder (T5, BART) or an encoder to warm-start one from "
-                           f"(e.g. minilm), but '{recipe.model.name}' is a decoder; use task sft for decoders")
+    check_encoder(source, f"task seq2seq needs an encoder-decoder (T5, BART) or an encoder to warm-start one from "
+                          f"(e.g. minilm), but '{recipe.model.name}' is a decoder; use task sft for decoders")
     return source
 
 
