@@ -138,7 +138,7 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
     before = load_or_score_baseline(run_dir, score)
     say(f"tunelab: before training: {summary(before)}")
     metrics = train_and_rescore(trainer, score, before, recipe, data, run_dir, resume, params=params, bf16=bf16,
-                                selected_on=selection.selected_on, train_rows=row_count(data.train))
+                                selected_on=selection.selected_on)
     extra = write_samples(run_dir, [sample_prompt(row, fmt) for row in samples], samples["response"], before,
                           metrics["after"]) if samples is not None else []
     metrics = {
