@@ -43,8 +43,7 @@ def check_model(recipe: Recipe, data: LabelledData, import_code: bool = True) ->
     """The model exists; an in-context baseline prompts a decoder; an earlier classify run keeps its head only for
     the same labels (what would fail, or silently mislead, only after the baseline was scored)."""
     source = existing_model(recipe.model.name)
-    decoder = source.origin != "hub" and is_decoder(source.location)
-    if recipe.eval.in_context_shots and source.origin != "hub" and not decoder:
+    if recipe.eval.in_context_shots and source.origin != "hub" and not is_decoder(source.location):
         raise TunelabError(f"eval.in_context_shots prompts a decoder, but '{recipe.model.name}' is an encoder; "
                            f"use a decoder (e.g. smollm2-135m) or drop eval.in_context_shots")
     earlier = run_folder(recipe.model.name) if source.origin == "run" else None
