@@ -774,7 +774,13 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
-    parts = key.strip().split(".")
+    set_dotted(raw, key.strip(), value, f"override '{override}'")
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """Set `a.b.c` to `value` in a raw recipe dict, creating sections on the way (`what` names the setting in the
+    error when a part of the path is a value)."""
+    parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -783,7 +789,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if child is None:
             child = {}
         if not isinstance(child, dict):
-            raise TunelabError(f"override '{override}': '{part}' is a value, not a section")
+            raise TunelabError(f"{what}: '{part}' is a value, not a section")
         node[part] = child
         node = child
     node[parts[-1]] = value

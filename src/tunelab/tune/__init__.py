@@ -1,0 +1,1 @@
+"""tunelab tune: hyperparameter search on Optuna (issue 29, in progress)."""

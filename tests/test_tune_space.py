@@ -1,0 +1,51 @@
+"""tunelab tune's search space: YAML over recipe keys to Optuna distributions, checked by the recipe schema."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.recipe import validate_recipe
+from tunelab.tune.space import check_space, default_space, parse_space, suggest, with_values
+
+RAW = {"name": "r", "task": "sft", "model": {"name": "m"}, "data": {"source": "s"},
+       "method": {"name": "lora", "r": 16}, "train": {"epochs": 3}}
+
+
+def test_each_kind_becomes_its_optuna_distribution_and_trials_draw_inside_it():
+    space = parse_space({"train.learning_rate": {"log_uniform": [1e-5, 1e-3]},
+                         "train.warmup_ratio": {"uniform": [0.0, 0.2]}, "train.epochs": {"int": [1, 4]},
+                         "method.r": {"choice": [4, 8, 16]}}, "space")
+    check_space(RAW, space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        values = suggest(study.ask(), space)
+        assert 1e-5 <= values["train.learning_rate"] <= 1e-3 and 0 <= values["train.warmup_ratio"] <= 0.2
+        assert values["train.epochs"] in range(1, 5) and values["method.r"] in (4, 8, 16)
+        recipe = validate_recipe(with_values(RAW, values))
+        assert recipe.method.r == values["method.r"] and recipe.train.epochs == values["train.epochs"]
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"train.learnin_rate": {"uniform": [0.1, 0.2]}}, "search space key 'train.learnin_rate' = 0.1: unknown key"),
+    ({"train.warmup_ratio": {"uniform": [0.0, 1.5]}}, "'train.warmup_ratio' = 1.5 is invalid"),
+    ({"method.r": {"int": [0, 8]}}, "search space key 'method.r' = 0"),
+    ({"train.epochs": {"between": [1, 2]}}, "'train.epochs' needs one of log_uniform, uniform, int"),
+    ({"train.learning_rate": {"log_uniform": [0, 1e-3]}}, "needs low > 0"),
+    ({"train.epochs": {"int": [3, 1]}}, "needs [low, high] with low < high"),
+])
+def test_a_bad_space_is_refused_in_one_line_before_any_trial(space, message):
+    with pytest.raises(TunelabError, match=None) as refused:
+        check_space(RAW, parse_space(space, "--space s.yaml"))
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_the_default_space_searches_rate_epochs_and_lora_rank():
+    space = default_space(validate_recipe(RAW))
+    assert set(space) == {"train.learning_rate", "train.epochs", "method.r"}
+    rate = validate_recipe(RAW).train.learning_rate
+    assert space["train.learning_rate"].low == pytest.approx(rate / 10) and space["train.epochs"].high == 6
+    full = default_space(validate_recipe({**RAW, "method": "full"}))
+    assert "method.r" not in full
+    check_space(RAW, space)
