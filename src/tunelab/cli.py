@@ -51,6 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--quiet", action="store_true", help="print only the result line")
     shown.add_argument("--json", action="store_true", help="print only the final metrics, as one JSON line")
 
+    tune = commands.add_parser("tune", help="search hyperparameters on Optuna, judged on validation only; then "
+                                            "the winner against your recipe on the reported split")
+    tune.add_argument("recipe", nargs="?", help="recipe YAML file (omit with --resume)")
+    tune.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the recipe")
+    tune.add_argument("--trials", type=positive_int, default=16, help="trials in all (default: %(default)s)")
+    tune.add_argument("--space", help="YAML of recipe keys and ranges, e.g. train.learning_rate: {log_uniform: "
+                                      "[1.0e-5, 1.0e-3]} (default: the task and method's own space; README)")
+    tune.add_argument("--timeout", type=duration, help="stop starting trials after this long, e.g. 30m, 2h, 90s")
+    tune.add_argument("--workers", type=positive_int, default=1, help="trial processes on this machine, the cores "
+                                                                      "split between them (default: 1)")
+    tune.add_argument("--storage", help="Optuna storage shared by workers on several machines: postgresql://…, "
+                                        "mysql://…, sqlite:///PATH or journal:PATH (default: the study folder's "
+                                        "SQLite file)")
+    tune.add_argument("--study", help="study name in --storage; every machine gives the same (default: the folder's)")
+    tune.add_argument("--metric", help="validation score to optimise (default: the task's: accuracy, loss, …)")
+    tune.add_argument("--output", help="study folder to create (default: runs/<name>-tune-<timestamp>)")
+    tune.add_argument("--resume", action="store_true", help="continue the killed study in --output")
+    tune.add_argument("--refit", action="store_true", help="train the final runs on train + validation (default: "
+                                                           "on train, validation picking the checkpoint, as the "
+                                                           "trials did)")
+    tune.add_argument("--search-only", action="store_true", help="run trials only (extra machines joining a study); "
+                                                                 "no final runs")
+
     validate = commands.add_parser("validate", help="check a recipe and its data; print the resolved recipe")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
@@ -164,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAILING_LISTS = {"train": "overrides", "validate": "overrides", "predict": "texts", "curve": "overrides",
-                  "generate": "texts"}
+TRAILING_LISTS = {"train": "overrides", "tune": "overrides", "validate": "overrides", "predict": "texts",
+                  "curve": "overrides", "generate": "texts"}
 
 
 def add_generation_options(parser: argparse.ArgumentParser, default_tokens: int = 64) -> None:
@@ -174,6 +197,19 @@ def add_generation_options(parser: argparse.ArgumentParser, default_tokens: int 
                         help="longest answer in tokens (default: %(default)s)")
     parser.add_argument("--temperature", type=non_negative_float, default=0.0,
                         help="0 = greedy, reproducible (default); above 0 samples")
+
+
+def duration(text: str) -> float:
+    """argparse type: seconds from '90', '90s', '30m' or '2h'."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit.lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration; write e.g. 90s, 30m or 2h") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return seconds
 
 
 def non_negative_float(text: str) -> float:
@@ -292,6 +328,26 @@ def cmd_train(args) -> int:
         print(f"tunelab: {headline_changes(metrics)}; report: {run_dir / 'report.html'}")
     else:
         print(f"tunelab: {metrics['train_samples_per_second']:.2f} train samples/s; report: {run_dir / 'report.html'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tunelab.tune.study import TuneRequest, tune
+
+    if args.resume and args.recipe is not None and args.recipe.endswith((".yaml", ".yml")):
+        raise TunelabError("--resume continues the study in --output with its own recipe; drop the recipe argument")
+    study_dir, summary = tune(TuneRequest(
+        recipe=args.recipe, overrides=tuple(args.overrides), trials=args.trials, space=args.space,
+        timeout=args.timeout, workers=args.workers, storage=args.storage, study=args.study, output=args.output,
+        resume=args.resume, metric=args.metric, refit=args.refit, search_only=args.search_only))
+    counts = summary["counts"]
+    print(f"tunelab tune: {counts['complete']} trials finished, {counts['pruned']} pruned, {counts['fail']} failed in "
+          f"{summary['wall_seconds'] / 60:.1f} min")
+    final = summary["final"]
+    if final is not None:
+        for metric, line in final["verdict"].items():
+            print(f"tunelab tune: {metric} on {final['reported_on']}, your recipe → tuned: {line}")
+        print(f"tunelab tune: best recipe {study_dir / 'best_recipe.yaml'}; report {study_dir / 'report.html'}")
     return 0
 
 
@@ -522,6 +578,6 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "tune": cmd_tune, "validate": cmd_validate, "eval": cmd_eval, "predict": cmd_predict,
             "models": cmd_models, "bench": cmd_bench, "curve": cmd_curve, "generate": cmd_generate, "chat": cmd_chat,
             "pipeline": cmd_pipeline, "ui": cmd_ui, "export": cmd_export, "serve": cmd_serve}

@@ -740,6 +740,12 @@ def task_sections(task: str) -> list[str]:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply `dotted.key=value` overrides and validate it, or raise TunelabError."""
+    return validate_recipe(read_raw_recipe(path, overrides), source=str(path))
+
+
+def read_raw_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML recipe as written, with `dotted.key=value` overrides applied, not yet validated (`tunelab tune` sets
+    its trials' values in it, so that defaults that follow other keys, such as LoRA's alpha = 2 × r, follow them)."""
     path = Path(path)
     if not path.is_file():
         raise TunelabError(f"recipe file '{path}' does not exist; give the path to a .yaml recipe "
@@ -762,7 +768,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw.setdefault("name", slug(path.stem))
     for override in overrides or []:
         apply_override(raw, override)
-    return validate_recipe(raw, source=str(path))
+    return raw
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -46,6 +46,7 @@ class Task:
     fp32_only: bool = False  # trains in fp32 whatever train.precision says
     pipeline_tag: str = "text-generation"  # the Hugging Face Hub's pipeline tag of its exported model card
     embeds: bool = False  # serve's /v1/embeddings (its model/ is a sentence-transformers folder)
+    searched_on: str = "accuracy"  # the validation score `tunelab tune` optimises unless --metric names another
 
     def stage(self) -> ModuleType:
         """The task's stage module: its `load_data`, `check_model` and `run`."""
@@ -64,22 +65,28 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          labels=True, one_process=True, fp32_only=True),
     Task("sft", "decoder", "answers prompts", "tunelab.stages.sft",
          answers=True, prompts="template", exports=("hf", "gguf"), verify=True, streaming=True, replay=True,
-         base_answers=True, fsdp=True),
+         base_answers=True, fsdp=True, searched_on="loss"),
     Task("pretrain", "decoder", "continues text of a domain", "tunelab.stages.sft",
          answers=True, prompts="plain", exports=("hf", "gguf"), streaming=True, replay=True, base_answers=True,
-         fsdp=True),
+         fsdp=True, searched_on="loss"),
     Task("seq2seq", "seq2seq", "rewrites an input text into an output text", "tunelab.stages.seq2seq",
-         answers=True, prompts="encoder", exports=("hf",), pipeline_tag="text2text-generation"),
+         answers=True, prompts="encoder", exports=("hf",), pipeline_tag="text2text-generation",
+         searched_on="loss"),
     Task("reward", "reward", "scores a response (reward model)", "tunelab.stages.reward",
-         scores=True, exports=("hf", "onnx"), pipeline_tag="text-classification"),
+         scores=True, exports=("hf", "onnx"), pipeline_tag="text-classification",
+         searched_on="pairwise_accuracy"),
     Task("dpo", "decoder", "answers prompts as preferred (DPO family)", "tunelab.stages.dpo",
-         answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True),
+         answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True,
+         searched_on="preference_accuracy"),
     Task("kto", "decoder", "answers prompts as preferred (KTO)", "tunelab.stages.kto",
-         answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True),
+         answers=True, prompts="plain", exports=("hf", "gguf"), judged=True, replay=True, base_answers=True,
+         searched_on="preference_accuracy"),
     Task("grpo", "decoder", "answers prompts for a higher reward (GRPO)", "tunelab.stages.grpo",
-         answers=True, prompts="template", exports=("hf", "gguf"), judged=True, base_answers=True),
+         answers=True, prompts="template", exports=("hf", "gguf"), judged=True, base_answers=True,
+         searched_on="mean_reward"),
     Task("embed", "embedder", "embeds texts so that each query finds its paired text (retrieval, similarity)",
-         "tunelab.stages.embed", embeds=True, exports=("hf", "onnx"), pipeline_tag="sentence-similarity"),
+         "tunelab.stages.embed", embeds=True, exports=("hf", "onnx"), pipeline_tag="sentence-similarity",
+         searched_on="ndcg_at_10"),
 )}
 
 TASK_NAMES = tuple(TASKS)

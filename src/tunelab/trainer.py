@@ -6,6 +6,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,18 @@ from tunelab.sharding import name_deepspeed_accelerator, strategy_name, training
 from tunelab.speedups import speedups_of_this_run
 
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
+_callbacks_of_runs: list[list[TrainerCallback]] = []
+
+
+@contextmanager
+def callbacks_for_run(callbacks: list[TrainerCallback]) -> Iterator[None]:
+    """Inside the block every trainer a stage builds also calls `callbacks` (`tunelab tune` reports each epoch's
+    validation score to Optuna through one, and stops a trial Optuna prunes)."""
+    _callbacks_of_runs.append(callbacks)
+    try:
+        yield
+    finally:
+        _callbacks_of_runs.remove(callbacks)
 
 
 def resolve_bf16(precision: str) -> bool:
@@ -407,6 +420,8 @@ class TunelabMixin(MeteredMixin):
             self.args.per_device_eval_batch_size = min(self.args.per_device_eval_batch_size,
                                                        self.args.train_batch_size * self.args.world_size)
         show_tunelab_progress(self)
+        for callback in _callbacks_of_runs[-1] if _callbacks_of_runs else []:
+            self.add_callback(callback)
 
     def train(self, *args, **kwargs):
         """Train as the Trainer does (with freed memory kept in the heap for the next step: CPU, glibc)."""

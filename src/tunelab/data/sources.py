@@ -36,20 +36,33 @@ def find_local_copy(source: str) -> Path | None:
     return None
 
 
-def load_splits(source: str, stream: str | None = None) -> dict[str, Split]:
+def load_splits(source: str, stream: str | None = None, skip: tuple[str, ...] = ()) -> dict[str, Split]:
     """Read every split of a data source into `datasets.Dataset`s keyed by split name; the split named `stream`
-    (data.streaming's train split) becomes an IterableDataset instead, read from disk as it is iterated."""
+    (data.streaming's train split) becomes an IterableDataset instead, read from disk as it is iterated. Splits
+    named in `skip` are left unread (`tunelab tune` never opens the split it reports until the search is over)."""
     path = Path(source).expanduser()
     if path.is_file():
         return {"train": read_file(path, streaming=stream == "train")}
     if path.is_dir():
-        return read_split_folder(path, stream)
+        return read_split_folder(path, stream, skip)
     if _looks_like_path(source):
         raise TunelabError(f"data.source '{source}' does not exist; give an existing file or folder, or a Hub id")
     local = find_local_copy(source)
     if local is not None:
-        return read_split_folder(local, stream)
-    return _load_from_hub(source, stream)
+        return read_split_folder(local, stream, skip)
+    return {name: split for name, split in _load_from_hub(source, stream).items() if name not in skip}
+
+
+def split_names(source: str) -> list[str]:
+    """The names of a source's splits, without reading their rows (a Hub dataset not found locally: its loaded
+    splits)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return ["train"]
+    folder = path if path.is_dir() else find_local_copy(source)
+    if folder is None:
+        return list(load_splits(source))
+    return [split for split in SPLIT_NAMES if split_files(folder, split)]
 
 
 def read_file(path: Path, streaming: bool = False) -> Split:
@@ -72,19 +85,25 @@ def read_file(path: Path, streaming: bool = False) -> Split:
     return loaded
 
 
-def read_split_folder(folder: Path, stream: str | None = None) -> dict[str, Split]:
-    """Read a folder holding `train.*`, `test.*` and/or `validation.*` files (split `stream` as a stream)."""
+def read_split_folder(folder: Path, stream: str | None = None, skip: tuple[str, ...] = ()) -> dict[str, Split]:
+    """Read a folder holding `train.*`, `test.*` and/or `validation.*` files (split `stream` as a stream; those in
+    `skip` left unread)."""
     splits = {}
     for split in SPLIT_NAMES:
-        candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] == split)
-        readable = [p for p in candidates if any(s in FORMATS for s in p.suffixes)]
-        if readable:
+        readable = split_files(folder, split)
+        if readable and split not in skip:
             splits[split] = read_file(readable[0], streaming=split == stream)
-    if not splits:
+    if not splits and not any(split_files(folder, split) for split in skip):
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
         raise TunelabError(f"data folder '{folder}' has no train.*/test.*/validation.* file (it holds: {present}); "
                            f"name the split files so, or point data.source at one file")
     return splits
+
+
+def split_files(folder: Path, split: str) -> list[Path]:
+    """The readable files of one split in a split folder (`test.jsonl`, `test.csv.gz`, …), sorted."""
+    candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] == split)
+    return [p for p in candidates if any(s in FORMATS for s in p.suffixes)]
 
 
 def _looks_like_path(source: str) -> bool:

@@ -15,10 +15,10 @@ from tunelab.console import say
 from tunelab.data.labelled import LabelledData
 from tunelab.distributed import from_main, is_main_process
 from tunelab.evaluation import retention
-from tunelab.evaluation.uncertainty import compare
+from tunelab.evaluation.uncertainty import ROWS_KEY, compare
 from tunelab.models.precision import autocast
 from tunelab.recipe import Recipe
-from tunelab.runs.folder import CHECKPOINTS, METRICS_FILE, write_json_atomic, write_jsonl_atomic
+from tunelab.runs.folder import CHECKPOINTS, METRICS_FILE, PER_ROW_FILE, write_json_atomic, write_jsonl_atomic
 from tunelab.runs.reading import headline_changes
 from tunelab.runs.report import samples_table, write_report
 from tunelab.runs.tracking import log_summary
@@ -107,6 +107,8 @@ def finish_run(run_dir: Path, recipe: Recipe, metrics: dict, title: str, labels:
     write report.html, then metrics.json (last: its presence marks a finished run); drop checkpoints unless kept;
     hand the results to the recipe's trackers (train.report_to)."""
     retained = retention_block(metrics["before"], metrics["after"])
+    if is_main_process() and metrics["after"].get(ROWS_KEY):  # the per-row outcomes, for paired comparisons later
+        write_json_atomic(run_dir / PER_ROW_FILE, {when: metrics[when].get(ROWS_KEY) for when in ("before", "after")})
     metrics.update(compare(metrics["before"], metrics["after"], len(labels) if labels else None))
     metrics.setdefault("reported_on", metrics.get("eval_split"))
     metrics.setdefault("selected_on", None)

@@ -19,6 +19,7 @@ from tunelab.tasks import TASKS, Task
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.json"
+PER_ROW_FILE = "per_row.json"  # each eval row's outcome before and after (gold/predicted or 0/1 values)
 CHECKPOINTS = "checkpoints"  # the Trainer's checkpoints inside a run folder (removed when it finishes)
 MODEL_DIR = "model"
 

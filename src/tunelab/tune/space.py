@@ -86,8 +86,22 @@ def with_values(raw_recipe: dict, values: dict[str, Any]) -> dict:
     return raw
 
 
+# Keys that decide which rows are trained on, picked on or reported, or what is scored: a search over them would
+# compare trials on different rows (or move the reported split), so they stay as the recipe sets them.
+FIXED_KEYS = ("name", "task", "output", "eval", "data.source", "data.train_split", "data.eval_split",
+              "data.eval_size", "data.holdout_fraction", "data.validation_split", "data.validation_fraction",
+              "data.seed", "data.streaming", "data.text", "data.text_pair", "data.label", "data.labels")
+
+
 def check_space(raw_recipe: dict, space: dict[str, BaseDistribution]) -> None:
-    """Refuse, before any trial, a key that is no recipe key or a value of a range the schema rejects."""
+    """Refuse, before any trial, a key that is no recipe key, one that moves the rows or the score (FIXED_KEYS), or a
+    value of a range the schema rejects."""
+    for key in space:
+        fixed = next((prefix for prefix in FIXED_KEYS if key == prefix or key.startswith(f"{prefix}.")), None)
+        if fixed is not None:
+            raise TunelabError(f"search space key '{key}' cannot be searched: it changes which rows are trained, "
+                               f"picked or reported on, or what is scored; set it in the recipe and search "
+                               f"train.*, method.* or the task's own section")
     for key, dist in space.items():
         for value in corners(dist):
             try:
@@ -120,4 +134,34 @@ def suggest(trial, space: dict[str, BaseDistribution]) -> dict[str, Any]:
             values[key] = trial.suggest_int(key, dist.low, dist.high, log=dist.log)
         else:
             values[key] = trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+    return values
+
+
+def space_as_yaml(space: dict[str, BaseDistribution]) -> dict[str, dict]:
+    """The space in its YAML form again (tune.json, space.yaml, the report)."""
+    written: dict[str, dict] = {}
+    for key, dist in space.items():
+        if isinstance(dist, CategoricalDistribution):
+            written[key] = {"choice": list(dist.choices)}
+        elif isinstance(dist, IntDistribution):
+            written[key] = {"int_log" if dist.log else "int": [dist.low, dist.high]}
+        else:
+            written[key] = {"log_uniform" if dist.log else "uniform": [dist.low, dist.high]}
+    return written
+
+
+def values_in(recipe: Recipe, space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    """The recipe's own value of each space key that lies in its range (the first trial runs them)."""
+    resolved = recipe.model_dump(mode="json")
+    values = {}
+    for key, dist in space.items():
+        node: Any = resolved
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        inside = node in dist.choices if isinstance(dist, CategoricalDistribution) else (
+            isinstance(node, int | float) and not isinstance(node, bool) and dist.low <= node <= dist.high)
+        if inside and isinstance(dist, IntDistribution):
+            inside, node = float(node).is_integer(), int(node)  # epochs are floats in the schema
+        if inside:
+            values[key] = node
     return values

@@ -1,0 +1,146 @@
+"""The search itself: each trial is an ordinary `tunelab train` run on the study's search data (tune/data.py), its
+values asked of Optuna; each epoch's validation score goes to Optuna's pruner, which stops a trial that is doing
+worse than others did at the same epoch. One worker runs trials one after another; several workers (processes on
+this machine, or other machines) share one study through its storage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+from transformers import TrainerCallback
+
+from tunelab import api
+from tunelab.console import set_quiet
+from tunelab.errors import TunelabError
+from tunelab.recipe import Recipe, validate_recipe
+from tunelab.runs.artifacts import BASELINE_FILE
+from tunelab.runs.folder import CHECKPOINTS, RECIPE_FILE, write_text_atomic
+from tunelab.trainer import callbacks_for_run
+from tunelab.tune.data import SEARCH, search_data
+from tunelab.tune.plan import LOWER_IS_BETTER, StudyPlan
+from tunelab.tune.space import parse_space, suggest, with_values
+from tunelab.tune.storage import open_storage
+
+TRIALS = "trials"
+PRUNED_FILE = "pruned.json"  # a pruned trial's light summary (its checkpoints are deleted)
+FAILURES = (TunelabError, RuntimeError, ValueError)  # a trial that fails so is recorded and the search goes on
+SEARCH_BASELINE = "search_baseline.json"  # the untrained model's score on the validation rows, shared by trials
+BASELINE_FREE = ("train.", "method.r", "method.alpha", "method.dropout", "method.target_modules",
+                 "method.use_rslora", "method.loraplus_lr_ratio")
+
+
+class ReportEachEpoch(TrainerCallback):
+    """Give Optuna each epoch's validation score (the checkpoint-picking metric, signed to the study's direction)
+    and stop the trial when its pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, recipe: Recipe, maximize: bool) -> None:
+        self.trial = trial
+        self.key = recipe.eval.best_metric
+        self.sign = 1.0 if (self.key in LOWER_IS_BETTER) != maximize else -1.0
+        self.every_steps = recipe.train.checkpoint_every is not None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Report the score of an evaluation during training; raise TrialPruned to end a trial Optuna prunes."""
+        value = (metrics or {}).get(f"eval_{self.key}", (metrics or {}).get("eval_loss"))
+        if value is None or state.global_step == 0:  # the baseline's scoring, before any step
+            return
+        step = state.global_step if self.every_steps else max(1, round(state.epoch or 0))
+        self.trial.report(self.sign * float(value), step)
+        self.trial.set_user_attr("last_epoch", round(state.epoch or 0, 2))
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at {'step' if self.every_steps else 'epoch'} {step}")
+
+
+def run_trial(trial: optuna.Trial, plan: StudyPlan, study_dir: Path) -> float:
+    """Train one trial's recipe on the search data; its score on the validation rows."""
+    values = suggest(trial, parse_space(plan.space, "space"))
+    raw = search_data(with_values(plan.recipe, values), study_dir / "data", SEARCH)
+    recipe = validate_recipe({**raw, "name": f"trial-{trial.number:03d}"}, source=f"trial {trial.number}")
+    run_dir = study_dir / TRIALS / f"trial-{trial.number:03d}"
+    trial.set_user_attr("run", str(run_dir.relative_to(study_dir)))
+    shared = study_dir / "data" / SEARCH_BASELINE if shares_baseline(plan.space) else None
+    try:
+        with callbacks_for_run([ReportEachEpoch(trial, recipe, plan.maximize)]):
+            _, metrics = train_with_baseline(recipe, run_dir, shared)
+    except optuna.TrialPruned:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        (run_dir / PRUNED_FILE).write_text(json.dumps({"trial": trial.number, "values": values,
+                                                       "last_epoch": trial.user_attrs.get("last_epoch")}),
+                                           encoding="utf-8")
+        raise
+    score = metrics["after"].get(plan.metric)
+    if not isinstance(score, int | float):
+        scored = ", ".join(key for key, value in metrics["after"].items() if isinstance(value, int | float))
+        raise TunelabError(f"--metric {plan.metric} is not among the trials' scores ({scored}); name one of them")
+    return float(score)
+
+
+def shares_baseline(space: dict) -> bool:
+    """Whether every trial's untrained model scores alike, so that the first trial's baseline serves them all: the
+    space changes only how training goes (train.*, a LoRA adapter's size, which starts as a no-op: B = 0)."""
+    return all(key.startswith(BASELINE_FREE) and key not in ("train.precision", "method.init_lora_weights")
+               for key in space)
+
+
+def train_with_baseline(recipe: Recipe, run_dir: Path, shared: Path | None) -> tuple[Path, dict]:
+    """`tunelab train` of one recipe into `run_dir`. With a `shared` baseline score already saved (by an earlier run
+    of the same untrained model on the same rows), the run folder starts with it, as a resumed run's does (the
+    stages reuse a saved baseline.json): the baseline is scored once per study, not once per trial."""
+    seeded = shared is not None and shared.is_file()
+    if seeded:
+        run_dir.mkdir(parents=True)
+        write_text_atomic(run_dir / RECIPE_FILE, recipe.to_yaml())
+        shutil.copyfile(shared, run_dir / BASELINE_FILE)
+    result = api.train(recipe, str(run_dir), resume=seeded)
+    if shared is not None and not seeded and (run_dir / BASELINE_FILE).is_file():
+        write_text_atomic(shared, (run_dir / BASELINE_FILE).read_text(encoding="utf-8"))
+    return result
+
+
+def sampler(plan: StudyPlan, worker: int) -> optuna.samplers.BaseSampler:
+    """TPE, seeded per worker (the same seed in two workers would draw the same values), starting from a few
+    random trials; trials running at once are told apart (constant liar)."""
+    startup = min(10, max(3, plan.trials // 3))
+    return optuna.samplers.TPESampler(seed=plan.seed + worker, n_startup_trials=startup, constant_liar=True)
+
+
+def pruner() -> optuna.pruners.BasePruner:
+    """Hyperband over epochs: most trials stop after one or three epochs, the best few run to the end."""
+    return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+
+
+def work(study_dir: Path, trials: int, worker: int = 0, threads: int | None = None) -> None:
+    """One worker: run `trials` trials of the study (fewer when its timeout comes first)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plan = StudyPlan.load(study_dir)
+    study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage),
+                              sampler=sampler(plan, worker), pruner=pruner())
+    set_quiet(True)  # one line per trial (below), not each run's story
+    try:
+        study.optimize(lambda trial: run_trial(trial, plan, study_dir), n_trials=trials, timeout=plan.timeout,
+                       catch=FAILURES, callbacks=[say_trial(plan)], gc_after_trial=True)
+    finally:
+        set_quiet(False)
+
+
+def say_trial(plan: StudyPlan):
+    """A study callback printing one line per finished trial."""
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        values = ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+                           for key, value in trial.params.items())
+        seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            outcome = f"{plan.metric} {trial.value:.4f}"
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            outcome = f"pruned after epoch {trial.user_attrs.get('last_epoch', '?')}"
+        else:
+            outcome = "failed (see its run folder's log.jsonl)"
+        print(f"tunelab tune: trial {trial.number} · {values} → {outcome} ({seconds:.0f} s)", flush=True)
+    return callback
