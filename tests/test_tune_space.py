@@ -45,7 +45,7 @@ def test_the_default_space_searches_rate_epochs_and_lora_rank():
     space = default_space(validate_recipe(RAW))
     assert set(space) == {"train.learning_rate", "train.epochs", "method.r"}
     rate = validate_recipe(RAW).train.learning_rate
-    assert space["train.learning_rate"].low == pytest.approx(rate / 10) and space["train.epochs"].high == 6
+    assert space["train.learning_rate"].low == pytest.approx(rate / 10) and space["train.epochs"].high == 3
     full = default_space(validate_recipe({**RAW, "method": "full"}))
     assert "method.r" not in full
     check_space(RAW, space)

@@ -16,6 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.classification import classification_metrics, predict_probabilities
 from tunelab.evaluation.in_context import score_in_context
 from tunelab.evaluation.uncertainty import classification_rows
+from tunelab.inference.trained import load_trained
 from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import apply_method, count_parameters
 from tunelab.methods.freeze import method_callbacks, method_optimizer
@@ -118,6 +119,18 @@ def run(recipe: Recipe, data: LabelledData, source: ModelSource, run_dir: Path, 
         **({"in_context": in_context} if in_context else {}),
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", data.labels)
+
+
+def score_finished_run(run_dir: Path, recipe: Recipe) -> dict:
+    """A finished run's saved model scored on `recipe`'s eval split: accuracy, macro-F1 and the per-row record for
+    paired intervals (`tunelab tune` scores two trials' models on the reported split so, without training them
+    again)."""
+    trained = load_trained(run_dir)
+    rows = load_labelled_data(recipe.data.model_copy(update={"labels": trained.labels})).eval
+    pairs = list(rows["text_pair"]) if "text_pair" in rows.column_names else None
+    predicted = trained.probabilities(list(rows["text"]), pairs).argmax(-1)
+    return {**classification_metrics(rows["label"], predicted, trained.labels),
+            **classification_rows(rows["label"], predicted), "labels": trained.labels}
 
 
 def row_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:

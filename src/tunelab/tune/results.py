@@ -3,35 +3,30 @@ study.json's summary of every trial."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import optuna
 
 from tunelab.evaluation import HEADLINE_METRICS
 from tunelab.evaluation.uncertainty import ROWS_KEY, compare, describe_gain
-from tunelab.runs.folder import METRICS_FILE, PER_ROW_FILE, run_folder
 from tunelab.tune.data import DataLayout
 from tunelab.tune.plan import StudyPlan
 
 
-def compare_final_runs(plan: StudyPlan, best: optuna.trial.FrozenTrial, runs: dict[str, Path],
-                       study_dir: Path) -> dict:
-    """Both final runs' scores on the reported split and the winner's gain over yours, each metric with its paired
-    95% interval (the same rows scored by both models)."""
-    metrics = {name: json.loads((run / METRICS_FILE).read_text(encoding="utf-8")) for name, run in runs.items()}
-    rows = {name: json.loads((run / PER_ROW_FILE).read_text(encoding="utf-8"))["after"] if (run / PER_ROW_FILE)
-            .is_file() else None for name, run in runs.items()}
-    labels = run_folder(runs["winner"]).labels
-    paired = compare({ROWS_KEY: rows["yours"]}, {ROWS_KEY: rows["winner"]}, len(labels) if labels else None) \
-        if rows["yours"] and rows["winner"] else {}
-    scores = {name: {key: value for key, value in metric["after"].items() if key in HEADLINE_METRICS}
-              for name, metric in metrics.items()}
+def compare_final_runs(best: optuna.trial.FrozenTrial, outcomes: dict[str, dict], reported_on: str) -> dict:
+    """Both sides' scores on the reported split and the winner's gain over yours, each metric with its paired 95%
+    interval (the same rows scored by both models). `outcomes`: yours / winner → from (where the model came from),
+    scores, rows (the per-row record), labels."""
+    yours, winner = outcomes["yours"], outcomes["winner"]
+    labels = winner.get("labels")
+    paired = compare({ROWS_KEY: yours["rows"]}, {ROWS_KEY: winner["rows"]}, len(labels) if labels else None) \
+        if yours["rows"] and winner["rows"] else {}
+    scores = {name: {key: value for key, value in outcome["scores"].items() if key in HEADLINE_METRICS}
+              for name, outcome in outcomes.items()}
     gain = paired.get("gain", {})
     return {
         "best_trial": best.number, "best_values": best.params, "best_validation_score": best.value,
-        "reported_on": metrics["winner"].get("reported_on"),
-        "runs": {name: str(run.relative_to(study_dir)) for name, run in runs.items()},
+        "reported_on": reported_on, "models": {name: outcome["from"] for name, outcome in outcomes.items()},
         "yours": scores["yours"], "winner": scores["winner"],
         "intervals": {metric: {"yours": ends["before"], "winner": ends["after"]}
                       for metric, ends in paired.get("intervals", {}).items()},

@@ -112,13 +112,13 @@ def check_space(raw_recipe: dict, space: dict[str, BaseDistribution]) -> None:
 
 
 def default_space(recipe: Recipe) -> dict[str, BaseDistribution]:
-    """What to search when no --space is given: the learning rate (log scale, a decade and a half around the
-    method's default: the knob that matters most), the epochs (up to twice the recipe's), and for LoRA-family
-    methods the rank."""
+    """What to search when no --space is given: the learning rate (log scale, from a tenth to three times the
+    recipe's: the knob that matters most), the epochs (up to the recipe's: pruning stops the ones that do not pay),
+    and for LoRA-family methods the rank."""
     rate = recipe.train.learning_rate
     space: dict[str, BaseDistribution] = {"train.learning_rate": FloatDistribution(rate / 10, rate * 3, log=True)}
     if recipe.train.max_steps is None:
-        space["train.epochs"] = IntDistribution(1, max(2, round(recipe.train.epochs * 2)))
+        space["train.epochs"] = IntDistribution(1, max(2, round(recipe.train.epochs)))
     if recipe.method.name in ("lora", "dora", "qlora"):
         space["method.r"] = CategoricalDistribution([4, 8, 16, 32])
     return space

@@ -13,6 +13,7 @@ final data and compare them on the reported split with a paired interval. The st
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -26,8 +27,9 @@ import yaml
 from tunelab import api
 from tunelab.console import say
 from tunelab.errors import TunelabError
+from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.recipe import Recipe, read_raw_recipe, slug, validate_recipe
-from tunelab.runs.folder import METRICS_FILE, write_json_atomic, write_text_atomic
+from tunelab.runs.folder import METRICS_FILE, PER_ROW_FILE, write_json_atomic, write_text_atomic
 from tunelab.tune.data import FINAL, SEARCH, DataLayout, prepare_search_data, search_data, write_reported_rows
 from tunelab.tune.plan import StudyPlan
 from tunelab.tune.results import compare_final_runs, study_summary
@@ -165,8 +167,9 @@ def run_workers(study_dir: Path, trials: int, workers: int) -> None:
 
 
 def final_runs(plan: StudyPlan, study_dir: Path, layout: DataLayout) -> dict:
-    """Train the winner and your recipe once each on the final data, report both on the reported split (read
-    now, for the first time), and compare them row by row."""
+    """Score the winner and your recipe on the reported split (read now, for the first time) and compare them row
+    by row. Kept as trained (the default): the two trials' own models, where the task can score a finished run on
+    new rows (classify); otherwise, or with --refit, each recipe trained once more on the final data."""
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
     counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in
               optuna.trial.TrialState}
@@ -178,18 +181,47 @@ def final_runs(plan: StudyPlan, study_dir: Path, layout: DataLayout) -> dict:
     write_text_atomic(study_dir / BEST_RECIPE, yaml.safe_dump(winner_raw, sort_keys=False, allow_unicode=True))
     recipe = validate_recipe(plan.recipe, source=plan.recipe_path)
     write_reported_rows(recipe, study_dir / "data", layout)
+    recipes = {name: final_recipe(raw, study_dir, plan.refit, name) for name, raw in (("yours", plan.recipe),
+                                                                                       ("winner", winner_raw))}
+    yours = next((trial for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                  if trial.user_attrs.get("yours")), None)
+    rescore = getattr(recipe.entry.stage(), "score_finished_run", None)
+    if not plan.refit and rescore is not None and yours is not None:
+        say(f"tunelab tune: best trial {best.number} ({plan.metric} {best.value:.4f} on validation); scoring its model "
+            f"and that of trial {yours.number} (your values), as trained, on {layout.reported}")
+        outcomes = {name: kept_outcome(rescore, study_dir, trial, recipes[name], name)
+                    for name, trial in (("yours", yours), ("winner", best))}
+        return compare_final_runs(best, outcomes, layout.reported)
     say(f"tunelab tune: best trial {best.number} ({plan.metric} {best.value:.4f} on validation); training it and "
         f"your recipe once more on {'train + validation' if plan.refit else 'train'}, reported on {layout.reported}")
     shared = study_dir / "data" / FINAL_BASELINE if shares_baseline(plan.space) else None
-    recipes = {name: final_recipe(raw, study_dir, plan.refit, name) for name, raw in (("yours", plan.recipe),
-                                                                                       ("winner", winner_raw))}
     runs = {"yours": final_run(recipes["yours"], study_dir / FINAL_RUNS / "yours", shared)}
     same = recipes["winner"].model_copy(update={"name": "yours"}).to_yaml() == recipes["yours"].to_yaml()
     if same:  # your own values won: one run stands for both (a second would repeat it bit for bit)
         say("tunelab tune: your recipe's own values won the search; no second final run")
     runs["winner"] = runs["yours"] if same else final_run(recipes["winner"], study_dir / FINAL_RUNS / "winner",
                                                           shared)
-    return compare_final_runs(plan, best, runs, study_dir)
+    return compare_final_runs(best, {name: run_outcome(run, study_dir) for name, run in runs.items()},
+                              layout.reported)
+
+
+def kept_outcome(rescore, study_dir: Path, trial: optuna.trial.FrozenTrial, recipe: Recipe, name: str) -> dict:
+    """A trial's model, as trained, scored on the reported split (final/<name>.json keeps the scores)."""
+    scores = rescore(study_dir / trial.user_attrs["run"], recipe)
+    outcome = {"from": f"trial {trial.number} ({trial.user_attrs['run']}), as trained",
+               "scores": {key: value for key, value in scores.items() if key != ROWS_KEY and key != "labels"},
+               "rows": scores.get(ROWS_KEY), "labels": scores.get("labels")}
+    write_json_atomic(study_dir / FINAL_RUNS / f"{name}.json", outcome)
+    return outcome
+
+
+def run_outcome(run_dir: Path, study_dir: Path) -> dict:
+    """A final run's scores on the reported split, with its per-row record."""
+    metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    rows = json.loads((run_dir / PER_ROW_FILE).read_text(encoding="utf-8"))["after"] \
+        if (run_dir / PER_ROW_FILE).is_file() else None
+    return {"from": str(run_dir.relative_to(study_dir)), "scores": metrics["after"], "rows": rows,
+            "labels": metrics.get("labels")}
 
 
 def with_best_values(plan: StudyPlan, params: dict) -> dict:
