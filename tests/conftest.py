@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models built from a config (no network) and a small learnable dataset."""
+"""Shared fixtures: tiny random models built from a config (no network), a small learnable dataset, and a throwaway
+PostgreSQL server (postgres_server.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from postgres_server import postgres_url  # noqa: F401  (a session fixture: imported here, every test can ask for it)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
