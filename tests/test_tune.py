@@ -72,10 +72,12 @@ def test_the_reported_split_is_opened_only_after_the_last_trial(tiny_bert, toy_d
     gain = final["gain"]["accuracy"]
     assert gain["value"] == pytest.approx(final["winner"]["accuracy"] - final["yours"]["accuracy"], abs=1e-6)
     assert gain["low"] <= gain["value"] <= gain["high"]
-    # the trials are judged on the 18 validation rows; the final runs report the 45 test rows
+    # the trials are judged on the 18 validation rows; the two kept models are scored on the 45 test rows
     trial = json.loads((tmp_path / "study" / "trials" / "trial-000" / "metrics.json").read_text())
-    winner = json.loads((tmp_path / "study" / final["runs"]["winner"] / "metrics.json").read_text())
-    assert trial["eval_rows"] == 18 and winner["eval_rows"] == 45
+    kept = json.loads((tmp_path / "study" / "final" / "winner.json").read_text())
+    assert trial["eval_rows"] == 18 and len(kept["rows"]["gold"]) == 45
+    assert final["models"]["yours"].startswith("trial 0 (trials/trial-000)")  # your values ran first, whole
+    assert kept["scores"]["accuracy"] == final["winner"]["accuracy"]
     best = yaml.safe_load((tmp_path / "study" / "best_recipe.yaml").read_text())
     assert best["data"]["source"] == str(toy_data)  # trainable as is on the user's own data
     assert {key: best["train"][key.split(".")[1]] for key in SPACE} == final["best_values"]

@@ -68,7 +68,7 @@ def tune(request: TuneRequest) -> tuple[Path, dict]:
     started = time.time()
     study_dir, plan, layout = resume_study(request) if request.resume else start_study(request)
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
-    left = plan.trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    left = plan.trials - trials_run_here(study, study_dir)
     say(f"tunelab tune: {plan.study_name} · {left} of {plan.trials} trials to run on {plan.workers} worker(s) · "
         f"optimising validation {plan.metric} ({layout.validation}, {layout.validation_rows} rows; "
         f"{layout.train_rows} train rows) → {study_dir}")
@@ -84,6 +84,16 @@ def tune(request: TuneRequest) -> tuple[Path, dict]:
 
     write_study_report(study_dir, plan, summary)
     return study_dir, summary
+
+
+def trials_run_here(study: optuna.Study, study_dir: Path) -> int:
+    """How many of this folder's --trials are done: finished, pruned, or failed for good (a trial cut off by a kill
+    is run again, so it does not count). Other machines' trials in a shared storage are theirs to count."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {trial.user_attrs.get("retry_of") for trial in trials}
+    here = str(study_dir.resolve())
+    return sum(1 for trial in trials if trial.user_attrs.get("study_dir") == here and (
+        trial.state in FINISHED or (trial.state == optuna.trial.TrialState.FAIL and trial.number not in retried)))
 
 
 def start_study(request: TuneRequest) -> tuple[Path, StudyPlan, DataLayout]:

@@ -61,6 +61,7 @@ def run_trial(trial: optuna.Trial, plan: StudyPlan, study_dir: Path) -> float:
     recipe = validate_recipe({**raw, "name": f"trial-{trial.number:03d}"}, source=f"trial {trial.number}")
     run_dir = study_dir / TRIALS / f"trial-{trial.number:03d}"
     trial.set_user_attr("run", str(run_dir.relative_to(study_dir)))
+    trial.set_user_attr("study_dir", str(study_dir.resolve()))  # which machine's folder ran it (shared storages)
     shared = study_dir / "data" / SEARCH_BASELINE if shares_baseline(plan.space) else None
     try:
         with callbacks_for_run([ReportEachEpoch(trial, recipe, plan.maximize)]):
