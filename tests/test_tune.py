@@ -138,6 +138,28 @@ def test_workers_on_two_machines_join_one_postgresql_study(tiny_bert, toy_data, 
     assert len(list((other / "study" / "trials").iterdir())) == 2  # the second machine ran its own two
 
 
+def test_an_sft_study_compares_the_kept_models_answers_and_refit_trains_both_again(tiny_llama, qa_data, tmp_path):
+    recipe = {"name": "toy-sft", "task": "sft", "model": {"name": str(tiny_llama), "max_length": 32},
+              "data": {"source": str(qa_data), "prompt_template": "{sentence} is", "response_template": " {answer}"},
+              "method": "full", "train": {"epochs": 2, "batch_size": 8, "learning_rate": 3e-3, "precision": "fp32"},
+              "eval": {"generate": {"max_new_tokens": 3, "num_samples": 30}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"train.learning_rate": {"log_uniform": [1e-3, 1e-2]}}),
+                                         encoding="utf-8")
+    assert main(tune_args(tmp_path, "--trials", "2", "--metric", "exact_match")) == 0
+    final = json.loads((tmp_path / "study" / "study.json").read_text())["final"]
+    assert set(final["gain"]) == {"exact_match", "rouge_l"}  # the answers of both kept models, row by row
+    kept = json.loads((tmp_path / "study" / "final" / "yours.json").read_text())
+    assert len(kept["rows"]["exact_match"]) == 30 and kept["from"].startswith("trial 0")
+    # --refit: both recipes train once more on train + validation (the last checkpoint), then report on test
+    (tmp_path / "study").rename(tmp_path / "kept")
+    assert main(tune_args(tmp_path, "--trials", "2", "--metric", "exact_match", "--refit")) == 0
+    final = json.loads((tmp_path / "study" / "study.json").read_text())["final"]
+    yours = json.loads((tmp_path / "study" / "final" / "yours" / "metrics.json").read_text())
+    assert final["models"]["yours"] == "final/yours" and yours["train_rows"] == 90 and yours["eval_rows"] == 30
+    assert yours["selected_on"] is None and final["yours"]["exact_match"] == yours["after"]["exact_match"]
+
+
 @pytest.mark.parametrize(("space", "extra", "fragment"), [
     ({"data.eval_size": {"int": [10, 20]}}, [], "search space key 'data.eval_size' cannot be searched"),
     ({"train.epoch": {"int": [1, 2]}}, [], "search space key 'train.epoch' = 1: unknown key"),

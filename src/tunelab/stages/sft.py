@@ -31,7 +31,8 @@ from tunelab.data.sft_encoding import (
 )
 from tunelab.data.sources import row_count
 from tunelab.errors import TunelabError
-from tunelab.evaluation.generation import generate_texts, score_generative
+from tunelab.evaluation.generation import generate_texts, generation_metrics, score_generative
+from tunelab.inference.generator import load_generator
 from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import (
@@ -151,6 +152,20 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
         "streaming": recipe.data.streaming,  # train_rows is then null: train_loop_samples counts what trained
     }
     return finish_run(run_dir, recipe, metrics, f"tunelab run: {recipe.name}", extra_sections=extra)
+
+
+def score_finished_run(run_dir: Path, recipe: Recipe) -> dict | None:
+    """An sft run's saved model scored on `recipe`'s generation samples as the run scored its own (exact match,
+    ROUGE-L, the per-row record; same settings and precision), or None for pretrain (`tunelab tune` scores two
+    trials' models on the reported split so, without training them again)."""
+    if recipe.task != "sft" or not recipe.eval.generate.num_samples:
+        return None
+    generator = load_generator(run_dir)
+    data = load_data(recipe)
+    samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
+    answers = generate_answers(generator.model, generator.tokenizer, generator.prompt, samples, recipe,
+                               resolve_bf16(recipe.train.precision))
+    return generation_metrics(answers, samples["response"])
 
 
 def filler_row(recipe: Recipe, train_rows) -> dict | None:

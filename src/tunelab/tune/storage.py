@@ -10,11 +10,13 @@ is older than the grace period, and run again once (Optuna's RetryFailedTrialCal
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from sqlalchemy.exc import SQLAlchemyError
 
 from tunelab.errors import TunelabError, one_line
 
@@ -38,11 +40,12 @@ def open_storage(url: str) -> BaseStorage:
         raise TunelabError(f"--storage '{url}' is not a storage URL; give sqlite:///PATH, postgresql://USER@HOST/DB, "
                            f"mysql://… or journal:PATH")
     # SQLite serialises writers: a worker waits for the lock (up to a minute) rather than failing its trial.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
                           grace_period=GRACE_SECONDS, failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
-    except Exception as exc:  # SQLAlchemy raises its own types for a bad URL, a missing driver or a refused login
+    except (SQLAlchemyError, ImportError, ValueError) as exc:  # a bad URL, a missing driver, a refused login
         raise TunelabError(f"cannot open --storage '{url}': {one_line(exc, 200)}; check the URL, that the server "
                            f"is reachable and that its Python driver is installed") from None
 

@@ -25,7 +25,7 @@ import optuna
 import yaml
 
 from tunelab import api
-from tunelab.console import say
+from tunelab.console import log_to, say
 from tunelab.errors import TunelabError
 from tunelab.evaluation.uncertainty import ROWS_KEY
 from tunelab.recipe import Recipe, read_raw_recipe, slug, validate_recipe
@@ -38,6 +38,7 @@ from tunelab.tune.storage import fail_orphans, open_storage, storage_url
 from tunelab.tune.trials import shares_baseline, train_with_baseline, work
 
 BEST_RECIPE = "best_recipe.yaml"
+LOG_FILE = "log.jsonl"
 STUDY_FILE = "study.json"
 FINAL_RUNS = "final"
 FINAL_BASELINE = "final_baseline.json"  # the untrained model's score on the reported rows, shared by both final runs
@@ -67,12 +68,14 @@ def tune(request: TuneRequest) -> tuple[Path, dict]:
     """Run a study (or resume one); return its folder and study.json's content."""
     started = time.time()
     study_dir, plan, layout = resume_study(request) if request.resume else start_study(request)
+    log_to(study_dir / LOG_FILE)  # the study's own warnings; each trial's go to its run folder
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
     left = plan.trials - trials_run_here(study, study_dir)
     say(f"tunelab tune: {plan.study_name} · {left} of {plan.trials} trials to run on {plan.workers} worker(s) · "
         f"optimising validation {plan.metric} ({layout.validation}, {layout.validation_rows} rows; "
         f"{layout.train_rows} train rows) → {study_dir}")
     run_workers(study_dir, left, plan.workers)
+    log_to(study_dir / LOG_FILE)
     if request.search_only:
         summary = study_summary(plan, study_dir, layout, None, time.time() - started)
         write_json_atomic(study_dir / STUDY_FILE, summary)
@@ -195,15 +198,16 @@ def final_runs(plan: StudyPlan, study_dir: Path, layout: DataLayout) -> dict:
                                                                                        ("winner", winner_raw))}
     yours = next((trial for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                   if trial.user_attrs.get("yours")), None)
-    rescore = getattr(recipe.entry.stage(), "score_finished_run", None)
+    rescore = getattr(recipe.entry.stage(), "score_finished_run", None)  # classify, sft: (run, recipe) → scores
+    found = f"tunelab tune: best trial {best.number} ({plan.metric} {best.value:.4f} on validation)"
     if not plan.refit and rescore is not None and yours is not None:
-        say(f"tunelab tune: best trial {best.number} ({plan.metric} {best.value:.4f} on validation); scoring its model "
-            f"and that of trial {yours.number} (your values), as trained, on {layout.reported}")
-        outcomes = {name: kept_outcome(rescore, study_dir, trial, recipes[name], name)
-                    for name, trial in (("yours", yours), ("winner", best))}
-        return compare_final_runs(best, outcomes, layout.reported)
-    say(f"tunelab tune: best trial {best.number} ({plan.metric} {best.value:.4f} on validation); training it and "
-        f"your recipe once more on {'train + validation' if plan.refit else 'train'}, reported on {layout.reported}")
+        say(f"{found}; scoring its model and that of trial {yours.number} (your values), as trained, on "
+            f"{layout.reported}")
+        outcomes = kept_outcomes(rescore, study_dir, {"yours": yours, "winner": best}, recipes)
+        if outcomes is not None:
+            return compare_final_runs(best, outcomes, layout.reported)
+    say(f"{found}; training it and your recipe once more on {'train + validation' if plan.refit else 'train'}, "
+        f"reported on {layout.reported}")
     shared = study_dir / "data" / FINAL_BASELINE if shares_baseline(plan.space) else None
     runs = {"yours": final_run(recipes["yours"], study_dir / FINAL_RUNS / "yours", shared)}
     same = recipes["winner"].model_copy(update={"name": "yours"}).to_yaml() == recipes["yours"].to_yaml()
@@ -215,14 +219,20 @@ def final_runs(plan: StudyPlan, study_dir: Path, layout: DataLayout) -> dict:
                               layout.reported)
 
 
-def kept_outcome(rescore, study_dir: Path, trial: optuna.trial.FrozenTrial, recipe: Recipe, name: str) -> dict:
-    """A trial's model, as trained, scored on the reported split (final/<name>.json keeps the scores)."""
-    scores = rescore(study_dir / trial.user_attrs["run"], recipe)
-    outcome = {"from": f"trial {trial.number} ({trial.user_attrs['run']}), as trained",
-               "scores": {key: value for key, value in scores.items() if key != ROWS_KEY and key != "labels"},
-               "rows": scores.get(ROWS_KEY), "labels": scores.get("labels")}
-    write_json_atomic(study_dir / FINAL_RUNS / f"{name}.json", outcome)
-    return outcome
+def kept_outcomes(rescore, study_dir: Path, trials: dict[str, optuna.trial.FrozenTrial],
+                  recipes: dict[str, Recipe]) -> dict[str, dict] | None:
+    """Each trial's model, as trained, scored on the reported split (final/<name>.json keeps the scores); None
+    when the task's stage cannot score a finished run so."""
+    outcomes = {}
+    for name, trial in trials.items():
+        scores = rescore(study_dir / trial.user_attrs["run"], recipes[name])
+        if scores is None:
+            return None
+        outcomes[name] = {"from": f"trial {trial.number} ({trial.user_attrs['run']}), as trained",
+                          "scores": {key: value for key, value in scores.items() if key not in (ROWS_KEY, "labels")},
+                          "rows": scores.get(ROWS_KEY), "labels": scores.get("labels")}
+        write_json_atomic(study_dir / FINAL_RUNS / f"{name}.json", outcomes[name])
+    return outcomes
 
 
 def run_outcome(run_dir: Path, study_dir: Path) -> dict:
