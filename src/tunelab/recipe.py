@@ -152,6 +152,8 @@ class LoraMethod(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input")
     target_modules: list[str] | str = Field(
         "all-linear", description="Modules that get adapters: names, or 'all-linear' (every linear layer but the head)")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the adapter by alpha/√r instead of "
+                                                "alpha/r, so that higher ranks keep learning")
 
     @model_validator(mode="after")
     def _default_alpha(self) -> LoraMethod:

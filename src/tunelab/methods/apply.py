@@ -96,6 +96,7 @@ def peft_config(method, heads: list[str], task_type: TaskType) -> PeftConfig:
     if isinstance(method, LoraMethod):
         return LoraConfig(task_type=task_type, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
                           target_modules=method.target_modules, use_dora=method.name == "dora",
+                          use_rslora=method.use_rslora,
                           modules_to_save=heads)
     if isinstance(method, IA3Method):
         return IA3Config(task_type=task_type, target_modules=method.target_modules,
