@@ -1,14 +1,21 @@
-"""Knobs from LLaMA-Factory, each one line of peft configuration: rsLoRA's scaling."""
+"""Knobs from LLaMA-Factory, each one line of peft configuration: rsLoRA's scaling, PiSSA/OLoRA adapters saved as
+plain LoRA for the original base."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from peft import TaskType
+import torch
+from peft import LoraConfig, PeftModel, TaskType
 from peft.tuners.lora import Linear as LoraLinear
+from test_generative_tiny import generative_recipe
 from transformers import AutoModelForCausalLM
 
-from tunelab.methods.apply import apply_method
-from tunelab.recipe import LoraMethod
+from tunelab import api
+from tunelab.methods.apply import apply_method, load_trainable_decoder
+from tunelab.models.loading import load_causal_lm
+from tunelab.recipe import LoraMethod, validate_recipe
 
 
 def lora_layers(model) -> list[LoraLinear]:
@@ -24,3 +31,55 @@ def adapted_decoder(tiny_llama, bf16: bool = False, **options):
 def test_rslora_scales_adapters_by_alpha_over_the_root_of_r(tiny_llama, use_rslora, scaling):
     layers = lora_layers(adapted_decoder(tiny_llama, r=16, alpha=8, use_rslora=use_rslora))
     assert layers and {layer.scaling["default"] for layer in layers} == {scaling}
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_run_saves_a_plain_lora_adapter_for_the_original_base(tiny_llama, qa_data, tmp_path,
+                                                                              monkeypatch, init):
+    """PiSSA/OLoRA train on a base with part of each weight moved into the adapter; the run folder's adapter must
+    give the trained model on the original base, applied as it is (no loader re-running the move)."""
+    trained = []
+
+    def keep(*args):
+        trained.append(load_trainable_decoder(*args))
+        return trained[-1]
+
+    monkeypatch.setattr("tunelab.stages.sft.load_trainable_decoder", keep)
+    recipe = generative_recipe(tiny_llama, qa_data, method={"name": "lora", "r": 4, "init_lora_weights": init},
+                               train={"max_steps": 3, "batch_size": 8, "learning_rate": 1e-2, "precision": "fp32"},
+                               eval={"generate": {"max_new_tokens": 1, "num_samples": 2}})
+    run_dir, _ = api.train(validate_recipe(recipe), str(tmp_path / init))
+    saved = run_dir / "model"
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert (config["init_lora_weights"], config["r"], config["lora_alpha"]) == (True, 8, 16)  # ΔW = [B | -B₀][A; A₀]
+    ids = torch.tensor([[5, 9, 11, 7, 6, 14]])
+    want = logits_of(trained[0], ids)
+    # tunelab's own loading (generate, export, a chained run): the adapter merged into the original base
+    assert torch.allclose(logits_of(load_causal_lm(str(saved)), ids), want, atol=1e-5)
+
+    def applied_as_is(folder) -> torch.Tensor:
+        """What a loader that never re-runs PiSSA/OLoRA (vLLM, llama.cpp) makes of an adapter on the original base."""
+        plain = LoraConfig.from_pretrained(str(folder))
+        plain.init_lora_weights = True
+        return logits_of(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(folder),
+                                                   config=plain), ids)
+
+    assert torch.allclose(applied_as_is(saved), want, atol=1e-5)
+    trained[0].save_pretrained(str(tmp_path / "naive"))  # without the conversion: the move is lost on that base
+    assert (applied_as_is(tmp_path / "naive") - want).abs().max() > 0.1
+
+
+def test_pissa_moves_the_fp32_weights_before_a_bf16_base_is_stored(tiny_llama):
+    """The SVD runs on the fp32 weights and the residual is stored in bf16 after it (not an SVD of bf16 weights)."""
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama).model.layers[0].self_attn.q_proj.weight
+    layer = lora_layers(adapted_decoder(tiny_llama, bf16=True, r=4, init_lora_weights="pissa"))[0]
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert (lora_a.dtype, lora_b.dtype, layer.base_layer.weight.dtype) == (torch.float32, torch.float32,
+                                                                            torch.bfloat16)
+    residual = original - layer.scaling["default"] * lora_b @ lora_a
+    assert torch.equal(layer.base_layer.weight, residual.to(torch.bfloat16))

@@ -154,6 +154,11 @@ class LoraMethod(Section):
         "all-linear", description="Modules that get adapters: names, or 'all-linear' (every linear layer but the head)")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the adapter by alpha/√r instead of "
                                                 "alpha/r, so that higher ranks keep learning")
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="How adapters start (all add nothing at first): default: A Kaiming-uniform, B zero; "
+                               "gaussian: A Gaussian, B zero; pissa: each weight's top-r singular components moved "
+                               "from the base into the adapter; olora: its top-r QR factors moved likewise. A pissa "
+                               "or olora run saves a plain LoRA adapter of rank 2r for the original base")
 
     @model_validator(mode="after")
     def _default_alpha(self) -> LoraMethod:
@@ -161,6 +166,20 @@ class LoraMethod(Section):
         if self.alpha is None:
             self.alpha = 2 * self.r
         return self
+
+    @model_validator(mode="after")
+    def _moved_base_on_plain_lora(self) -> LoraMethod:
+        """pissa/olora runs are saved as plain LoRA on the original base, which dora and qlora cannot be."""
+        if self.init_lora_weights in MOVED_BASE_INITS and self.name != "lora":
+            why = ("peft's conversion to a plain adapter drops DoRA's magnitudes" if self.name == "dora" else
+                   "a 4-bit base quantizes the residual, so the converted adapter on the original base is not the "
+                   "trained model")
+            raise ValueError(f"method.init_lora_weights {self.init_lora_weights} moves part of each base weight into "
+                             f"the adapter, and {why}; use method lora or init_lora_weights default")
+        return self
+
+
+MOVED_BASE_INITS = ("pissa", "olora")  # inits that move part of each base weight into the adapter
 
 
 class IA3Method(Section):
@@ -508,6 +527,25 @@ class Recipe(Section):
             if self.data.streaming:
                 raise ValueError("data.replay samples rows in proportion to the train split, which data.streaming "
                                  "never holds; drop one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _check_lora_options(self) -> Recipe:
+        """pissa/olora change the base weights (a head or a reference model needs them as they were) and convert
+        the adapter at save from this process's copy."""
+        method = self.method
+        if not isinstance(method, LoraMethod):
+            return self
+        moved = method.init_lora_weights in MOVED_BASE_INITS
+        if moved and not self.entry.moved_base:
+            raise ValueError(f"method.init_lora_weights {method.init_lora_weights} moves part of each base weight "
+                             f"into the adapter, and task {self.task} needs the base as it was (its head or its "
+                             f"reference model); use it with tasks {', '.join(tasks_that('moved_base'))}, or "
+                             f"init_lora_weights default")
+        if moved and self.train.distributed.strategy == "deepspeed":
+            raise ValueError(f"method.init_lora_weights {method.init_lora_weights} is converted to plain LoRA at save "
+                             f"from the adapter this process holds, which DeepSpeed may shard (ZeRO-3); use "
+                             f"train.distributed.strategy ddp or init_lora_weights default")
         return self
 
     @model_validator(mode="after")

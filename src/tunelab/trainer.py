@@ -22,7 +22,7 @@ from tunelab.console import format_seconds, interactive, is_quiet
 from tunelab.distributed import backend, current_world, per_process_batch
 from tunelab.errors import TunelabError
 from tunelab.models.precision import bf16_supported
-from tunelab.recipe import EvalConfig, TrainConfig
+from tunelab.recipe import MOVED_BASE_INITS, EvalConfig, TrainConfig
 from tunelab.runs.folder import CHECKPOINTS, append_jsonl
 from tunelab.runs.lineage import run_chain
 from tunelab.runs.tracking import prepare_trackers
@@ -30,6 +30,7 @@ from tunelab.sharding import name_deepspeed_accelerator, strategy_name, training
 from tunelab.speedups import speedups_of_this_run
 
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
+INITIAL_ADAPTER = "initial_adapter"  # in checkpoints/: a PiSSA/OLoRA adapter as initialised, to convert it at save
 
 
 def resolve_bf16(precision: str) -> bool:
@@ -407,6 +408,11 @@ class TunelabMixin(MeteredMixin):
             self.args.per_device_eval_batch_size = min(self.args.per_device_eval_batch_size,
                                                        self.args.train_batch_size * self.args.world_size)
         show_tunelab_progress(self)
+        self.initial_adapter: Path | None = None
+        if moves_base_weights(self.model):  # kept to convert the trained adapter against at save: save_model
+            self.initial_adapter = Path(self.args.output_dir) / INITIAL_ADAPTER
+            if self.args.should_save:
+                self.model.save_pretrained(str(self.initial_adapter))
 
     def train(self, *args, **kwargs):
         """Train as the Trainer does (with freed memory kept in the heap for the next step: CPU, glibc)."""
@@ -485,6 +491,12 @@ def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train
     }
 
 
+def moves_base_weights(model: torch.nn.Module) -> bool:
+    """Whether a peft adapter of `model` was initialised by moving part of each base weight into it (PiSSA, OLoRA)."""
+    return any(str(getattr(config, "init_lora_weights", "")).startswith(MOVED_BASE_INITS)
+               for config in getattr(model, "peft_config", {}).values())
+
+
 def save_model(trainer: Trainer, target: Path) -> None:
     """Save weights (or the adapter) and tokenizer into `target` via a temporary folder, then rename."""
     staging = target.with_name(f".{target.name}.partial")
@@ -498,6 +510,11 @@ def save_model(trainer: Trainer, target: Path) -> None:
     # Trainer.save_model also pickles the TrainingArguments (training_args.bin); the resolved recipe.yaml already
     # records how the run trained, and a run folder holds no pickles (an export copies none).
     (staging / TRAINING_ARGS_FILE).unlink(missing_ok=True)
+    initial = getattr(trainer, "initial_adapter", None)
+    if initial is not None:
+        # PiSSA/OLoRA moved part of each base weight into the adapter: save what training changed as the plain LoRA
+        # adapter (rank 2r) it amounts to on the original base, which every loader applies as it is.
+        trainer.model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=str(initial))
     if not (staging / "config.json").is_file():  # an adapter: keep the model config (labels, base) beside it
         trainer.model.config.save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)

@@ -91,12 +91,15 @@ def frozen_weights_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+LORA_INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
 def peft_config(method, heads: list[str], task_type: TaskType) -> PeftConfig:
     """The peft config for a recipe method; the head modules are saved and trained in full."""
     if isinstance(method, LoraMethod):
         return LoraConfig(task_type=task_type, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
                           target_modules=method.target_modules, use_dora=method.name == "dora",
-                          use_rslora=method.use_rslora,
+                          use_rslora=method.use_rslora, init_lora_weights=LORA_INITS[method.init_lora_weights],
                           modules_to_save=heads)
     if isinstance(method, IA3Method):
         return IA3Config(task_type=task_type, target_modules=method.target_modules,
