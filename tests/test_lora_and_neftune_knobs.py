@@ -1,21 +1,23 @@
 """Knobs from LLaMA-Factory, each one line of peft configuration: rsLoRA's scaling, PiSSA/OLoRA adapters saved as
-plain LoRA for the original base."""
+plain LoRA for the original base, LoRA+'s learning rates for B."""
 
 from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType
 from peft.tuners.lora import Linear as LoraLinear
 from test_generative_tiny import generative_recipe
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from tunelab import api
 from tunelab.methods.apply import apply_method, load_trainable_decoder
 from tunelab.models.loading import load_causal_lm
 from tunelab.recipe import LoraMethod, validate_recipe
+from tunelab.trainer import TunelabTrainer
 
 
 def lora_layers(model) -> list[LoraLinear]:
@@ -83,3 +85,44 @@ def test_pissa_moves_the_fp32_weights_before_a_bf16_base_is_stored(tiny_llama):
                                                                             torch.bfloat16)
     residual = original - layer.scaling["default"] * lora_b @ lora_a
     assert torch.equal(layer.base_layer.weight, residual.to(torch.bfloat16))
+
+
+def token_rows(count: int = 4) -> datasets.Dataset:
+    return datasets.Dataset.from_list([{"input_ids": [4 + i, 5, 6, 7, 8], "labels": [4 + i, 5, 6, 7, 8]}
+                                       for i in range(count)])
+
+
+def one_step_trainer(model, tmp_path, **options) -> TunelabTrainer:
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, learning_rate=1e-3, lr_scheduler_type="constant",
+                             weight_decay=0.0, per_device_train_batch_size=4, report_to="none", use_cpu=True,
+                             save_strategy="no")
+    return TunelabTrainer(model=model, args=args, train_dataset=token_rows(), **options)
+
+
+def group_rates(trainer, model) -> dict[str, set[float]]:
+    """The learning rates the optimizer gives the lora_A and the lora_B weights."""
+    rate = {id(param): group["lr"] for group in trainer.optimizer.param_groups for param in group["params"]}
+    return {kind: {rate[id(param)] for name, param in model.named_parameters() if f"{kind}." in name}
+            for kind in ("lora_A", "lora_B")}
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(16.0, 16.0), (None, 1.0)])
+def test_loraplus_trains_b_at_the_ratio_times_the_learning_rate(tiny_llama, tmp_path, ratio, expected):
+    model = adapted_decoder(tiny_llama, r=4, loraplus_lr_ratio=ratio)
+    with torch.no_grad():  # B starts at zero, which leaves A no gradient in the first step
+        for layer in lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    before = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+    trainer = one_step_trainer(model, tmp_path)
+    trainer.train()
+    assert group_rates(trainer, model) == {"lora_A": {1e-3}, "lora_B": {1e-3 * expected}}
+    # Adam's first step moves each weight by about its learning rate
+    moved = {kind: max((param - before[name]).abs().max().item() for name, param in model.named_parameters()
+                       if f"{kind}." in name) for kind in ("lora_A", "lora_B")}
+    assert moved["lora_B"] / moved["lora_A"] == pytest.approx(expected, rel=0.02)
+
+
+def test_loraplus_keeps_an_optimizer_the_stage_passed_in(tiny_llama, tmp_path):
+    model = adapted_decoder(tiny_llama, r=4, loraplus_lr_ratio=16.0)
+    given = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=0.5)
+    assert one_step_trainer(model, tmp_path, optimizers=(given, None)).create_optimizer() is given

@@ -122,7 +122,7 @@ SFT = {**BASE, "task": "sft"}
 def test_the_lora_knobs_default_to_plain_lora():
     recipe = validate_recipe({**SFT, "method": "lora"})
     method = recipe.method
-    assert (method.use_rslora, method.init_lora_weights) == (False, "default")
+    assert (method.use_rslora, method.init_lora_weights, method.loraplus_lr_ratio) == (False, "default", None)
 
 
 LORA = {"name": "lora"}
@@ -138,6 +138,9 @@ LORA = {"name": "lora"}
     ({"task": "classify", "method": {**LORA, "init_lora_weights": "olora"}}, "task classify needs the base as it was"),
     ({"method": {**LORA, "init_lora_weights": "pissa"}, "train": {"distributed": {"strategy": "deepspeed"}}},
      "which DeepSpeed may shard (ZeRO-3); use train.distributed.strategy ddp or init_lora_weights default"),
+    ({"method": {**LORA, "loraplus_lr_ratio": 16}, "train": {"distributed": {"strategy": "deepspeed"}}},
+     "method.loraplus_lr_ratio builds the optimizer's learning-rate groups in the Trainer"),
+    ({"method": {**LORA, "loraplus_lr_ratio": 0}}, "'method.loraplus_lr_ratio' = 0 is invalid"),
     ({"method": {**LORA, "init_lora_weights": "loftq"}}, "'method.init_lora_weights' = 'loftq' is invalid"),
 ])
 def test_the_lora_knobs_are_refused_where_they_cannot_hold(changes, expected):

@@ -159,6 +159,8 @@ class LoraMethod(Section):
                                "gaussian: A Gaussian, B zero; pissa: each weight's top-r singular components moved "
                                "from the base into the adapter; olora: its top-r QR factors moved likewise. A pissa "
                                "or olora run saves a plain LoRA adapter of rank 2r for the original base")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: the B matrices (and 1-D weights) learn at "
+                                            "this ratio times the learning rate (the paper: 16); unset: one rate")
 
     @model_validator(mode="after")
     def _default_alpha(self) -> LoraMethod:
@@ -532,7 +534,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _check_lora_options(self) -> Recipe:
         """pissa/olora change the base weights (a head or a reference model needs them as they were) and convert
-        the adapter at save from this process's copy."""
+        the adapter at save from this process's copy; LoRA+ builds the optimizer's groups in the Trainer."""
         method = self.method
         if not isinstance(method, LoraMethod):
             return self
@@ -542,10 +544,16 @@ class Recipe(Section):
                              f"into the adapter, and task {self.task} needs the base as it was (its head or its "
                              f"reference model); use it with tasks {', '.join(tasks_that('moved_base'))}, or "
                              f"init_lora_weights default")
-        if moved and self.train.distributed.strategy == "deepspeed":
+        if self.train.distributed.strategy != "deepspeed":
+            return self
+        if moved:
             raise ValueError(f"method.init_lora_weights {method.init_lora_weights} is converted to plain LoRA at save "
                              f"from the adapter this process holds, which DeepSpeed may shard (ZeRO-3); use "
                              f"train.distributed.strategy ddp or init_lora_weights default")
+        if method.loraplus_lr_ratio is not None:
+            raise ValueError("method.loraplus_lr_ratio builds the optimizer's learning-rate groups in the Trainer, "
+                             "which a DeepSpeed config may replace with its own optimizer; use "
+                             "train.distributed.strategy ddp or drop method.loraplus_lr_ratio")
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.optimizers import create_loraplus_optimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -413,6 +414,19 @@ class TunelabMixin(MeteredMixin):
             self.initial_adapter = Path(self.args.output_dir) / INITIAL_ADAPTER
             if self.args.should_save:
                 self.model.save_pretrained(str(self.initial_adapter))
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer or, with LoRA+ (method.loraplus_lr_ratio, left on the model by apply_method),
+        peft's: the same optimizer with the B matrices (and 1-D weights) at the ratio times the learning rate. An
+        optimizer the stage passed in (method_optimizer's groups) is kept."""
+        ratio = getattr(self.model, "loraplus_lr_ratio", None)
+        if self.optimizer is not None or ratio is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, options = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, loraplus_lr_ratio=ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **options)
+        return self.optimizer
 
     def train(self, *args, **kwargs):
         """Train as the Trainer does (with freed memory kept in the heap for the next step: CPU, glibc)."""

@@ -64,10 +64,13 @@ def with_method(model: torch.nn.Module, method, new_modules: list[str], task_typ
         raise TunelabError("method 'prefix' does not work for classification with the installed transformers/peft "
                            "(the classifier cannot take prefix key/values); use method 'prompt' or 'lora'")
     try:
-        return get_peft_model(model, peft_config(method, heads, task_type))
+        adapted = get_peft_model(model, peft_config(method, heads, task_type))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise TunelabError(f"method '{method.name}' cannot be applied to {type(model).__name__}: "
                            f"{one_line(exc, 200)}; set method.target_modules or pick another method") from None
+    if isinstance(method, LoraMethod) and method.loraplus_lr_ratio is not None:
+        adapted.loraplus_lr_ratio = method.loraplus_lr_ratio  # the Trainer's optimizer reads it: TunelabMixin
+    return adapted
 
 
 def load_trainable_decoder(location: str, method, bf16: bool, sharding: dict | None = None) -> torch.nn.Module:
