@@ -1,5 +1,5 @@
-"""Knobs from LLaMA-Factory, each one line of peft configuration: rsLoRA's scaling, PiSSA/OLoRA adapters saved as
-plain LoRA for the original base, LoRA+'s learning rates for B."""
+"""Four knobs from LLaMA-Factory, each one line of peft/transformers configuration: rsLoRA's scaling, PiSSA/OLoRA
+adapters saved as plain LoRA for the original base, LoRA+'s learning rates for B, NEFTune's embedding noise."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType
 from peft.tuners.lora import Linear as LoraLinear
 from test_generative_tiny import generative_recipe
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from trl import SFTConfig
 
 from tunelab import api
 from tunelab.methods.apply import apply_method, load_trainable_decoder
-from tunelab.models.loading import load_causal_lm
+from tunelab.models.loading import load_causal_lm, load_tokenizer
 from tunelab.recipe import LoraMethod, validate_recipe
-from tunelab.trainer import TunelabTrainer
+from tunelab.stages.sft import TunelabSFTTrainer, sft_options
+from tunelab.trainer import TunelabTrainer, training_arguments
 
 
 def lora_layers(model) -> list[LoraLinear]:
@@ -126,3 +128,45 @@ def test_loraplus_keeps_an_optimizer_the_stage_passed_in(tiny_llama, tmp_path):
     model = adapted_decoder(tiny_llama, r=4, loraplus_lr_ratio=16.0)
     given = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=0.5)
     assert one_step_trainer(model, tmp_path, optimizers=(given, None)).create_optimizer() is given
+
+
+class EmbeddingNoise(TrainerCallback):
+    """Runs the model's token embeddings twice in train mode and twice in eval mode, within a training step."""
+
+    def __init__(self, model, ids: torch.Tensor) -> None:
+        self.embeddings, self.ids, self.seen = model.get_input_embeddings(), ids, {}
+
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """Two train-mode and two eval-mode outputs for the ids; the module's mode is left as it was."""
+        was_training, out = self.embeddings.training, {}
+        with torch.no_grad():
+            for mode in ("train", "eval"):
+                self.embeddings.train(mode == "train")
+                out[mode] = torch.stack([self.embeddings(self.ids), self.embeddings(self.ids)])
+        self.embeddings.train(was_training)
+        return out
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Look at the embeddings while the Trainer's NEFTune hook is on."""
+        self.seen = self.outputs()
+
+
+def test_neftune_adds_noise_to_the_embeddings_of_sft_training_steps_only(tiny_llama, qa_data, tmp_path):
+    recipe = validate_recipe(generative_recipe(tiny_llama, qa_data, train={"max_steps": 1, "neftune_noise_alpha": 5}))
+    assert recipe.train.padding_free is False  # transformers scales the noise by a batch row's length
+    args = training_arguments(recipe.train, recipe.eval, tmp_path, bf16=False, args_class=SFTConfig,
+                              **sft_options(recipe))
+    assert isinstance(args, SFTConfig) and args.neftune_noise_alpha == 5 and args.padding_free is False
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.tensor([[5, 9, 11, 7, 6, 14]])
+    clean = model.get_input_embeddings()(ids).detach()
+    rows = datasets.Dataset.from_list([{"input_ids": [4, 5, 6, 7, 8], "completion_mask": [0, 0, 1, 1, 1]}] * 8)
+    watch = EmbeddingNoise(model, ids)
+    trainer = TunelabSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=load_tokenizer(
+        str(tiny_llama)), callbacks=[watch])
+    trainer.train()
+    noisy, quiet = watch.seen["train"], watch.seen["eval"]
+    bound = 5 / (ids.shape[1] * clean.shape[-1]) ** 0.5  # NEFTune: uniform in ±alpha/√(length × width)
+    assert not torch.equal(noisy[0], noisy[1]) and 0 < (noisy - clean).abs().max() <= bound
+    assert torch.equal(quiet[0], clean) and torch.equal(quiet[1], clean)
+    assert torch.equal(watch.outputs()["train"][0], clean)  # the hook is gone after training

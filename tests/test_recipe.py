@@ -119,10 +119,17 @@ def test_a_section_that_is_not_the_tasks_is_refused_even_beside_flat_defaults(ta
 SFT = {**BASE, "task": "sft"}
 
 
-def test_the_lora_knobs_default_to_plain_lora():
+def test_the_lora_and_neftune_knobs_default_to_plain_lora_without_noise():
     recipe = validate_recipe({**SFT, "method": "lora"})
     method = recipe.method
     assert (method.use_rslora, method.init_lora_weights, method.loraplus_lr_ratio) == (False, "default", None)
+    assert recipe.train.neftune_noise_alpha is None and recipe.train.padding_free is True
+
+
+def test_neftune_trains_sft_in_padded_batches_and_says_so_in_the_resolved_recipe():
+    recipe = validate_recipe({**SFT, "train": {"neftune_noise_alpha": 5}})
+    assert recipe.train.padding_free is False
+    assert validate_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
 
 
 LORA = {"name": "lora"}
@@ -142,8 +149,16 @@ LORA = {"name": "lora"}
      "method.loraplus_lr_ratio builds the optimizer's learning-rate groups in the Trainer"),
     ({"method": {**LORA, "loraplus_lr_ratio": 0}}, "'method.loraplus_lr_ratio' = 0 is invalid"),
     ({"method": {**LORA, "init_lora_weights": "loftq"}}, "'method.init_lora_weights' = 'loftq' is invalid"),
+    ({"task": "pretrain", "train": {"neftune_noise_alpha": 5}},
+     "train.neftune_noise_alpha adds noise to the embeddings in instruction tuning (tasks sft); drop it for task "
+     "pretrain"),
+    ({"train": {"neftune_noise_alpha": 5, "padding_free": True}}, "train.padding_free makes a batch one row of all "
+                                                                  "its rows (far weaker noise); drop "
+                                                                  "train.padding_free"),
+    ({"train": {"neftune_noise_alpha": 5, "packing": True}}, "drop train.packing"),
+    ({"train": {"neftune_noise_alpha": -1}}, "'train.neftune_noise_alpha' = -1 is invalid"),
 ])
-def test_the_lora_knobs_are_refused_where_they_cannot_hold(changes, expected):
+def test_the_lora_and_neftune_knobs_are_refused_where_they_cannot_hold(changes, expected):
     with pytest.raises(TunelabError) as caught:
         validate_recipe({**SFT, **changes})
     assert expected in str(caught.value) and "\n" not in str(caught.value)

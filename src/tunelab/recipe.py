@@ -261,6 +261,9 @@ class TrainConfig(Section):
                                                  "padding them (position ids restart per row, so rows never attend "
                                                  "to each other): the same loss for less compute. Prompt and prefix "
                                                  "tuning train padded (peft drops position ids for them)")
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="sft: NEFTune, uniform noise of this scale "
+                                              "(the paper: 5) added to the token embeddings in training steps, not "
+                                              "in evaluation; trains padded batches (train.padding_free false)")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                             "memory, about a third more compute")
     speedups: bool = Field(True, description="tunelab's CPU speed-ups (fused LM head and LoRA, row-by-row attention, "
@@ -554,6 +557,24 @@ class Recipe(Section):
             raise ValueError("method.loraplus_lr_ratio builds the optimizer's learning-rate groups in the Trainer, "
                              "which a DeepSpeed config may replace with its own optimizer; use "
                              "train.distributed.strategy ddp or drop method.loraplus_lr_ratio")
+        return self
+
+    @model_validator(mode="after")
+    def _check_neftune(self) -> Recipe:
+        """NEFTune is for instruction tuning, in padded batches (transformers scales the noise by a batch row's length,
+        and a padding-free or packed batch is one row of many)."""
+        if self.train.neftune_noise_alpha is None:
+            return self
+        if not self.entry.neftune:
+            raise ValueError(f"train.neftune_noise_alpha adds noise to the embeddings in instruction tuning (tasks "
+                             f"{', '.join(tasks_that('neftune'))}); drop it for task {self.task}")
+        explicit = [key for key in ("padding_free", "packing")
+                    if key in self.train.model_fields_set and getattr(self.train, key)]
+        if explicit:
+            raise ValueError(f"train.neftune_noise_alpha scales its noise by the length of a batch row, and "
+                             f"train.{explicit[0]} makes a batch one row of all its rows (far weaker noise); drop "
+                             f"train.{explicit[0]}")
+        self.train.padding_free = False  # the saved recipe says what ran: padded batches
         return self
 
     @model_validator(mode="after")

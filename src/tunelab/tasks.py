@@ -46,6 +46,7 @@ class Task:
     fp32_only: bool = False  # trains in fp32 whatever train.precision says
     pipeline_tag: str = "text-generation"  # the Hugging Face Hub's pipeline tag of its exported model card
     embeds: bool = False  # serve's /v1/embeddings (its model/ is a sentence-transformers folder)
+    neftune: bool = False  # train.neftune_noise_alpha (noisy embeddings for instruction tuning)
     moved_base: bool = False  # method.init_lora_weights pissa/olora, which change the base weights: neither a task
     # head (peft's conversion to plain LoRA drops it) nor a reference model (TRL's is the base with its adapter off,
     # or a copy of the adapter, initialised again on the changed base) depends on them
@@ -67,7 +68,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          labels=True, one_process=True, fp32_only=True),
     Task("sft", "decoder", "answers prompts", "tunelab.stages.sft",
          answers=True, prompts="template", exports=("hf", "gguf"), verify=True, streaming=True, replay=True,
-         base_answers=True, fsdp=True, moved_base=True),
+         base_answers=True, fsdp=True, neftune=True, moved_base=True),
     Task("pretrain", "decoder", "continues text of a domain", "tunelab.stages.sft",
          answers=True, prompts="plain", exports=("hf", "gguf"), streaming=True, replay=True, base_answers=True,
          fsdp=True, moved_base=True),

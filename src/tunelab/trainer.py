@@ -110,6 +110,7 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=train.gradient_checkpointing,
+        neftune_noise_alpha=train.neftune_noise_alpha,  # transformers' hook on the input embeddings while training
         # every parameter that trains takes part in each forward pass; True would cost an extra graph traversal
         **({"ddp_backend": backend(), "ddp_find_unused_parameters": False} if world.size > 1 else {}),
         **training_options(train.distributed),  # deepspeed's engine (fsdp: the model comes sharded)
