@@ -82,3 +82,13 @@ def test_disabled_merged_and_variant_adapters_take_pefts_path(tiny_llama):
         before = dora(input_ids=ids).logits
         use_fused_lora(dora)
         assert torch.equal(dora(input_ids=ids).logits, before)  # DoRA is a variant: peft computes it
+
+
+@pytest.mark.parametrize("options", [{"use_rslora": True}, {"init_lora_weights": "pissa"}])
+def test_fused_lora_gives_peft_figures_with_rslora_scaling_and_a_pissa_base(tiny_llama, options):
+    """rsLoRA changes the scaling (alpha/√r) and PiSSA the base weights: the fused pass reads both from the layer."""
+    peft_model = lora_model(tiny_llama, 0.0, bf16=False, **options).train()
+    fused_model = lora_model(tiny_llama, 0.0, bf16=False, **options).train()
+    use_fused_lora(fused_model)
+    for got, want in zip(loss_and_grads(fused_model, bf16=False), loss_and_grads(peft_model, bf16=False), strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -114,3 +114,51 @@ def test_a_section_that_is_not_the_tasks_is_refused_even_beside_flat_defaults(ta
     written[section] = {**written.get(section, {}), **value}
     with pytest.raises(TunelabError, match=re.escape(expected)):
         validate_recipe(written)
+
+
+SFT = {**BASE, "task": "sft"}
+
+
+def test_the_lora_and_neftune_knobs_default_to_plain_lora_without_noise():
+    recipe = validate_recipe({**SFT, "method": "lora"})
+    method = recipe.method
+    assert (method.use_rslora, method.init_lora_weights, method.loraplus_lr_ratio) == (False, "default", None)
+    assert recipe.train.neftune_noise_alpha is None and recipe.train.padding_free is True
+
+
+def test_neftune_trains_sft_in_padded_batches_and_says_so_in_the_resolved_recipe():
+    recipe = validate_recipe({**SFT, "train": {"neftune_noise_alpha": 5}})
+    assert recipe.train.padding_free is False
+    assert validate_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
+
+
+LORA = {"name": "lora"}
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"method": {"name": "dora", "init_lora_weights": "pissa"}},
+     "method.init_lora_weights pissa moves part of each base weight into the adapter, and peft's conversion to a "
+     "plain adapter drops DoRA's magnitudes; use method lora or init_lora_weights default"),
+    ({"method": {"name": "qlora", "init_lora_weights": "olora"}}, "and a 4-bit base quantizes the residual"),
+    ({"task": "dpo", "method": {**LORA, "init_lora_weights": "pissa"}},
+     "task dpo needs the base as it was (its head or its reference model); use it with tasks sft, pretrain, seq2seq"),
+    ({"task": "classify", "method": {**LORA, "init_lora_weights": "olora"}}, "task classify needs the base as it was"),
+    ({"method": {**LORA, "init_lora_weights": "pissa"}, "train": {"distributed": {"strategy": "deepspeed"}}},
+     "which DeepSpeed may shard (ZeRO-3); use train.distributed.strategy ddp or init_lora_weights default"),
+    ({"method": {**LORA, "loraplus_lr_ratio": 16}, "train": {"distributed": {"strategy": "deepspeed"}}},
+     "method.loraplus_lr_ratio builds the optimizer's learning-rate groups in the Trainer"),
+    ({"method": {**LORA, "loraplus_lr_ratio": 0}}, "'method.loraplus_lr_ratio' = 0 is invalid"),
+    ({"method": {**LORA, "init_lora_weights": "loftq"}}, "'method.init_lora_weights' = 'loftq' is invalid"),
+    ({"task": "pretrain", "train": {"neftune_noise_alpha": 5}},
+     "train.neftune_noise_alpha adds noise to the embeddings in instruction tuning (tasks sft); drop it for task "
+     "pretrain"),
+    ({"train": {"neftune_noise_alpha": 5, "padding_free": True}}, "train.padding_free makes a batch one row of all "
+                                                                  "its rows (far weaker noise); drop "
+                                                                  "train.padding_free"),
+    ({"train": {"neftune_noise_alpha": 5, "packing": True}}, "drop train.packing"),
+    ({"train": {"neftune_noise_alpha": -1}}, "'train.neftune_noise_alpha' = -1 is invalid"),
+])
+def test_the_lora_and_neftune_knobs_are_refused_where_they_cannot_hold(changes, expected):
+    with pytest.raises(TunelabError) as caught:
+        validate_recipe({**SFT, **changes})
+    assert expected in str(caught.value) and "\n" not in str(caught.value)

@@ -152,6 +152,15 @@ class LoraMethod(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input")
     target_modules: list[str] | str = Field(
         "all-linear", description="Modules that get adapters: names, or 'all-linear' (every linear layer but the head)")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the adapter by alpha/√r instead of "
+                                                "alpha/r, so that higher ranks keep learning")
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="How adapters start (all add nothing at first): default: A Kaiming-uniform, B zero; "
+                               "gaussian: A Gaussian, B zero; pissa: each weight's top-r singular components moved "
+                               "from the base into the adapter; olora: its top-r QR factors moved likewise. A pissa "
+                               "or olora run saves a plain LoRA adapter of rank 2r for the original base")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: the B matrices (and 1-D weights) learn at "
+                                            "this ratio times the learning rate (the paper: 16); unset: one rate")
 
     @model_validator(mode="after")
     def _default_alpha(self) -> LoraMethod:
@@ -159,6 +168,20 @@ class LoraMethod(Section):
         if self.alpha is None:
             self.alpha = 2 * self.r
         return self
+
+    @model_validator(mode="after")
+    def _moved_base_on_plain_lora(self) -> LoraMethod:
+        """pissa/olora runs are saved as plain LoRA on the original base, which dora and qlora cannot be."""
+        if self.init_lora_weights in MOVED_BASE_INITS and self.name != "lora":
+            why = ("peft's conversion to a plain adapter drops DoRA's magnitudes" if self.name == "dora" else
+                   "a 4-bit base quantizes the residual, so the converted adapter on the original base is not the "
+                   "trained model")
+            raise ValueError(f"method.init_lora_weights {self.init_lora_weights} moves part of each base weight into "
+                             f"the adapter, and {why}; use method lora or init_lora_weights default")
+        return self
+
+
+MOVED_BASE_INITS = ("pissa", "olora")  # inits that move part of each base weight into the adapter
 
 
 class IA3Method(Section):
@@ -238,6 +261,9 @@ class TrainConfig(Section):
                                                  "padding them (position ids restart per row, so rows never attend "
                                                  "to each other): the same loss for less compute. Prompt and prefix "
                                                  "tuning train padded (peft drops position ids for them)")
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="sft: NEFTune, uniform noise of this scale "
+                                              "(the paper: 5) added to the token embeddings in training steps, not "
+                                              "in evaluation; trains padded batches (train.padding_free false)")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                             "memory, about a third more compute")
     speedups: bool = Field(True, description="tunelab's CPU speed-ups (fused LM head and LoRA, row-by-row attention, "
@@ -506,6 +532,49 @@ class Recipe(Section):
             if self.data.streaming:
                 raise ValueError("data.replay samples rows in proportion to the train split, which data.streaming "
                                  "never holds; drop one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _check_lora_options(self) -> Recipe:
+        """pissa/olora change the base weights (a head or a reference model needs them as they were) and convert
+        the adapter at save from this process's copy; LoRA+ builds the optimizer's groups in the Trainer."""
+        method = self.method
+        if not isinstance(method, LoraMethod):
+            return self
+        moved = method.init_lora_weights in MOVED_BASE_INITS
+        if moved and not self.entry.moved_base:
+            raise ValueError(f"method.init_lora_weights {method.init_lora_weights} moves part of each base weight "
+                             f"into the adapter, and task {self.task} needs the base as it was (its head or its "
+                             f"reference model); use it with tasks {', '.join(tasks_that('moved_base'))}, or "
+                             f"init_lora_weights default")
+        if self.train.distributed.strategy != "deepspeed":
+            return self
+        if moved:
+            raise ValueError(f"method.init_lora_weights {method.init_lora_weights} is converted to plain LoRA at save "
+                             f"from the adapter this process holds, which DeepSpeed may shard (ZeRO-3); use "
+                             f"train.distributed.strategy ddp or init_lora_weights default")
+        if method.loraplus_lr_ratio is not None:
+            raise ValueError("method.loraplus_lr_ratio builds the optimizer's learning-rate groups in the Trainer, "
+                             "which a DeepSpeed config may replace with its own optimizer; use "
+                             "train.distributed.strategy ddp or drop method.loraplus_lr_ratio")
+        return self
+
+    @model_validator(mode="after")
+    def _check_neftune(self) -> Recipe:
+        """NEFTune is for instruction tuning, in padded batches (transformers scales the noise by a batch row's length,
+        and a padding-free or packed batch is one row of many)."""
+        if self.train.neftune_noise_alpha is None:
+            return self
+        if not self.entry.neftune:
+            raise ValueError(f"train.neftune_noise_alpha adds noise to the embeddings in instruction tuning (tasks "
+                             f"{', '.join(tasks_that('neftune'))}); drop it for task {self.task}")
+        explicit = [key for key in ("padding_free", "packing")
+                    if key in self.train.model_fields_set and getattr(self.train, key)]
+        if explicit:
+            raise ValueError(f"train.neftune_noise_alpha scales its noise by the length of a batch row, and "
+                             f"train.{explicit[0]} makes a batch one row of all its rows (far weaker noise); drop "
+                             f"train.{explicit[0]}")
+        self.train.padding_free = False  # the saved recipe says what ran: padded batches
         return self
 
     @model_validator(mode="after")

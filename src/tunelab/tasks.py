@@ -47,6 +47,10 @@ class Task:
     pipeline_tag: str = "text-generation"  # the Hugging Face Hub's pipeline tag of its exported model card
     embeds: bool = False  # serve's /v1/embeddings (its model/ is a sentence-transformers folder)
     searched_on: str = "accuracy"  # the validation score `tunelab tune` optimises unless --metric names another
+    neftune: bool = False  # train.neftune_noise_alpha (noisy embeddings for instruction tuning)
+    moved_base: bool = False  # method.init_lora_weights pissa/olora, which change the base weights: neither a task
+    # head (peft's conversion to plain LoRA drops it) nor a reference model (TRL's is the base with its adapter off,
+    # or a copy of the adapter, initialised again on the changed base) depends on them
 
     def stage(self) -> ModuleType:
         """The task's stage module: its `load_data`, `check_model` and `run`."""
@@ -65,13 +69,13 @@ TASKS: dict[str, Task] = {task.name: task for task in (
          labels=True, one_process=True, fp32_only=True),
     Task("sft", "decoder", "answers prompts", "tunelab.stages.sft",
          answers=True, prompts="template", exports=("hf", "gguf"), verify=True, streaming=True, replay=True,
-         base_answers=True, fsdp=True, searched_on="loss"),
+         base_answers=True, fsdp=True, searched_on="loss", neftune=True, moved_base=True),
     Task("pretrain", "decoder", "continues text of a domain", "tunelab.stages.sft",
          answers=True, prompts="plain", exports=("hf", "gguf"), streaming=True, replay=True, base_answers=True,
-         fsdp=True, searched_on="loss"),
+         fsdp=True, searched_on="loss", moved_base=True),
     Task("seq2seq", "seq2seq", "rewrites an input text into an output text", "tunelab.stages.seq2seq",
          answers=True, prompts="encoder", exports=("hf",), pipeline_tag="text2text-generation",
-         searched_on="loss"),
+         searched_on="loss", moved_base=True),
     Task("reward", "reward", "scores a response (reward model)", "tunelab.stages.reward",
          scores=True, exports=("hf", "onnx"), pipeline_tag="text-classification",
          searched_on="pairwise_accuracy"),

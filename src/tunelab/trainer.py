@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.optimizers import create_loraplus_optimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -23,7 +24,7 @@ from tunelab.console import format_seconds, interactive, is_quiet
 from tunelab.distributed import backend, current_world, per_process_batch
 from tunelab.errors import TunelabError
 from tunelab.models.precision import bf16_supported
-from tunelab.recipe import EvalConfig, TrainConfig
+from tunelab.recipe import MOVED_BASE_INITS, EvalConfig, TrainConfig
 from tunelab.runs.folder import CHECKPOINTS, append_jsonl
 from tunelab.runs.lineage import run_chain
 from tunelab.runs.tracking import prepare_trackers
@@ -31,6 +32,7 @@ from tunelab.sharding import name_deepspeed_accelerator, strategy_name, training
 from tunelab.speedups import speedups_of_this_run
 
 TRAINING_ARGS_FILE = "training_args.bin"  # the pickle Trainer.save_model writes beside the weights
+INITIAL_ADAPTER = "initial_adapter"  # in checkpoints/: a PiSSA/OLoRA adapter as initialised, to convert it at save
 _callbacks_of_runs: list[list[TrainerCallback]] = []
 
 
@@ -121,6 +123,7 @@ def training_arguments(train: TrainConfig, evaluation: EvalConfig, run_dir: Path
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=train.gradient_checkpointing,
+        neftune_noise_alpha=train.neftune_noise_alpha,  # transformers' hook on the input embeddings while training
         # every parameter that trains takes part in each forward pass; True would cost an extra graph traversal
         **({"ddp_backend": backend(), "ddp_find_unused_parameters": False} if world.size > 1 else {}),
         **training_options(train.distributed),  # deepspeed's engine (fsdp: the model comes sharded)
@@ -422,6 +425,24 @@ class TunelabMixin(MeteredMixin):
         show_tunelab_progress(self)
         for callback in _callbacks_of_runs[-1] if _callbacks_of_runs else []:
             self.add_callback(callback)
+        self.initial_adapter: Path | None = None
+        if moves_base_weights(self.model):  # kept to convert the trained adapter against at save: save_model
+            self.initial_adapter = Path(self.args.output_dir) / INITIAL_ADAPTER
+            if self.args.should_save:
+                self.model.save_pretrained(str(self.initial_adapter))
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer or, with LoRA+ (method.loraplus_lr_ratio, left on the model by apply_method),
+        peft's: the same optimizer with the B matrices (and 1-D weights) at the ratio times the learning rate. An
+        optimizer the stage passed in (method_optimizer's groups) is kept."""
+        ratio = getattr(self.model, "loraplus_lr_ratio", None)
+        if self.optimizer is not None or ratio is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, options = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, loraplus_lr_ratio=ratio,
+                                                   loraplus_weight_decay=self.args.weight_decay, **options)
+        return self.optimizer
 
     def train(self, *args, **kwargs):
         """Train as the Trainer does (with freed memory kept in the heap for the next step: CPU, glibc)."""
@@ -500,6 +521,12 @@ def training_summary(trainer: MeteredMixin, result, params, bf16: bool, *, train
     }
 
 
+def moves_base_weights(model: torch.nn.Module) -> bool:
+    """Whether a peft adapter of `model` was initialised by moving part of each base weight into it (PiSSA, OLoRA)."""
+    return any(str(getattr(config, "init_lora_weights", "")).startswith(MOVED_BASE_INITS)
+               for config in getattr(model, "peft_config", {}).values())
+
+
 def save_model(trainer: Trainer, target: Path) -> None:
     """Save weights (or the adapter) and tokenizer into `target` via a temporary folder, then rename."""
     staging = target.with_name(f".{target.name}.partial")
@@ -513,6 +540,11 @@ def save_model(trainer: Trainer, target: Path) -> None:
     # Trainer.save_model also pickles the TrainingArguments (training_args.bin); the resolved recipe.yaml already
     # records how the run trained, and a run folder holds no pickles (an export copies none).
     (staging / TRAINING_ARGS_FILE).unlink(missing_ok=True)
+    initial = getattr(trainer, "initial_adapter", None)
+    if initial is not None:
+        # PiSSA/OLoRA moved part of each base weight into the adapter: save what training changed as the plain LoRA
+        # adapter (rank 2r) it amounts to on the original base, which every loader applies as it is.
+        trainer.model.save_pretrained(str(staging), path_initial_model_for_weight_conversion=str(initial))
     if not (staging / "config.json").is_file():  # an adapter: keep the model config (labels, base) beside it
         trainer.model.config.save_pretrained(staging)
     shutil.rmtree(target, ignore_errors=True)

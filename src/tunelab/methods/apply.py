@@ -64,10 +64,13 @@ def with_method(model: torch.nn.Module, method, new_modules: list[str], task_typ
         raise TunelabError("method 'prefix' does not work for classification with the installed transformers/peft "
                            "(the classifier cannot take prefix key/values); use method 'prompt' or 'lora'")
     try:
-        return get_peft_model(model, peft_config(method, heads, task_type))
+        adapted = get_peft_model(model, peft_config(method, heads, task_type))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise TunelabError(f"method '{method.name}' cannot be applied to {type(model).__name__}: "
                            f"{one_line(exc, 200)}; set method.target_modules or pick another method") from None
+    if isinstance(method, LoraMethod) and method.loraplus_lr_ratio is not None:
+        adapted.loraplus_lr_ratio = method.loraplus_lr_ratio  # the Trainer's optimizer reads it: TunelabMixin
+    return adapted
 
 
 def load_trainable_decoder(location: str, method, bf16: bool, sharding: dict | None = None) -> torch.nn.Module:
@@ -91,11 +94,15 @@ def frozen_weights_in_bf16(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+LORA_INITS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
 def peft_config(method, heads: list[str], task_type: TaskType) -> PeftConfig:
     """The peft config for a recipe method; the head modules are saved and trained in full."""
     if isinstance(method, LoraMethod):
         return LoraConfig(task_type=task_type, r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout,
                           target_modules=method.target_modules, use_dora=method.name == "dora",
+                          use_rslora=method.use_rslora, init_lora_weights=LORA_INITS[method.init_lora_weights],
                           modules_to_save=heads)
     if isinstance(method, IA3Method):
         return IA3Config(task_type=task_type, target_modules=method.target_modules,
