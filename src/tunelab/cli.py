@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--metric", help="validation score to optimise (default: the task's: accuracy, loss, …)")
     tune.add_argument("--output", help="study folder to create (default: runs/<name>-tune-<timestamp>)")
     tune.add_argument("--resume", action="store_true", help="continue the killed study in --output")
-    tune.add_argument("--refit", action="store_true", help="train the final runs on train + validation (default: "
-                                                           "on train, validation picking the checkpoint, as the "
-                                                           "trials did)")
+    tune.add_argument("--refit", action="store_true", help="train the winner and your recipe once more on train + "
+                                                           "validation and compare those (default: the two trials' "
+                                                           "models as trained); with --resume, also of a finished "
+                                                           "study")
     tune.add_argument("--search-only", action="store_true", help="run trials only (extra machines joining a study); "
                                                                  "no final runs")
 

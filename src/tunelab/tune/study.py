@@ -146,6 +146,9 @@ def resume_study(request: TuneRequest) -> tuple[Path, StudyPlan, DataLayout]:
         raise TunelabError("--resume needs --output STUDY_DIR naming the study to continue")
     study_dir = Path(request.output)
     plan = StudyPlan.load(study_dir)
+    if request.refit and not plan.refit:  # the same search, its winner compared once more the refit way
+        plan.refit = True
+        plan.save(study_dir)
     recipe = validate_recipe(plan.recipe, source=plan.recipe_path)
     layout = prepare_search_data(recipe, study_dir / "data")
     storage = open_storage(plan.storage)
