@@ -200,6 +200,6 @@ def test_the_study_report_opens_with_its_three_plots(tiny_bert, toy_data, tmp_pa
         assert titles[-3:] == ["Optimisation history", "Parameter importances", "Parallel coordinates"]
         assert page.locator(".plot .js-plotly-plot").count() == 3  # each drawn by plotly.js, inlined (offline)
         assert "your recipe" in page.locator("table").first.inner_text()
-        if os.environ.get("TUNELAB_SCREENSHOTS"):
-            page.screenshot(path=os.environ["TUNELAB_SCREENSHOTS"], full_page=True)
+        folder = Path(os.environ.get("TUNELAB_SCREENSHOTS") or tmp_path)  # as the Studio browser tests do
+        page.screenshot(path=str(folder / "tune-report.png"), full_page=True)
         browser.close()

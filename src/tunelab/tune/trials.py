@@ -50,7 +50,9 @@ class ReportEachEpoch(TrainerCallback):
         step = state.global_step if self.every_steps else max(1, round(state.epoch or 0))
         self.trial.report(self.sign * float(value), step)
         self.trial.set_user_attr("last_epoch", round(state.epoch or 0, 2))
-        if not self.trial.user_attrs.get("yours") and self.trial.should_prune():  # yours runs whole: the yardstick
+        # Asking the pruner records this epoch's score at its rung; your own values' trial is asked too (its scores
+        # are the yardstick the others are pruned against) but always runs whole.
+        if self.trial.should_prune() and not self.trial.user_attrs.get("yours"):
             raise optuna.TrialPruned(f"pruned at {'step' if self.every_steps else 'epoch'} {step}")
 
 
