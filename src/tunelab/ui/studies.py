@@ -342,14 +342,19 @@ def verdict_on(verdicts: dict[str, str], metric: str | None) -> dict | None:
 
 def written_lately(study_dir: Path) -> bool:
     """Whether a file the running study writes changed in the last minute: its settings, its SQLite storage, a
-    trial's or a final run's log."""
-    paths = [study_dir / PLAN_FILE, study_dir / "optuna.db", study_dir / TRIALS, study_dir / FINAL_RUNS]
-    paths += [folder / LOG_FILE for _, folder in trial_dirs(study_dir)]
-    paths += [study_dir / FINAL_RUNS / which / LOG_FILE for which in ("yours", "winner")]
+    trial's or a final run's log (never a file out of the study folder: links are not followed)."""
+    paths = [study_dir / PLAN_FILE, study_dir / "optuna.db", study_dir / TRIALS]
+    paths += [folder / LOG_FILE for _, folder in trial_dirs(study_dir)]  # trial folders inside the study
+    final = study_dir / FINAL_RUNS
+    try:
+        if not final.is_symlink():
+            paths += [final / which / LOG_FILE for which in ("yours", "winner") if not (final / which).is_symlink()]
+    except OSError:
+        pass
     latest = 0.0
     for path in paths:
         try:
-            latest = max(latest, os.stat(path).st_mtime)
+            latest = max(latest, os.lstat(path).st_mtime)
         except OSError:
             continue
     return time.time() - latest < RECENT_SECONDS
