@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -354,9 +355,11 @@ def written_lately(study_dir: Path) -> bool:
     latest = 0.0
     for path in paths:
         try:
-            latest = max(latest, os.lstat(path).st_mtime)
+            found = os.lstat(path)
         except OSError:
             continue
+        if not stat.S_ISLNK(found.st_mode):
+            latest = max(latest, found.st_mtime)
     return time.time() - latest < RECENT_SECONDS
 
 
