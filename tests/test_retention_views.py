@@ -129,6 +129,14 @@ def test_a_bad_value_inside_the_block_drops_alone(tmp_path):
     assert metrics["retention"]["summary"] == BLOCK["summary"]
 
 
+def test_a_comparison_with_several_bad_values_costs_only_that_comparison(tmp_path):
+    block = copy.deepcopy(BLOCK)
+    block["change"]["piqa"]["acc"] = {"ratio": "high"}  # its before and after missing, its ratio text: three errors
+    rows = retention_rows(read_back(tmp_path, with_block(block))["retention"])
+    assert [(row["probe"], row["metric"]) for row in rows] == [("piqa", "acc_norm"), ("wikitext", "word_perplexity")]
+
+
+
 # Studio: /api/run (which both the run page and the compare page read), and the pages in Chromium
 
 @pytest.fixture(scope="module")

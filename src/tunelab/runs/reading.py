@@ -104,7 +104,9 @@ def typed(model: type[BaseModel], raw: dict) -> dict:
 
 def drop(raw: dict, loc: tuple) -> None:
     """Remove the value at `loc`: a key of `raw`, or of a dict nested in it (copied on the way, so the caller's are
-    kept). Where `loc` names a key that is missing (a required field), the dict lacking it goes instead."""
+    kept). Where `loc` names a key that is missing (a required field), the dict lacking it goes instead; where a
+    dict on the way is gone already (an earlier error of the same round dropped it), nothing more goes: one entry
+    with several errors (each member of a union, each missing field) costs that entry, not its parents."""
     if not loc:
         raw.clear()
         return
@@ -114,7 +116,7 @@ def drop(raw: dict, loc: tuple) -> None:
         inner = dict(inner)
         drop(inner, rest)
         raw[key] = inner
-    else:
+    elif not (len(rest) > 1 and isinstance(inner, dict)):
         raw.pop(key, None)
 
 

@@ -1,7 +1,8 @@
 """The board's HTTP app: pages, a JSON API over the runs folder, file links and the playground's streams.
 
-Routes stay thin: reading runs is runs_index.py, launching is launcher.py, the form is forms.py, trying a model is
-playground.py, and the Host, token, origin and path checks are security.py (and tunelab/hosts.py).
+Routes stay thin: reading runs is runs_index.py (and studies, studies.py), launching is launcher.py, the form is
+forms.py, trying a model is playground.py, and the Host, token, origin and path checks are security.py (and
+tunelab/hosts.py).
 
 Every answer is JSON the pages can show, errors included: a bad request is a 400 naming what is wrong, never a
 plain-text 500 (the request's own values are not echoed: they may not even be valid UTF-8).
@@ -31,6 +32,7 @@ from tunelab.ui.launcher import Launcher
 from tunelab.ui.playground import Playground
 from tunelab.ui.runs_index import RunsIndex
 from tunelab.ui.security import TokenGate, board_token, file_inside, same_origin
+from tunelab.ui.studies import StudiesIndex
 
 STATIC = Path(__file__).parent / "static"
 # The pages may load only what this server serves (a second line of defence behind having no outside URLs at all).
@@ -38,7 +40,7 @@ PAGE_POLICY = ("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 's
                "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'")
 # Files from run folders (report.html) render, but run no scripts and get an origin of their own.
 FILE_POLICY = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-PAGES = {"/": "runs.html", "/run": "run.html", "/compare": "compare.html", "/new": "new.html",
+PAGES = {"/": "runs.html", "/run": "run.html", "/study": "study.html", "/compare": "compare.html", "/new": "new.html",
          "/playground": "playground.html"}
 
 
@@ -81,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     runs_dir = settings.runs_dir.resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     index = RunsIndex(runs_dir)
+    studies = StudiesIndex(index)
     launcher = Launcher(runs_dir)
     playground = Playground()
 
@@ -128,12 +131,19 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/runs")
     def list_runs() -> dict:
         return {"runs": index.summaries(launcher.active_runs(), launcher.ended, frozenset(launcher.queued_runs())),
-                "jobs": launcher.state()}
+                "studies": studies.rows(), "jobs": launcher.state()}
 
     @app.get("/api/run")
     def run_detail(name: Text) -> dict:
         try:
             return index.detail(name, launcher.active_runs(), launcher.ended, frozenset(launcher.queued_runs()))
+        except TunelabError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/api/study")
+    def study_detail(name: Text) -> dict:
+        try:
+            return studies.detail(name)
         except TunelabError as exc:
             raise HTTPException(404, str(exc)) from None
 
@@ -176,6 +186,10 @@ def create_app(settings: Settings) -> FastAPI:
         run_dir = index.resolve(body.run)
         if (run_dir / "metrics.json").is_file():
             raise TunelabError(f"run '{body.run}' already finished; there is nothing to resume")
+        study = index.study_of(run_dir)
+        if study is not None:  # its study runs it again: `tunelab train --resume` would train it outside the study
+            raise TunelabError(f"run '{body.run}' belongs to study '{study['name']}'; continue the study with "
+                               f"`tunelab tune --resume --output {index.root / study['name']}`")
         return {"job": launcher.submit_resume(run_dir).public()}
 
     @app.post("/api/predict", dependencies=[Depends(from_own_page)])

@@ -3,8 +3,15 @@
 Status comes from the folder's files and the board's own processes:
 finished = metrics.json; running = the board's own `tunelab train` works on it, or the folder was written in the
 last minute (a run started from a terminal); queued = the board resumes it when the running job ends;
-failed = the board saw its process end with an error (ui_error.txt); interrupted = anything else (killed,
-stopped, machine restarted): `tunelab train … --resume` finishes it.
+failed = the board saw its process end with an error (ui_error.txt); pruned = a trial of a study that `tunelab tune`
+stopped early (pruned.json); interrupted = anything else (killed, stopped, machine restarted):
+`tunelab train … --resume` finishes it.
+
+A folder holding recipe.yaml is a run; one holding tune.json is a study (`tunelab tune`, read by ui/studies.py),
+listed apart. Of a study's runs, the two final runs (`<study>/final/yours`, `<study>/final/winner`: scored on the
+reported split, like any run) are listed among the runs; its trials (`<study>/trials/trial-000`: scored on
+validation rows) are listed on the study's page only. Every run folder inside the runs folder opens by its name,
+however deep.
 
 Run folders are untrusted input (runs/reading.py parses them typed): a folder, or a file in one, that is a symlink
 leading out of the runs folder is neither listed nor found by name, and a folder that cannot be read is left out of
@@ -29,11 +36,16 @@ from tunelab.runs.reading import (
     read_recipe,
     read_text,
     retention_rows,
+    run_file,
 )
 from tunelab.tasks import task_named
 
 UI_ERROR_FILE = "ui_error.txt"
 BASELINE_FILE = "baseline.json"
+PLAN_FILE = "tune.json"  # a study's settings, written before its first trial (tune/plan.py): it makes a study folder
+FINAL_RUNS = "final"  # a study's final runs: final/yours, final/winner (tune/study.py)
+TRIALS = "trials"  # a study's trials: trials/trial-000, … (tune/trials.py)
+PRUNED_FILE = "pruned.json"  # a trial stopped early by the study's pruner (tune/trials.py)
 RECENT_SECONDS = 60.0  # a folder written this recently belongs to a run still going (started elsewhere)
 HIDDEN = (".", "_")  # the board's own folder (.studio) and staging folders are not runs
 MAX_LISTED_FILES = 2000  # a run folder holds a few dozen; a bigger tree is not the board's to list in full
@@ -47,18 +59,46 @@ class RunsIndex:
     _cache: dict[Path, tuple[tuple, dict]] = field(default_factory=dict)
 
     def run_dirs(self) -> list[Path]:
-        """Folders holding a recipe.yaml, at the top or one level down (pipelines: runs/<pipeline>/<stage>)."""
-        found = []
+        """Folders holding a recipe.yaml, at the top or one level down (pipelines: runs/<pipeline>/<stage>), and the
+        final runs of the studies there."""
+        runs, studies = self.folders()
+        return runs + [run for study in studies for run in self.final_runs(study)]
+
+    def study_dirs(self) -> list[Path]:
+        """Folders holding a tune.json, at the top or one level down."""
+        return self.folders()[1]
+
+    def folders(self) -> tuple[list[Path], list[Path]]:
+        """Run folders and study folders, at the top or one level down; neither kind is looked into."""
+        runs, studies = [], []
         for entry in scandir(self.root):
             if not self.is_folder_inside(entry):
                 continue
             path = Path(entry.path)
             if (path / RECIPE_FILE).is_file():
-                found.append(path)
-                continue
-            found += [Path(sub.path) for sub in scandir(path) if self.is_folder_inside(sub)
-                      and (Path(sub.path) / RECIPE_FILE).is_file()]
-        return found
+                runs.append(path)
+            elif is_study(path):
+                studies.append(path)
+            else:
+                for sub in scandir(path):
+                    if self.is_folder_inside(sub):
+                        inner = Path(sub.path)
+                        if (inner / RECIPE_FILE).is_file():
+                            runs.append(inner)
+                        elif is_study(inner):
+                            studies.append(inner)
+        return runs, studies
+
+    def final_runs(self, study: Path) -> list[Path]:
+        """A study's final runs (final/yours, final/winner) that are really inside the runs folder (a symlinked
+        final/ may not lead out of it either)."""
+        try:
+            if not (study / FINAL_RUNS).resolve().is_relative_to(self.root.resolve()):
+                return []
+        except (OSError, RuntimeError):
+            return []
+        return [Path(entry.path) for entry in scandir(study / FINAL_RUNS)
+                if self.is_folder_inside(entry) and (Path(entry.path) / RECIPE_FILE).is_file()]
 
     def is_folder_inside(self, entry: os.DirEntry) -> bool:
         """A visible folder that is really inside the runs folder (a symlink may not lead out of it)."""
@@ -83,6 +123,25 @@ class RunsIndex:
         if not found:
             raise TunelabError(f"no run {name!r} in {self.root}")
         return path
+
+    def resolve_study(self, name: str) -> Path:
+        """The study folder called `name`, only ever inside the runs folder."""
+        try:
+            path = (self.root / name).resolve()
+            found = path.is_relative_to(self.root.resolve()) and is_study(path)
+        except (OSError, RuntimeError, ValueError):
+            found = False
+        if not found:
+            raise TunelabError(f"no study {name!r} in {self.root}")
+        return path
+
+    def study_of(self, run_dir: Path) -> dict | None:
+        """The study a trial or final run belongs to: {"name": the study's, "role": "trial" or "final"}."""
+        study = run_dir.parent.parent
+        if run_dir.parent.name not in (TRIALS, FINAL_RUNS) or study == self.root \
+                or not study.is_relative_to(self.root) or not is_study(study):
+            return None
+        return {"name": self.name_of(study), "role": "trial" if run_dir.parent.name == TRIALS else "final"}
 
     def summaries(self, active: set[Path], ended: dict[Path, float],
                   queued: frozenset[Path] = frozenset()) -> list[dict]:
@@ -121,7 +180,8 @@ class RunsIndex:
                      "seconds": retained.get("seconds")} if retained else None
         return {**summary, "log": log, "progress": progress(log), "metrics": metrics, "retention": retention,
                 "recipe": read_recipe(run_dir), "recipe_text": read_text(run_dir, RECIPE_FILE) or "",
-                "error": read_text(run_dir, UI_ERROR_FILE), "files": list_files(run_dir)}
+                "error": read_text(run_dir, UI_ERROR_FILE), "files": list_files(run_dir),
+                "study": self.study_of(run_dir)}
 
 
 def scandir(path: Path) -> list[os.DirEntry]:
@@ -133,10 +193,15 @@ def scandir(path: Path) -> list[os.DirEntry]:
         return []
 
 
+def is_study(folder: Path) -> bool:
+    """Whether `folder` is a study folder: it holds tune.json (inside it, not a symlink out)."""
+    return run_file(folder, PLAN_FILE) is not None
+
+
 def file_stamps(run_dir: Path) -> tuple:
     """Modification times of the files a status and summary depend on (None: missing)."""
     stamps = []
-    for name in (RECIPE_FILE, METRICS_FILE, LOG_FILE, BASELINE_FILE, UI_ERROR_FILE):
+    for name in (RECIPE_FILE, METRICS_FILE, LOG_FILE, BASELINE_FILE, UI_ERROR_FILE, PRUNED_FILE):
         try:
             stamps.append(os.stat(run_dir / name).st_mtime)
         except OSError:
@@ -167,10 +232,12 @@ def text_or_none(value) -> str | None:
 
 def status(run_dir: Path, stamps: tuple, active: set[Path], ended: dict[Path, float],
            queued: frozenset[Path] = frozenset()) -> str:
-    """finished, running, queued, failed or interrupted (see the module docstring)."""
-    _, metrics, *written, ui_error = stamps
+    """finished, running, queued, failed, pruned or interrupted (see the module docstring)."""
+    _, metrics, *written, ui_error, pruned = stamps
     if metrics is not None:
         return "finished"
+    if pruned is not None:
+        return "pruned"
     if run_dir in active:
         return "running"
     if run_dir in queued:

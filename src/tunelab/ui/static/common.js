@@ -83,13 +83,23 @@ function runLink(name) {
   return el("a", {href: `/run?name=${encodeURIComponent(name)}`}, name);
 }
 
+function studyLink(name) {
+  return el("a", {href: `/study?name=${encodeURIComponent(name)}`}, name);
+}
+
+// A file of a run or study folder, as /files serves it (each part of the path encoded on its own).
+function filesURL(folder, path) {
+  return "/files/" + `${folder}/${path}`.split("/").map(encodeURIComponent).join("/");
+}
+
 function param(name) {
   return new URLSearchParams(location.search).get(name);
 }
 
 const COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d"];
 
-// A line chart as inline SVG, with its legend below. series: [{name, points: [[x, y], ...], colour, dots, dashed}]
+// A line chart as inline SVG, with its legend below. series: [{name, points: [[x, y], ...], colour, dots, dashed,
+// line}] (line: false draws the dots alone)
 function lineChart(series, {width = 640, height = 260, xLabel = "step", yLabel = ""} = {}) {
   const all = series.flatMap(s => s.points).filter(p => Number.isFinite(p[0]) && Number.isFinite(p[1]));
   if (!all.length) return el("p", {class: "muted"}, "no points yet");
@@ -115,11 +125,11 @@ function lineChart(series, {width = 640, height = 260, xLabel = "step", yLabel =
     const colour = s.colour || COLOURS[i % COLOURS.length];
     const points = s.points.filter(p => Number.isFinite(p[0]) && Number.isFinite(p[1]));
     const path = points.map((p, j) => `${j ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
-    chart.append(svg("path", {class: "series", "data-name": s.name, d: path, fill: "none", stroke: colour,
-                              "stroke-width": 1.8, "stroke-dasharray": s.dashed ? "5,3" : null}));
+    if (s.line !== false) chart.append(svg("path", {class: "series", "data-name": s.name, d: path, fill: "none",
+      stroke: colour, "stroke-width": 1.8, "stroke-dasharray": s.dashed ? "5,3" : null}));
     if (s.dots) points.forEach(p => chart.append(svg("circle", {cx: X(p[0]), cy: Y(p[1]), r: 3, fill: colour})));
     if (i) legend.append(" \u00a0 ");
-    legend.append(el("span", {style: `color:${colour}`}, `${s.dashed ? "┄" : "━"} ${s.name}`));
+    legend.append(el("span", {style: `color:${colour}`}, `${s.line === false ? "●" : s.dashed ? "┄" : "━"} ${s.name}`));
   });
   const figure = document.createDocumentFragment();
   figure.append(chart, legend);

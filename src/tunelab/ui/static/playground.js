@@ -59,8 +59,12 @@ async function stream(which) {
 
 async function init() {
   runs = (await getJSON("/api/runs")).runs.filter(r => r.status === "finished");
-  document.getElementById("run").replaceChildren(...runs.map(r => el("option", {}, r.name)));
   const wanted = param("run");
+  if (wanted && !runs.some(r => r.name === wanted)) {  // a run not in the runs list: a study's trial
+    const run = await getJSON(`/api/run?name=${encodeURIComponent(wanted)}`).catch(() => null);
+    if (run && run.status === "finished") runs.push(run);
+  }
+  document.getElementById("run").replaceChildren(...runs.map(r => el("option", {}, r.name)));
   if (wanted) document.getElementById("run").value = wanted;
   showPanel();
 }

@@ -32,6 +32,10 @@ function render(run) {
   status.textContent = run.status;
   status.className = `status ${run.status}`;
   document.getElementById("what").textContent = `${run.task} · ${run.model} · ${run.method}`;
+  document.getElementById("study").replaceChildren(...(!run.study ? []
+    : run.study.role === "trial" ? ["· a trial of study ", studyLink(run.study.name), " (its scores are on the study's "
+                                    + "validation rows)"]
+    : ["· a final run of study ", studyLink(run.study.name)]));
   const p = run.progress;
   const evals = Object.entries(p.latest_eval).filter(([k]) => !/runtime|per_second/.test(k))
     .map(([k, v]) => el("div", {}, `${k} ${num(v)}`));
@@ -54,7 +58,8 @@ function render(run) {
   document.getElementById("evalchart").replaceChildren(...(metricSeries.length
     ? [el("h2", {}, "Eval metrics per epoch"), lineChart(metricSeries, {xLabel: "epoch"})] : []));
   document.getElementById("stop").hidden = !["running", "queued"].includes(run.status);
-  document.getElementById("resume").hidden = !["interrupted", "failed"].includes(run.status);
+  // a study's run is continued by its study (`tunelab tune --resume`), not on its own
+  document.getElementById("resume").hidden = !["interrupted", "failed"].includes(run.status) || Boolean(run.study);
   const tryLink = document.getElementById("try");
   tryLink.hidden = run.status !== "finished";
   tryLink.href = `/playground?run=${encodeURIComponent(run.name)}`;
@@ -62,12 +67,12 @@ function render(run) {
     ? [el("h2", {}, "Why it failed"), el("pre", {class: "error"}, run.error)] : []));
   document.getElementById("recipe").textContent = run.recipe_text;
   document.getElementById("files").replaceChildren(...run.files.map(f => el("li", {},
-    el("a", {href: `/files/${encodeURI(run.name)}/${encodeURI(f.path)}`}, f.path),
+    el("a", {href: filesURL(run.name, f.path)}, f.path),
     ` (${Number(f.bytes).toLocaleString()} bytes)`)));
   if (run.status === "finished" && !shownReport && run.files.some(f => f.path === "report.html")) {
     shownReport = true;
     document.getElementById("report").replaceChildren(el("h2", {}, "Report"),
-      el("iframe", {class: "report", src: `/files/${encodeURI(run.name)}/report.html`, title: "report"}));
+      el("iframe", {class: "report", src: filesURL(run.name, "report.html"), title: "report"}));
   }
 }
 
@@ -77,7 +82,7 @@ async function refresh() {
     const run = await getJSON(`/api/run?name=${encodeURIComponent(name)}`);
     render(run);
     document.getElementById("loading").textContent = "";
-    finished = run.status === "finished";
+    finished = ["finished", "pruned"].includes(run.status);  // a pruned trial changes no more
   } catch (error) {  // a queued run has no folder until its process starts: keep asking
     document.getElementById("loading").textContent = `waiting for the run folder (${error.message})`;
   }

@@ -29,6 +29,25 @@ function render() {
   }));
 }
 
+// Studies (`tunelab tune`): one row each, linking the study's page and its report.html.
+function renderStudies(studies) {
+  document.getElementById("studies").hidden = !studies.length;
+  document.querySelector("#studies-table tbody").replaceChildren(...studies.map(study => {
+    const counts = ["complete", "pruned", "fail"].map(state => study.counts[state] ?? "?").join(" · ");
+    const planned = study.planned != null ? ` of ${study.planned}` : "";
+    const verdict = study.verdict
+      ? (study.verdict.metric !== study.metric ? `${study.verdict.metric}: ` : "") + study.verdict.text : "";
+    const metric = study.metric ? `${study.metric} (${study.direction === "minimize" ? "lower" : "higher"} wins)` : "";
+    const tr = el("tr", {}, el("td", {}, studyLink(study.name)), el("td", {}, study.task ?? ""),
+      el("td", {}, study.model ?? ""), el("td", {}, metric), el("td", {class: "num"}, counts + planned),
+      el("td", {class: "num"}, num(study.best)), el("td", {class: "verdict"}, verdict),
+      el("td", {}, el("span", {class: `status ${study.status}`}, study.status)),
+      el("td", {}, study.report ? el("a", {href: filesURL(study.name, "report.html")}, "report.html") : ""));
+    tr.dataset.study = study.name;
+    return tr;
+  }));
+}
+
 function renderJobs(jobs) {
   const lines = [];
   if (jobs.current) lines.push(["running: ", runLink(jobs.current.run)]);
@@ -44,6 +63,7 @@ async function refresh() {
     const body = await getJSON("/api/runs");
     rows = body.runs;
     render();
+    renderStudies(body.studies);
     renderJobs(body.jobs);
   } finally {
     setTimeout(refresh, 2000);
