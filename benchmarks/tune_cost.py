@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 
 def timed(command: list[str], log: Path) -> float:
     """Run a tunelab command (its output to `log`); its wall time in seconds."""
@@ -53,7 +55,8 @@ def main() -> None:
     study = json.loads((work / "study" / "study.json").read_text())
     default_metrics = json.loads((work / "default" / "metrics.json").read_text())
     epochs_run = sum(trial["last_epoch"] or 0 for trial in study["trials"])
-    epochs_unpruned = sum(trial["values"].get("train.epochs", 0) for trial in study["trials"])
+    recipe_epochs = yaml.safe_load((work / "default" / "recipe.yaml").read_text())["train"]["epochs"]
+    epochs_unpruned = sum(trial["values"].get("train.epochs", recipe_epochs) for trial in study["trials"])
     print(json.dumps({
         "recipe": args.recipe, "trials": args.trials, "workers": args.workers,
         "default_run_seconds": round(default, 1), "tune_seconds": round(tune, 1), "ratio": round(tune / default, 2),

@@ -197,8 +197,9 @@ def test_the_study_report_opens_with_its_three_plots(tiny_bert, toy_data, tmp_pa
         page.goto((tmp_path / "study" / "report.html").as_uri())
         page.wait_for_selector(".plot .main-svg")
         titles = page.locator("h2").all_inner_texts()
-        assert titles[-3:] == ["Optimisation history", "Parameter importances", "Parallel coordinates"]
-        assert page.locator(".plot .js-plotly-plot").count() == 3  # each drawn by plotly.js, inlined (offline)
+        assert titles[-4:] == ["Optimisation history", "Parameter importances", "Parallel coordinates",
+                               "Validation loss per epoch, as the pruner saw it"]
+        assert page.locator(".plot .js-plotly-plot").count() == 4  # each drawn by plotly.js, inlined (offline)
         assert "your recipe" in page.locator("table").first.inner_text()
         folder = Path(os.environ.get("TUNELAB_SCREENSHOTS") or tmp_path)  # as the Studio browser tests do
         page.screenshot(path=str(folder / "tune-report.png"), full_page=True)

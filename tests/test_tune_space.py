@@ -41,11 +41,11 @@ def test_a_bad_space_is_refused_in_one_line_before_any_trial(space, message):
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_the_default_space_searches_rate_epochs_and_lora_rank():
+def test_the_default_space_searches_the_rate_and_lora_rank():
     space = default_space(validate_recipe(RAW))
-    assert set(space) == {"train.learning_rate", "train.epochs", "method.r"}
+    assert set(space) == {"train.learning_rate", "method.r"}
     rate = validate_recipe(RAW).train.learning_rate
-    assert space["train.learning_rate"].low == pytest.approx(rate / 10) and space["train.epochs"].high == 3
+    assert space["train.learning_rate"].low == pytest.approx(rate / 10)
     full = default_space(validate_recipe({**RAW, "method": "full"}))
     assert "method.r" not in full
     check_space(RAW, space)

@@ -348,6 +348,8 @@ def cmd_tune(args) -> int:
     if final is not None:
         for metric, line in final["verdict"].items():
             print(f"tunelab tune: {metric} on {final['reported_on']}, your recipe → tuned: {line}")
+        for name, summary in final.get("retention", {}).items():
+            print(f"tunelab tune: general ability, {name}: {summary}")
         print(f"tunelab tune: best recipe {study_dir / 'best_recipe.yaml'}; report {study_dir / 'report.html'}")
     return 0
 

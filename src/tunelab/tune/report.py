@@ -15,9 +15,12 @@ from tunelab.tune.plan import StudyPlan
 from tunelab.tune.storage import open_storage
 
 REPORT = "report.html"
+# Optuna's own plots. The first three draw the trials that finished; the fourth every trial's validation loss per
+# epoch as the pruner saw it (signed to the study's direction: for a score to maximise, minus the loss).
 PLOTS = (("Optimisation history", optuna.visualization.plot_optimization_history),
          ("Parameter importances", optuna.visualization.plot_param_importances),
-         ("Parallel coordinates", optuna.visualization.plot_parallel_coordinate))
+         ("Parallel coordinates", optuna.visualization.plot_parallel_coordinate),
+         ("Validation loss per epoch, as the pruner saw it", optuna.visualization.plot_intermediate_values))
 
 
 def write_study_report(study_dir: Path, plan: StudyPlan, summary: dict) -> Path:
@@ -53,7 +56,10 @@ def outcome_section(summary: dict) -> str:
                          f"{interval['yours']['high']:.3f}]</td><td>{final['winner'][metric]:.4f} "
                          f"[{interval['winner']['low']:.3f}, {interval['winner']['high']:.3f}]</td>"
                          f"<td>{gain['value']:+.4f} [{gain['low']:+.3f}, {gain['high']:+.3f}]{significant}</td></tr>")
-        lines.append("</table><p>The tuned recipe: <code>best_recipe.yaml</code>.</p>")
+        lines.append("</table>")
+        lines += [f"<p>General ability, {html.escape(name)}: {html.escape(summary)}</p>"
+                  for name, summary in final.get("retention", {}).items()]
+        lines.append("<p>The tuned recipe: <code>best_recipe.yaml</code>.</p>")
     return "<h2>Outcome</h2>" + "".join(lines)
 
 
@@ -76,7 +82,7 @@ def trials_section(summary: dict) -> str:
 
 
 def plots_section(study: optuna.Study) -> str:
-    """Optuna's three plots; one that cannot be drawn yet (e.g. importances of a single finished trial) says why."""
+    """Optuna's plots; one that cannot be drawn yet (e.g. importances of a single finished trial) says why."""
     parts, script_included = [], False
     for title, plot in PLOTS:
         try:

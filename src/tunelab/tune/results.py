@@ -27,6 +27,8 @@ def compare_final_runs(best: optuna.trial.FrozenTrial, outcomes: dict[str, dict]
     return {
         "best_trial": best.number, "best_values": best.params, "best_validation_score": best.value,
         "reported_on": reported_on, "models": {name: outcome["from"] for name, outcome in outcomes.items()},
+        "runs": {name: outcome["run"] for name, outcome in outcomes.items()},  # run folders, in the study folder
+        "retention": {name: outcome["retention"] for name, outcome in outcomes.items() if outcome["retention"]},
         "yours": scores["yours"], "winner": scores["winner"],
         "intervals": {metric: {"yours": ends["before"], "winner": ends["after"]}
                       for metric, ends in paired.get("intervals", {}).items()},

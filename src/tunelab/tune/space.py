@@ -113,12 +113,12 @@ def check_space(raw_recipe: dict, space: dict[str, BaseDistribution]) -> None:
 
 def default_space(recipe: Recipe) -> dict[str, BaseDistribution]:
     """What to search when no --space is given: the learning rate (log scale, from a tenth to three times the
-    recipe's: the knob that matters most), the epochs (up to the recipe's: pruning stops the ones that do not pay),
-    and for LoRA-family methods the rank."""
+    recipe's: the knob that matters most) and for LoRA-family methods the rank. Not the epochs: each trial keeps its
+    best epoch's checkpoint on validation, so their number is chosen inside every trial, and trials of one length
+    stay comparable epoch by epoch, which is what pruning compares (a schedule of 4 epochs has decayed by epoch 3,
+    one of 15 has not)."""
     rate = recipe.train.learning_rate
     space: dict[str, BaseDistribution] = {"train.learning_rate": FloatDistribution(rate / 10, rate * 3, log=True)}
-    if recipe.train.max_steps is None:
-        space["train.epochs"] = IntDistribution(1, max(2, round(recipe.train.epochs)))
     if recipe.method.name in ("lora", "dora", "qlora"):
         space["method.r"] = CategoricalDistribution([4, 8, 16, 32])
     return space

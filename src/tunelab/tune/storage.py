@@ -5,7 +5,7 @@
 - `journal:PATH`: Optuna's journal storage, an append-only file on a shared file system.
 
 RDB storages keep a heartbeat: a trial whose worker died (killed, machine lost) is marked failed once its heartbeat
-is older than the grace period, and run again once (Optuna's RetryFailedTrialCallback).
+is older than the grace period, and run again once (Optuna's RetryHeartbeatStaleTrialCallback).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -44,7 +44,8 @@ def open_storage(url: str) -> BaseStorage:
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                          grace_period=GRACE_SECONDS, failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                          grace_period=GRACE_SECONDS,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except (SQLAlchemyError, ImportError, ValueError) as exc:  # a bad URL, a missing driver, a refused login
         raise TunelabError(f"cannot open --storage '{url}': {one_line(exc, 200)}; check the URL, that the server "
                            f"is reachable and that its Python driver is installed") from None

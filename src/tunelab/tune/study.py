@@ -67,6 +67,7 @@ class TuneRequest:
 def tune(request: TuneRequest) -> tuple[Path, dict]:
     """Run a study (or resume one); return its folder and study.json's content."""
     started = time.time()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # tunelab prints its own line per trial
     study_dir, plan, layout = resume_study(request) if request.resume else start_study(request)
     log_to(study_dir / LOG_FILE)  # the study's own warnings; each trial's go to its run folder
     study = optuna.load_study(study_name=plan.study_name, storage=open_storage(plan.storage))
@@ -231,7 +232,9 @@ def kept_outcomes(rescore, study_dir: Path, trials: dict[str, optuna.trial.Froze
         scores = rescore(study_dir / trial.user_attrs["run"], recipes[name])
         if scores is None:
             return None
+        trained = json.loads((study_dir / trial.user_attrs["run"] / METRICS_FILE).read_text(encoding="utf-8"))
         outcomes[name] = {"from": f"trial {trial.number} ({trial.user_attrs['run']}), as trained",
+                          "run": trial.user_attrs["run"], "retention": (trained.get("retention") or {}).get("summary"),
                           "scores": {key: value for key, value in scores.items() if key not in (ROWS_KEY, "labels")},
                           "rows": scores.get(ROWS_KEY), "labels": scores.get("labels")}
         write_json_atomic(study_dir / FINAL_RUNS / f"{name}.json", outcomes[name])
@@ -243,7 +246,8 @@ def run_outcome(run_dir: Path, study_dir: Path) -> dict:
     metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
     rows = json.loads((run_dir / PER_ROW_FILE).read_text(encoding="utf-8"))["after"] \
         if (run_dir / PER_ROW_FILE).is_file() else None
-    return {"from": str(run_dir.relative_to(study_dir)), "scores": metrics["after"], "rows": rows,
+    return {"from": str(run_dir.relative_to(study_dir)), "run": str(run_dir.relative_to(study_dir)),
+            "retention": (metrics.get("retention") or {}).get("summary"), "scores": metrics["after"], "rows": rows,
             "labels": metrics.get("labels")}
 
 
