@@ -1,6 +1,6 @@
 """`tunelab tune` end to end on a tiny BERT (random weights) and the toy sentences: the reported split is read only
 after the last trial, a killed study resumes, two workers share one SQLite study, workers on two "machines" share
-one PostgreSQL study, bad requests are refused in one line, and the report opens in Chromium with its three plots."""
+one PostgreSQL study, bad requests are refused in one line, and the report opens in Chromium with its plots."""
 
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def test_a_source_too_small_to_carve_validation_from_is_refused(tiny_bert, tmp_p
 
 
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium (apt-get install chromium)")
-def test_the_study_report_opens_with_its_three_plots(tiny_bert, toy_data, tmp_path):
+def test_the_study_report_opens_with_its_plots(tiny_bert, toy_data, tmp_path):
     playwright_api = pytest.importorskip("playwright.sync_api")
     write_recipe(tmp_path, tiny_bert, toy_data, epochs=2)
     assert main(tune_args(tmp_path, "--trials", "5")) == 0
