@@ -21,7 +21,8 @@ from tunelab.cli import main
 from tunelab.distributed import World, shard_bounds
 
 SOURCE = Path(tunelab.__file__).resolve().parents[1]  # the tunelab the launched processes must import too
-RUN_FILES = {"recipe.yaml", "baseline.json", "log.jsonl", "metrics.json", "predictions.jsonl", "report.html", "model"}
+RUN_FILES = {"recipe.yaml", "baseline.json", "log.jsonl", "metrics.json", "predictions.jsonl", "report.html", "model",
+             "per_row.json"}
 
 
 def launch_env(extra_path: Path | None = None) -> dict:

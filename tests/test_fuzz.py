@@ -66,7 +66,7 @@ SERVE_ENDPOINTS = [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat
 UI_NOT_FUZZED = [("POST", "/api/start"), ("POST", "/api/stop"), ("POST", "/api/resume")]
 UI_ENDPOINTS = [("GET", "/api/runs"), ("GET", "/api/run"), ("GET", "/files/{relative}"), ("GET", "/api/form"),
                 ("GET", "/api/form/values"), ("POST", "/api/validate"), ("POST", "/api/predict"),
-                ("POST", "/api/chat")]
+                ("POST", "/api/chat"), ("GET", "/api/study")]
 UI_RUNS = ["toy-classify", "toy-chat"]
 # the servers' models: a tiny classifier folder, and the tiny llama with a chat template and a 2048-token context
 # (conftest's own 64 would refuse most generated max_tokens before they reach the engine)

@@ -33,7 +33,7 @@ from tunelab.runs.folder import METRICS_FILE, PER_ROW_FILE, write_json_atomic, w
 from tunelab.tune.data import FINAL, SEARCH, DataLayout, prepare_search_data, search_data, write_reported_rows
 from tunelab.tune.plan import StudyPlan
 from tunelab.tune.results import compare_final_runs, study_summary
-from tunelab.tune.space import check_space, default_space, read_space, space_as_yaml, values_in
+from tunelab.tune.space import check_space, default_space, read_space, space_as_yaml, values_in, with_values
 from tunelab.tune.storage import fail_orphans, open_storage, storage_url
 from tunelab.tune.trials import shares_baseline, train_with_baseline, work
 
@@ -253,8 +253,6 @@ def run_outcome(run_dir: Path, study_dir: Path) -> dict:
 
 def with_best_values(plan: StudyPlan, params: dict) -> dict:
     """Your recipe as written, with the winning values set (and its name marked as tuned)."""
-    from tunelab.tune.space import with_values
-
     raw = with_values(plan.recipe, params)
     raw["name"] = slug(f"{raw.get('name', 'recipe')}-tuned")
     return raw
