@@ -7,7 +7,7 @@ unpruned trials would have, and the study's final comparison (winner against you
 with the paired interval). The machine's load average is printed beside the times: a shared machine slows both.
 
     PYTHONPATH=src TUNELAB_DATA_PATH=../shared/data .venv/bin/python benchmarks/tune_cost.py \
-        examples/symptom_to_diagnosis_lora.yaml --trials 16 [--workers 2] [--work /tmp/tune-cost] [-- key=value …]
+        examples/symptom_to_diagnosis_lora.yaml --trials 16 [--workers 2] [--work /tmp/tune-cost] [key=value …]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true")
     parser.add_argument("--work", default="/tmp/tune-cost")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come after the options
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -7,6 +7,7 @@ import pytest
 
 from tunelab.errors import TunelabError
 from tunelab.recipe import validate_recipe
+from tunelab.tune import trials
 from tunelab.tune.space import check_space, default_space, parse_space, suggest, with_values
 
 RAW = {"name": "r", "task": "sft", "model": {"name": "m"}, "data": {"source": "s"},
@@ -49,3 +50,29 @@ def test_the_default_space_searches_the_rate_and_lora_rank():
     full = default_space(validate_recipe({**RAW, "method": "full"}))
     assert "method.r" not in full
     check_space(RAW, space)
+
+
+def run_curve(study: optuna.Study, losses: list[float], yours: bool = False) -> tuple[optuna.trial.TrialState, int]:
+    """Feed one trial's per-epoch validation losses to the study's pruner as tune's callback does (signed for a
+    maximised objective); the trial's end state and the last epoch it trained."""
+    trial = study.ask()
+    for epoch, loss in enumerate(losses, start=1):
+        trial.report(-loss, epoch)
+        if trial.should_prune() and not yours:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return optuna.trial.TrialState.PRUNED, epoch
+    study.tell(trial, 1.0 - losses[-1])
+    return optuna.trial.TrialState.COMPLETE, len(losses)
+
+
+def test_the_pruner_stops_a_trial_when_it_falls_behind_the_finished_ones_not_only_at_a_rung():
+    study = optuna.create_study(direction="maximize", pruner=trials.pruner())
+    yours = [3.0, 2.0, 1.5, 1.2, 1.0, 0.9, 0.85, 0.8]
+    assert run_curve(study, yours, yours=True) == (optuna.trial.TrialState.COMPLETE, 8)
+    # worse than your trial at epoch 1 (the first rung): successive halving stops it there
+    assert run_curve(study, [3.5, 3.0, 2.0]) == (optuna.trial.TrialState.PRUNED, 1)
+    # ahead at epochs 1-2 (a higher learning rate), then behind your trial's epoch 3 and never catching up: the
+    # percentile check stops it at epoch 3 instead of letting it run to the next rung (epoch 4)
+    assert run_curve(study, [2.5, 1.8, 1.6, 1.6, 1.7, 1.8, 1.9, 2.0]) == (optuna.trial.TrialState.PRUNED, 3)
+    # the best at the first rung and ahead of your trial at every epoch: it runs whole
+    assert run_curve(study, [2.4, 1.9, 1.4, 1.1, 0.9, 0.8, 0.7, 0.6]) == (optuna.trial.TrialState.COMPLETE, 8)
