@@ -183,8 +183,19 @@ def grpo_recipe(model, tmp_path, method, **train) -> dict:
 
 
 def test_grpo_with_a_reward_function_raises_the_reward(tiny_llama, tmp_path, monkeypatch):
+    from tunelab.stages import grpo
+
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    rollouts: list[int] = []  # rows per rollout batch decoded by tunelab's generation engine
+
+    def counted(decoder, prompts, *args, **kwargs):
+        rollouts.append(len(prompts))
+        return decode_all(decoder, prompts, *args, **kwargs)
+
+    decode_all = grpo.decode_all
+    monkeypatch.setattr(grpo, "decode_all", counted)
     _, metrics = api.train(validate_recipe(grpo_recipe(tiny_llama, tmp_path, "full")), str(tmp_path / "grpo"))
+    assert rollouts and all(rows > 1 for rows in rollouts)  # the rollouts went through the engine, batched
     assert metrics["train_reward_last_fifth"] > metrics["train_reward_first_fifth"] + 0.3
     assert metrics["after"]["mean_reward"] > metrics["before"]["mean_reward"]
     assert metrics["reward_source"] == "test_preference_tiny:answer_is_positive"

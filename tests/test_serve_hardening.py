@@ -163,10 +163,16 @@ def test_a_row_failing_while_sampling_ends_alone_and_its_batch_finishes(long_lla
         settings = dict(max_tokens=6, top_p=1.0, stops=[], n=1)
         rows = [engine.submit(engine.text_prompt(p), temperature=0, seed=None, **settings)[0] for p in prompts]
         broken = engine.submit(engine.text_prompt("the door"), temperature=1.0, seed=3, **settings)[0]
-        broken.generator = "not a generator"  # torch.multinomial raises on it, in the middle of the batch
-        batch = engine.next_batch()
-        assert len(batch) == 4
-        await asyncio.to_thread(engine.run, batch)
+        broken.generator = "not a generator"  # drawing from it raises, in the middle of the batch
+        decoder = engine.batcher.decoder
+
+        def decode() -> None:  # what the decoding thread does, here in one thread: all four join at once
+            decoder.admit(engine.batcher.arrivals())
+            assert len(decoder.rows) + sum(row.finished for row in [*rows, broken]) == 4
+            while decoder.rows:
+                decoder.step()
+
+        await asyncio.to_thread(decode)
         return [await drain(choice) for choice in [*rows, broken]]
 
     results = asyncio.run(run_batch())

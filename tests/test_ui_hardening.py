@@ -338,15 +338,15 @@ def test_a_generation_that_fails_ends_its_stream_with_the_error(tiny_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    inputs = tokenizer("the chair", return_tensors="pt")
+    prompt = tokenizer("the chair")["input_ids"]
 
-    def broken_generate(**kwargs):
+    def broken_forward(*args, **kwargs):
         raise RuntimeError("probability tensor contains either inf, nan or element < 0")
 
-    model.generate = broken_generate
+    model.forward = broken_forward
     started = time.monotonic()
     with pytest.raises(TunelabError, match="generation failed: RuntimeError: probability tensor"):
-        list(stream_generate(model, tokenizer, inputs, GenerateConfig(max_new_tokens=8), tokenizer.eos_token_id))
+        list(stream_generate(model, tokenizer, prompt, GenerateConfig(max_new_tokens=8)))
     assert time.monotonic() - started < 10
 
 
@@ -358,9 +358,7 @@ def test_a_tiny_temperature_streams_the_greedy_answer(tiny_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    inputs = tokenizer("the chair", return_tensors="pt")
-    pad = tokenizer.eos_token_id
-    greedy = "".join(stream_generate(model, tokenizer, inputs, GenerateConfig(max_new_tokens=12), pad))
-    tiny = "".join(stream_generate(model, tokenizer, inputs, GenerateConfig(max_new_tokens=12, temperature=1e-300),
-                                   pad))
+    prompt = tokenizer("the chair")["input_ids"]
+    greedy = "".join(stream_generate(model, tokenizer, prompt, GenerateConfig(max_new_tokens=12)))
+    tiny = "".join(stream_generate(model, tokenizer, prompt, GenerateConfig(max_new_tokens=12, temperature=1e-300)))
     assert greedy and tiny == greedy

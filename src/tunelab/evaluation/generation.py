@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from tunelab.console import interactive, is_quiet
 from tunelab.evaluation.uncertainty import ROWS_KEY
-from tunelab.models.precision import autocast
+from tunelab.generation.engine import answer_all, decoder_for
+from tunelab.generation.sampling import Sampling
 from tunelab.recipe import GenerateConfig
 from tunelab.rewards import normalise_answer
 
@@ -45,41 +45,15 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-# Sampling divides the logits by the temperature: a tiny one (1e-300 is a valid float) turns them into inf and the
-# softmax into NaN, and `generate` raises. Floored here, the likeliest token gets probability ~1: greedy, as asked.
-MIN_TEMPERATURE = 1e-6
-
-
-def decoding_settings(temperature: float) -> dict:
-    """`generate` keywords for a temperature: 0 is greedy, above 0 samples (floored at MIN_TEMPERATURE)."""
-    if temperature <= 0:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": max(temperature, MIN_TEMPERATURE)}
-
-
-@torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], cfg: GenerateConfig, bf16: bool,
-                   add_special_tokens: bool = True, encoder_decoder: bool = False,
-                   desc: str = "generating") -> list[str]:
-    """Answer each prompt (batched) and return only the new text, special tokens removed.
-
-    Decoders continue the prompt (left-padded, and the prompt is cut from the output); encoder-decoders read the
-    prompt in the encoder and generate from scratch.
-    """
+                   add_special_tokens: bool = True, desc: str = "generating") -> list[str]:
+    """Answer each prompt and return only the new text, special tokens removed, through tunelab's generation engine
+    (at most cfg.batch_size answers decode at once; a finished one's place goes to the next prompt)."""
+    if not prompts:
+        return []
     model.eval()
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoders continue from the last real token
-    outputs: list[str] = []
-    try:
-        for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False,
-                          disable=is_quiet() or not interactive()):  # a bar only on a terminal
-            batch = tokenizer(prompts[start:start + cfg.batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=add_special_tokens).to(device)
-            with autocast(bf16):
-                generated = model.generate(**batch, max_new_tokens=cfg.max_new_tokens,
-                                           pad_token_id=tokenizer.pad_token_id, **decoding_settings(cfg.temperature))
-            new_tokens = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1]:]
-            outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-    return outputs
+    decoder = decoder_for(model, tokenizer, bf16)
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    sampling = Sampling(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    with tqdm(total=len(prompts), desc=desc, leave=False, disable=is_quiet() or not interactive()) as bar:
+        return answer_all(decoder, prompt_ids, sampling, cfg.batch_size, bar.update)

@@ -8,21 +8,20 @@ seq2seq runs read the text in their encoder.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TextIteratorStreamer
 
 from tunelab.data.generative import prompt_row
 from tunelab.data.sft_encoding import PromptFormat, prompt_format
-from tunelab.errors import TunelabError, one_line
-from tunelab.evaluation.generation import decoding_settings, generate_texts
+from tunelab.errors import TunelabError
+from tunelab.evaluation.generation import generate_texts
+from tunelab.generation.engine import decoder_for, stream_one
+from tunelab.generation.sampling import Sampling
 from tunelab.models.loading import load_causal_lm, load_tokenizer
-from tunelab.models.precision import autocast, bf16_supported
+from tunelab.models.precision import bf16_supported
 from tunelab.recipe import DataConfig, GenerateConfig
 from tunelab.runs.folder import run_folder
 from tunelab.tasks import refusal
@@ -50,7 +49,7 @@ class Generator:
         prompts = [self.render(text) for text in texts]
         chat = self.prompt is not None and self.prompt.uses_chat_template
         return generate_texts(self.model, self.tokenizer, prompts, settings, bf16_supported(),
-                              add_special_tokens=not chat, encoder_decoder=self.prompt is None)
+                              add_special_tokens=not chat)
 
     @property
     def chat_template(self) -> str | None:
@@ -67,37 +66,15 @@ class Generator:
                                "`tunelab generate`, or train with data.chat_template set")
         text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template,
                                                   add_generation_prompt=True, tokenize=False)
-        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        yield from stream_generate(self.model, self.tokenizer, inputs, settings, self.tokenizer.pad_token_id)
+        prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        yield from stream_generate(self.model, self.tokenizer, prompt, settings)
 
 
-STREAM_STALL_S = 600.0  # no new piece for this long: the generation is taken as stuck and the stream ends
-
-
-def stream_generate(model, tokenizer, inputs, settings: GenerateConfig, pad_token_id: int | None) -> Iterator[str]:
-    """`model.generate` in a thread, its decoded pieces handed over as they come (transformers' streamer). When the
-    generation raises, the stream ends with that error as a TunelabError instead of waiting for pieces forever."""
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_STALL_S)
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            with torch.no_grad(), autocast(bf16_supported()):
-                model.generate(**inputs, max_new_tokens=settings.max_new_tokens, streamer=streamer,
-                               pad_token_id=pad_token_id, **decoding_settings(settings.temperature))
-        except Exception as exc:  # noqa: BLE001 - handed to the reader below, which raises it as the run's error
-            failure.append(exc)
-            streamer.end()  # wakes the reader: the stream is over
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        yield from streamer
-    except queue.Empty:
-        raise TunelabError(f"generation produced nothing for {STREAM_STALL_S:.0f} s; stopped waiting") from None
-    thread.join()
-    if failure:
-        raise TunelabError(f"generation failed: {type(failure[0]).__name__}: {one_line(failure[0], 200)}")
+def stream_generate(model, tokenizer, prompt: list[int], settings: GenerateConfig) -> Iterator[str]:
+    """The answer to `prompt` (token ids), piece by piece as tunelab's generation engine decodes it (bf16 matmuls
+    where the machine runs them natively). A failed generation ends the stream with its error as a TunelabError."""
+    sampling = Sampling(max_tokens=settings.max_new_tokens, temperature=settings.temperature)
+    yield from stream_one(decoder_for(model, tokenizer, bf16_supported()), prompt, sampling)
 
 
 def load_generator(run_dir: str | Path) -> Generator:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
 
 from tunelab.console import say
 from tunelab.data.generative import GenerativeData, load_generative_data
@@ -22,6 +24,8 @@ from tunelab.errors import TunelabError
 from tunelab.evaluation.generation import generate_texts, generation_metrics
 from tunelab.evaluation.judge import judge_generations, load_reward
 from tunelab.evaluation.uncertainty import ROWS_KEY
+from tunelab.generation.engine import decode_all, decoder_for
+from tunelab.generation.sampling import Sampling
 from tunelab.lifecycle import train_and_rescore
 from tunelab.methods.apply import count_parameters, load_trainable_decoder
 from tunelab.models.loading import ModelSource, check_decoder, existing_model, load_tokenizer
@@ -38,7 +42,40 @@ from tunelab.trainer import (
 
 
 class TunelabGRPOTrainer(TunelabMixin, GRPOTrainer):
-    """TRL's GRPOTrainer with tunelab's meter and training savings (TunelabMixin)."""
+    """TRL's GRPOTrainer with tunelab's meter and training savings (TunelabMixin), its rollouts decoded by tunelab's
+    generation engine (continuous batching: the rows of answers that end early go to the next prompts' answers,
+    where `generate` kept decoding padding for them until the longest answer of the batch ended)."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        plain = not (self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields)
+        if not plain or not engine_samples_as(self.generation_config):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                          generation_kwargs=self.generation_kwargs,
+                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+              as model, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+            training, _ = model.training, model.eval()  # no dropout while answering
+            samplings = [rollout_sampling(self.generation_config) for _ in prompt_ids]
+            rows = decode_all(decoder_for(model, self._tokenizer, self.args.bf16), [list(p) for p in prompt_ids],
+                              samplings, batch_size=len(prompt_ids))
+            model.train(training)
+        # TRL keeps an answer's end-of-sequence token in its completion ids
+        return [row.tokens + ([row.eos] if row.eos is not None else []) for row in rows], None
+
+
+def engine_samples_as(config) -> bool:
+    """Whether tunelab's engine samples as `config` asks: temperature, top-p and top-k only (else TRL's own path)."""
+    return (config.num_beams in (None, 1) and config.repetition_penalty in (None, 1.0) and config.min_p is None
+            and not config.no_repeat_ngram_size)
+
+
+def rollout_sampling(config) -> Sampling:
+    """One answer's sampling, seeded from torch's random state (which set_seed seeded: a run's rollouts repeat)."""
+    return Sampling(max_tokens=config.max_new_tokens, temperature=config.temperature if config.do_sample else 0.0,
+                    top_p=config.top_p if config.top_p is not None else 1.0, top_k=config.top_k or -1,
+                    seed=int(torch.randint(0, 2**62, ())))
 
 
 def load_data(recipe: Recipe) -> GenerativeData:

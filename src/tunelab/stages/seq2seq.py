@@ -86,7 +86,7 @@ def run(recipe: Recipe, data: GenerativeData, source: ModelSource, run_dir: Path
 
     def score() -> dict:
         return score_generative(trainer, reported, samples, lambda rows: generate_texts(
-            trainer.model, tokenizer, rows["prompt"], recipe.eval.generate, bf16, encoder_decoder=True))
+            trainer.model, tokenizer, rows["prompt"], recipe.eval.generate, bf16))
 
     before = load_or_score_baseline(run_dir, score)
     say(f"tunelab: before training: loss {before['loss']:.4f}, exact match {before.get('exact_match', 0):.4f}")

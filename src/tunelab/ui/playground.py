@@ -107,7 +107,4 @@ def stream_plain(generator, prompt: str, settings: GenerateConfig) -> Iterator[s
     """The rendered prompt continued, piece by piece (with the tokenizer's own start token)."""
     from tunelab.inference.generator import stream_generate
 
-    tokenizer = generator.tokenizer
-    inputs = tokenizer(prompt, return_tensors="pt")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    yield from stream_generate(generator.model, tokenizer, inputs, settings, pad)
+    yield from stream_generate(generator.model, generator.tokenizer, generator.tokenizer(prompt)["input_ids"], settings)

@@ -1,0 +1,141 @@
+"""Decode speed, side by side in one run: plain transformers `generate` against tunelab's generation engine (the one
+`serve`, the before/after scoring, `generate`/`chat` and the playground share), per weight format, one request and
+8 at once, against the memory-bandwidth bound measured on this machine (and llama.cpp on a gguf export when
+llama-cpp-python is installed).
+
+Greedy, 64 new tokens (end-of-sequence ignored, so every way decodes the same number of tokens), prompts through
+the model's chat template. Each way runs twice; the faster is kept (the first run pays warm-up). Prints one JSON
+object and a markdown table.
+
+    PYTHONPATH=src TUNELAB_DATA_PATH=../shared/data .venv/bin/python benchmarks/generation_speed.py \
+        [--model RUN_DIR_OR_ALIAS] [--gguf FILE.gguf] [--tokens 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunelab.generation.engine import answer_all, decoder_for
+from tunelab.generation.sampling import Sampling
+from tunelab.models.loading import load_tokenizer, resolve_model
+
+QUESTIONS = ["I have a rash on my arms and my skin itches a lot.", "My joints hurt and I feel tired all day.",
+             "I keep coughing and my chest hurts when I breathe.", "I have a headache and light hurts my eyes.",
+             "My stomach hurts after I eat and I feel sick.", "I sneeze a lot and my eyes are watery.",
+             "I feel dizzy when I stand up and my heart races.", "There is a red patch on my leg that is warm."]
+
+
+def bandwidth_gb_s() -> float:
+    """Memory bandwidth: bytes read + written per second by a large tensor copy (best of 5)."""
+    source = torch.ones(64 * 2**20)  # 256 MiB: far beyond the caches
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() * source.element_size() / best / 1e9
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights read per decoded token: every parameter once (tied embeddings counted once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def best_of(runs: int, fn) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def plain_generate(model, tokenizer, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """transformers' `generate`, all prompts in one left-padded batch."""
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, pad_token_id=pad)
+    return out[:, width:].tolist()
+
+
+def engine_generate(model, tokenizer, prompts: list[list[int]], tokens: int) -> list[str]:
+    decoder = decoder_for(model, tokenizer)
+    return answer_all(decoder, prompts, Sampling(max_tokens=tokens, ignore_eos=True), batch_size=len(prompts))
+
+
+def llama_cpp_row(gguf: str, prompts: list[str], tokens: int) -> dict:
+    """llama.cpp (llama-cpp-python) on a gguf file: one request at a time (its Python binding decodes one)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run() -> int:
+        llm.reset()
+        return llm(prompts[0], max_tokens=tokens, temperature=0.0, logit_bias={llm.token_eos(): -1e9}
+                   )["usage"]["completion_tokens"]
+
+    seconds, decoded = best_of(2, run)
+    return {"way": f"llama.cpp on {gguf.rsplit('/', 1)[-1]}", "tok_s_1": decoded / seconds, "tok_s_8": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a run folder, model folder or alias")
+    parser.add_argument("--gguf", help="a gguf export of the same model, for the llama.cpp row")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    location = resolve_model(args.model).location
+    tokenizer = load_tokenizer(location)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=False) for q in QUESTIONS]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    bandwidth = bandwidth_gb_s()
+    rows, agreement = [], {}
+    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).eval()
+        bound = bandwidth * 1e9 / weight_bytes(model)
+        name = str(dtype).removeprefix("torch.")
+        reference = None
+        for way, fn in (("transformers generate", plain_generate), ("tunelab engine", engine_generate)):
+            one, _ = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts[:1], args.tokens))
+            eight, answers = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts, args.tokens))
+            if way == "transformers generate":
+                reference = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+            else:
+                agreement[name] = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
+            rows.append({"way": f"{way}, {name} weights", "tok_s_1": args.tokens / one,
+                         "tok_s_8": 8 * args.tokens / eight, "bound_tok_s": bound})
+    if args.gguf:
+        try:
+            rows.append(llama_cpp_row(args.gguf, texts, args.tokens))
+        except ImportError:
+            rows.append({"way": "llama.cpp: llama-cpp-python is not installed", "tok_s_1": None, "tok_s_8": None})
+    result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "native_bf16": native_bf16, "bandwidth_gb_s": round(bandwidth, 1), "new_tokens": args.tokens,
+              "model": args.model, "rows": rows, "greedy_agreement_8_prompts": agreement}
+    print(json.dumps(result, indent=2))
+    print("\n| way | tok/s, 1 request | tok/s, 8 at once | 8 / 1 | bandwidth bound |\n|---|---|---|---|---|")
+    for row in rows:
+        one, eight = row["tok_s_1"], row["tok_s_8"]
+        print(f"| {row['way']} | {one and round(one, 1)} | {eight and round(eight, 1)} | "
+              f"{round(eight / one, 2) if one and eight else '–'} | {round(row.get('bound_tok_s') or 0, 1) or '–'} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""tunelab's generation engine on a tiny Llama (random weights): greedy answers equal plain transformers' `generate`
+however rows join and leave the batch, a seeded sample is the same alone or batched, stops and limits end a row as
+the OpenAI contract says, and a short answer that joins a running long one finishes first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tunelab.generation.engine import answer_all, decoder_for, new_row
+from tunelab.generation.sampling import Sampling
+from tunelab.generation.text import AnswerText
+
+PROMPTS = ["the day was", "a lovely chair by the window", "it", "the paper is on the table in the", "a day"]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), tokenizer
+
+
+def plain_greedy(model, tokenizer, text: str, max_new_tokens: int, ignore_eos: bool = False) -> str:
+    """transformers' own greedy answer to one prompt, alone (the reference)."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    extra = {"suppress_tokens": [tokenizer.eos_token_id]} if ignore_eos else {}
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                             **extra)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_greedy_answers_equal_plain_generate_while_rows_join_and_leave(llama):
+    model, tokenizer = llama
+    expected = [plain_greedy(model, tokenizer, p, 12) for p in PROMPTS]
+    prompts = tokenizer(PROMPTS)["input_ids"]
+    for batch_size in (1, 2, 5):  # with 2, rows leave and the next prompts join a running batch
+        decoder = decoder_for(model, tokenizer)
+        assert answer_all(decoder, prompts, Sampling(max_tokens=12), batch_size) == expected, batch_size
+    # rows of different lengths joining at different steps, the cache left-padded and trimmed as they go
+    decoder = decoder_for(model, tokenizer)
+    rows = [new_row(decoder, prompt, Sampling(max_tokens=4 + 3 * i)) for i, prompt in enumerate(prompts)]
+    decoder.admit(rows[:2])
+    decoder.step()
+    decoder.admit(rows[2:4])
+    for _ in range(3):
+        decoder.step()
+    decoder.admit(rows[4:])
+    while decoder.rows:
+        decoder.step()
+    assert [row.text.text.strip() for row in rows] == [plain_greedy(model, tokenizer, p, 4 + 3 * i)
+                                                       for i, p in enumerate(PROMPTS)]
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch_and_seeds_differ(llama):
+    model, tokenizer = llama
+    prompts = tokenizer(PROMPTS)["input_ids"]
+    seeded = Sampling(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+
+    def alone(sampling: Sampling) -> list[int]:
+        decoder = decoder_for(model, tokenizer)
+        row = new_row(decoder, prompts[0], sampling)
+        decoder.admit([row])
+        while decoder.rows:
+            decoder.step()
+        return row.tokens
+
+    decoder = decoder_for(model, tokenizer)
+    batched = new_row(decoder, prompts[0], seeded)
+    others = [new_row(decoder, p, Sampling(max_tokens=16, temperature=0.7, seed=i)) for i, p in enumerate(prompts)]
+    decoder.admit(others[:3])
+    decoder.step()
+    decoder.admit([batched, *others[3:]])
+    while decoder.rows:
+        decoder.step()
+    assert alone(seeded) == alone(seeded) == batched.tokens and len(batched.tokens) == 16
+    other_seed = alone(Sampling(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=8, ignore_eos=True))
+    assert other_seed != batched.tokens
+
+
+def test_top_k_one_and_a_tiny_temperature_sample_the_greedy_answer(llama):
+    model, tokenizer = llama
+    prompts = tokenizer(PROMPTS)["input_ids"]
+    greedy = answer_all(decoder_for(model, tokenizer), prompts, Sampling(max_tokens=10), 5)
+    for sampling in (Sampling(max_tokens=10, temperature=1.5, top_k=1, seed=1),
+                     Sampling(max_tokens=10, temperature=1e-300, seed=2)):
+        assert answer_all(decoder_for(model, tokenizer), prompts, sampling, 5) == greedy
+
+
+def test_a_stop_string_cuts_the_answer_and_max_tokens_ends_it_with_length(llama):
+    model, tokenizer = llama
+    prompt = tokenizer(PROMPTS[1])["input_ids"]
+    decoder = decoder_for(model, tokenizer)
+    free = new_row(decoder, prompt, Sampling(max_tokens=20, ignore_eos=True))
+    decoder.admit([free])
+    while decoder.rows:
+        decoder.step()
+    assert free.reason == "length" and len(free.tokens) == 20
+    stop = free.text.text[5:8]  # three characters from inside the free answer
+    cut = free.text.text[:free.text.text.find(stop)]
+    stopped = new_row(decoder, prompt, Sampling(max_tokens=20, ignore_eos=True, stops=(stop,)))
+    streamed: list[str] = []
+    stopped.on_text = streamed.append
+    decoder.admit([stopped])
+    while decoder.rows:
+        decoder.step()
+    assert stopped.reason == "stop" and stopped.text.text == cut and "".join(streamed) == cut
+
+
+def test_a_short_answer_joining_a_long_one_finishes_first(llama):
+    model, tokenizer = llama
+    decoder = decoder_for(model, tokenizer)
+    long = new_row(decoder, tokenizer("the day")["input_ids"], Sampling(max_tokens=40, ignore_eos=True))
+    short = new_row(decoder, tokenizer("a chair")["input_ids"], Sampling(max_tokens=4, ignore_eos=True))
+    decoder.admit([long])
+    for _ in range(5):
+        decoder.step()
+    decoder.admit([short])
+    steps = 0
+    while not short.finished:
+        decoder.step()
+        steps += 1
+    assert steps == 3 and not long.finished and len(long.tokens) == 6 + 3  # joined at the next step, left after 4
+    while decoder.rows:
+        decoder.step()
+    assert long.text.text.strip() == plain_greedy(model, tokenizer, "the day", 40, ignore_eos=True)
+    assert short.text.text.strip() == plain_greedy(model, tokenizer, "a chair", 4, ignore_eos=True)
+
+
+def test_incremental_text_equals_decoding_all_tokens_at_once(llama):
+    _, tokenizer = llama
+    tokens = tokenizer("the lovely chair, by the window: a day it was")["input_ids"] * 3
+    text = AnswerText(tokenizer)
+    for token in tokens:
+        text.add(token)
+    assert text.finish() == tokenizer.decode(tokens, skip_special_tokens=True)
