@@ -32,15 +32,15 @@ QUESTIONS = ["I have a rash on my arms and my skin itches a lot.", "My joints hu
 
 
 def bandwidth_gb_s() -> float:
-    """Memory bandwidth: bytes read + written per second by a large tensor copy (best of 5)."""
-    source = torch.ones(64 * 2**20)  # 256 MiB: far beyond the caches
-    target = torch.empty_like(source)
+    """Memory read bandwidth as decoding meets it: bytes of a 1 GiB fp32 weight matrix streamed per second by a
+    matrix-vector product (far beyond the caches; best of 4). A large `sum` reads a little slower here."""
+    weights, vector = torch.randn(16384, 16384), torch.randn(1, 16384)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(4):
         start = time.perf_counter()
-        target.copy_(source)
+        torch.nn.functional.linear(vector, weights)
         best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() * source.element_size() / best / 1e9
+    return weights.numel() * weights.element_size() / best / 1e9
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

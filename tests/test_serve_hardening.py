@@ -181,6 +181,34 @@ def test_a_row_failing_while_sampling_ends_alone_and_its_batch_finishes(long_lla
     assert results[3][1] == "error" and "generation failed" in results[3][2]
 
 
+def test_a_short_request_joins_a_running_long_one_instead_of_waiting_for_it(hardened, long_llama):
+    """Continuous batching: a 4-token request sent while a 1,000-token answer is being decoded joins the running
+    batch at the next step and answers within 2x of its time alone (it used to wait for all 1,000 tokens)."""
+    url = hardened[G]
+    short = {"model": long_llama.name, "prompt": "a chair", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    alone = min(timed_post(f"{url}{COMPLETIONS}", short) for _ in range(3))
+    long = {"model": long_llama.name, "prompt": "the day", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    result: dict[str, float] = {}
+    runner = threading.Thread(target=lambda: result.update(long=timed_post(f"{url}{COMPLETIONS}", long, 120)))
+    started = time.monotonic()
+    runner.start()
+    while httpx.get(f"{url}/health", timeout=30).json()["running"] == 0:  # the long answer is being decoded
+        assert time.monotonic() - started < 30
+        time.sleep(0.01)
+    beside = timed_post(f"{url}{COMPLETIONS}", short)
+    runner.join()
+    assert beside < 2 * alone, (beside, alone)
+    assert beside < result["long"] / 5  # it did not wait for the long answer
+
+
+def timed_post(url: str, body: dict, timeout: float = 30) -> float:
+    """Seconds until a 200 answer to `body`."""
+    start = time.monotonic()
+    response = post(url, body, timeout=timeout)
+    assert response.status_code == 200, response.text
+    return time.monotonic() - start
+
+
 # -- 3. a client hanging up on a plain (not streamed) request ---------------------------------------------------
 def test_a_client_hanging_up_stops_its_generation(hardened, long_llama):
     url = hardened[G]
