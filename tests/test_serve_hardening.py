@@ -195,9 +195,10 @@ def test_a_short_request_joins_a_running_long_one_instead_of_waiting_for_it(hard
     while httpx.get(f"{url}/health", timeout=30).json()["running"] == 0:  # the long answer is being decoded
         assert time.monotonic() - started < 30
         time.sleep(0.01)
-    beside = timed_post(f"{url}{COMPLETIONS}", short)
+    beside = min(timed_post(f"{url}{COMPLETIONS}", short) for _ in range(3))  # best of 3, as alone
+    still_running = "long" not in result
     runner.join()
-    assert beside < 2 * alone, (beside, alone)
+    assert still_running and beside < 2 * alone, (beside, alone, result)
     assert beside < result["long"] / 5  # it did not wait for the long answer
 
 

@@ -129,10 +129,7 @@ class Decoder:
         rows = [row for row in rows if not row.cancelled]
         if not rows:
             return
-        width = max(len(row.prompt) for row in rows)
-        ids = torch.tensor([[self.pad] * (width - len(row.prompt)) + row.prompt for row in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(row.prompt)) + [1] * len(row.prompt) for row in rows],
-                            device=self.device)
+        ids, mask = self.left_padded(rows)
         cache = DynamicCache(config=self.model.config)
         logits = self.forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
         tokens = self.pick(rows, logits)
@@ -144,6 +141,14 @@ class Decoder:
         self.rows += rows
         self.hand(rows, tokens.tolist())
         self.drop_finished()
+
+    def left_padded(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' prompts as one left-padded batch: token ids and attention mask."""
+        width = max(len(row.prompt) for row in rows)
+        ids = torch.tensor([[self.pad] * (width - len(row.prompt)) + row.prompt for row in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(row.prompt)) + [1] * len(row.prompt) for row in rows],
+                            device=self.device)
+        return ids, mask
 
     # -- one step ------------------------------------------------------------------------------------------------
     @torch.inference_mode()

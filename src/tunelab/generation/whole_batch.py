@@ -23,10 +23,7 @@ class WholeBatchDecoder(Decoder):
         rows = [row for row in rows if not row.cancelled]
         if not rows:
             return
-        width = max(len(row.prompt) for row in rows)
-        ids = torch.tensor([[self.pad] * (width - len(row.prompt)) + row.prompt for row in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(row.prompt)) + [1] * len(row.prompt) for row in rows],
-                            device=self.device)
+        ids, mask = self.left_padded(rows)
         settings = GenerationConfig(max_new_tokens=max(row.sampling.max_tokens for row in rows), do_sample=False,
                                     pad_token_id=self.pad, eos_token_id=sorted(self.eos_ids) or None)
         special = any(not row.sampling.greedy or row.sampling.ignore_eos for row in rows)
