@@ -125,9 +125,18 @@ def test_control_characters_are_ordinary_text(hardened, long_llama, tiny_classif
 
 # -- 2. one request poisoning its batch -----------------------------------------------------------------------
 def test_a_tiny_temperature_does_not_poison_its_batch(hardened, long_llama):
+    """A row whose temperature underflows to inf/NaN in the sampler used to fail its whole batch. The four requests
+    join a running long greedy answer (continuous batching), so they share its batch whenever each one arrives."""
     url, prompts = hardened[G], ["the day was", "a lovely chair", "the window is", "this paper was"]
-    temperatures = [1e-300, 0, 0, 0]  # the first underflowed to inf/NaN in the sampler and failed the batch
-    before = httpx.get(f"{url}/health", timeout=30).json()
+    temperatures = [1e-300, 0, 0, 0]
+    long = {"model": long_llama.name, "prompt": "the day", "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+    result: dict[str, httpx.Response] = {}
+    runner = threading.Thread(target=lambda: result.update(long=post(f"{url}{COMPLETIONS}", long, timeout=120)))
+    started = time.monotonic()
+    runner.start()
+    while httpx.get(f"{url}/health", timeout=30).json()["running"] == 0:  # the long answer is being decoded
+        assert time.monotonic() - started < 30
+        time.sleep(0.01)
     answers: dict[int, httpx.Response] = {}
     start = threading.Barrier(len(prompts))
 
@@ -141,9 +150,11 @@ def test_a_tiny_temperature_does_not_poison_its_batch(hardened, long_llama):
         thread.start()
     for thread in threads:
         thread.join()
-    after = httpx.get(f"{url}/health", timeout=30).json()
-    assert after["batches"] - before["batches"] < len(prompts)  # they really shared a batch
+    shared = "long" not in result  # the long answer was still running: every row joined its batch
+    runner.join()
+    assert shared, "the long answer ended before the four rows were answered; lengthen it"
     assert [answers[i].status_code for i in range(len(prompts))] == [200] * len(prompts), answers[0].text
+    assert result["long"].status_code == 200, result["long"].text
     texts = [answers[i].json()["choices"][0]["text"] for i in range(len(prompts))]
     # greedy rows keep their answers; the tiny temperature samples as greedy does
     assert texts == [greedy(long_llama, prompt, 6, chat=False) for prompt in prompts]
