@@ -129,14 +129,9 @@ def test_a_tiny_temperature_does_not_poison_its_batch(hardened, long_llama):
     join a running long greedy answer (continuous batching), so they share its batch whenever each one arrives."""
     url, prompts = hardened[G], ["the day was", "a lovely chair", "the window is", "this paper was"]
     temperatures = [1e-300, 0, 0, 0]
-    long = {"model": long_llama.name, "prompt": "the day", "max_tokens": 600, "temperature": 0, "ignore_eos": True}
     result: dict[str, httpx.Response] = {}
-    runner = threading.Thread(target=lambda: result.update(long=post(f"{url}{COMPLETIONS}", long, timeout=120)))
-    started = time.monotonic()
-    runner.start()
-    while httpx.get(f"{url}/health", timeout=30).json()["running"] == 0:  # the long answer is being decoded
-        assert time.monotonic() - started < 30
-        time.sleep(0.01)
+    runner = start_long_answer(url, lambda: result.update(
+        long=post(f"{url}{COMPLETIONS}", long_answer(long_llama.name, 600), timeout=120)))
     answers: dict[int, httpx.Response] = {}
     start = threading.Barrier(len(prompts))
 
@@ -198,19 +193,30 @@ def test_a_short_request_joins_a_running_long_one_instead_of_waiting_for_it(hard
     url = hardened[G]
     short = {"model": long_llama.name, "prompt": "a chair", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
     alone = min(timed_post(f"{url}{COMPLETIONS}", short) for _ in range(3))
-    long = {"model": long_llama.name, "prompt": "the day", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
     result: dict[str, float] = {}
-    runner = threading.Thread(target=lambda: result.update(long=timed_post(f"{url}{COMPLETIONS}", long, 120)))
-    started = time.monotonic()
-    runner.start()
-    while httpx.get(f"{url}/health", timeout=30).json()["running"] == 0:  # the long answer is being decoded
-        assert time.monotonic() - started < 30
-        time.sleep(0.01)
+    runner = start_long_answer(url, lambda: result.update(
+        long=timed_post(f"{url}{COMPLETIONS}", long_answer(long_llama.name, 1000), 120)))
     beside = min(timed_post(f"{url}{COMPLETIONS}", short) for _ in range(3))  # best of 3, as alone
     still_running = "long" not in result
     runner.join()
     assert still_running and beside < 2 * alone, (beside, alone, result)
     assert beside < result["long"] / 5  # it did not wait for the long answer
+
+
+def long_answer(model: str, tokens: int) -> dict:
+    """A greedy completion of exactly `tokens` tokens."""
+    return {"model": model, "prompt": "the day", "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+
+
+def start_long_answer(url: str, ask) -> threading.Thread:
+    """Run `ask` (which posts `long_answer`) in a thread; return once the server is decoding it."""
+    runner = threading.Thread(target=ask)
+    started = time.monotonic()
+    runner.start()
+    while httpx.get(f"{url}/health", timeout=30).json()["running"] == 0:
+        assert time.monotonic() - started < 30
+        time.sleep(0.01)
+    return runner
 
 
 def timed_post(url: str, body: dict, timeout: float = 30) -> float:
