@@ -6,11 +6,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import seeded_random_weights
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
+from tunelab.errors import TunelabError
+from tunelab.generation import weights
 from tunelab.generation.engine import answer_all, decoder_for, new_row
 from tunelab.generation.sampling import Sampling
 from tunelab.generation.text import AnswerText
+from tunelab.generation.weights import WIDEN_ABOVE_ROWS, Int8Linear, PackedLinear, use_format
+from tunelab.models.precision import bf16_supported
 
 PROMPTS = ["the day was", "a lovely chair by the window", "it", "the paper is on the table in the", "a day"]
 
@@ -135,3 +147,62 @@ def test_incremental_text_equals_decoding_all_tokens_at_once(llama):
     for token in tokens:
         text.add(token)
     assert text.finish() == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="bf16 and int8 weights decode with bf16 arithmetic: this CPU has none")
+@pytest.mark.parametrize("name, layer", [("bfloat16", PackedLinear), ("int8", Int8Linear)])
+def test_a_weight_format_replaces_every_linear_and_decodes_as_its_own_generate(tiny_llama, llama, name, layer):
+    reference, tokenizer = llama
+    model = use_format(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), name)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert sum(isinstance(m, layer) for m in model.modules()) == 2 * 7 + 1  # 2 layers of 7 linears, and the output
+    ids = tokenizer(PROMPTS[3], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        before, after = reference(ids).logits, model(ids).logits.float()
+    assert not torch.equal(before, after)  # the weights really were rounded...
+    assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.99  # ...and a little
+    expected = [plain_greedy(model, tokenizer, p, 12) for p in PROMPTS]
+    assert answer_all(decoder_for(model, tokenizer), tokenizer(PROMPTS)["input_ids"], Sampling(max_tokens=12),
+                      1) == expected
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="int8 weights decode with bf16 arithmetic: this CPU has none")
+def test_int8_weights_widened_for_many_rows_give_the_kernels_numbers():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    layer = Int8Linear(linear.weight.detach(), linear.bias.detach())
+    rows = torch.randn(WIDEN_ABOVE_ROWS + 8, 64)
+    with torch.inference_mode():
+        widened = layer(rows).float()
+        kernel = torch.cat([layer(rows[i:i + 8]) for i in range(0, len(rows), 8)]).float()
+        exact = rows @ (layer.weight_int8.float() * layer.scale.float()[:, None]).T + layer.bias.float()
+    torch.testing.assert_close(widened, kernel, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(kernel, exact, rtol=0.02, atol=0.02)
+
+
+def test_weight_formats_are_refused_where_they_cannot_run(tiny_llama, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with pytest.raises(TunelabError, match="weight format 'int4' is not one of float32, bfloat16, int8"):
+        use_format(model, "int4")
+    monkeypatch.setattr(weights, "bf16_supported", lambda: False)
+    for name in ("bfloat16", "int8"):
+        with pytest.raises(TunelabError, match=f"{name} weights decode with bf16 arithmetic, which this CPU has no "):
+            use_format(model, name)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # refused before anything changed
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="bf16 and int8 weights decode with bf16 arithmetic: this CPU has none")
+def test_gpt2s_conv1d_layers_are_converted_and_a_model_that_reads_its_weights_is_refused():
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    fp32 = seeded_random_weights(GPT2LMHeadModel, config).eval()
+    packed = use_format(seeded_random_weights(GPT2LMHeadModel, config).eval(), "bfloat16")
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 4 + 1  # 4 Conv1D a layer, the output
+    ids = torch.tensor([[5, 9, 13, 2, 40]])
+    with torch.inference_mode():
+        before, after = fp32(ids).logits, packed(ids).logits.float()
+    assert torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0) > 0.99  # not transposed
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0, pad_token_id=0)).eval()
+    with pytest.raises(TunelabError, match=r"^int8 weights do not run with T5ForConditionalGeneration \(Attr.*; use "
+                                           r"float32$"):
+        use_format(t5, "int8")

@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 import tunelab
 from tunelab import api
 from tunelab.cli import build_parser, main
+from tunelab.generation.weights import use_format
+from tunelab.models.precision import bf16_supported
 from tunelab.serve.app import bind_warning
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -109,10 +111,13 @@ def client(url: str, key: str = "unused") -> OpenAI:
     return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def greedy(folder: Path, text: str, max_new_tokens: int, chat: bool) -> str:
-    """The plain-transformers greedy answer, one prompt at a time (what the server must reproduce)."""
+def greedy(folder: Path, text: str, max_new_tokens: int, chat: bool, int8: bool = False) -> str:
+    """The plain-transformers greedy answer, one prompt at a time (what the server must reproduce), with the linear
+    layers in int8 when asked."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if int8:
+        use_format(model, "int8")
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
@@ -133,6 +138,32 @@ def test_chat_completion_equals_plain_transformers_greedy(servers, chat_llama):
     assert choice.finish_reason in ("stop", "length")
     assert answer.usage.prompt_tokens > 0 and 0 < answer.usage.completion_tokens <= 6
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="int8 weights decode with bf16 arithmetic: this CPU has none")
+def test_an_int8_server_answers_as_int8_generate_does(servers, chat_llama, tmp_path):
+    port, log = free_port(), tmp_path / "int8.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(chat_llama), "--port", str(port),
+                                    "--dtype", "int8"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(process, url, log, None)
+        assert httpx.get(f"{url}/health").json()["weights"] == "int8"
+        assert httpx.get(f"{servers['generate']}/health").json()["weights"] == "float32"
+        for text in ("the day was good", "a lovely chair"):
+            answer = client(url).chat.completions.create(
+                model=chat_llama.name, messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0)
+            assert answer.choices[0].message.content == greedy(chat_llama, text, 8, chat=True, int8=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_a_weight_format_for_a_non_generator_is_refused_in_one_line(tiny_classifier, capsys):
+    assert main(["serve", str(tiny_classifier), "--dtype", "int8", "--port", str(free_port())]) == 2
+    assert "error: --dtype int8 applies to text generators" in capsys.readouterr().err
 
 
 def test_streamed_chunks_concatenate_to_the_greedy_answer(servers, chat_llama):

@@ -427,10 +427,10 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     hosts = allowed_names(host, allowed_hosts)
     check_port_free(host, port)
     engine = load_engine(model, max_batch)
-    if dtype == "bfloat16":
+    if dtype != "float32":
         if engine.kind != "generate":
-            raise TunelabError(f"--dtype bfloat16 applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
-        engine.use_bfloat16()
+            raise TunelabError(f"--dtype {dtype} applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
+        engine.use_weights(dtype)
     model_id = model if "/" not in model.rstrip("/") else model.rstrip("/").rsplit("/", 1)[1]
     app = create_app(engine, model_id, {model, model_id}, api_key, hosts, body_timeout)
     print(f"tunelab: serving '{model_id}' ({KIND_NAMES[engine.kind]}) on http://{host}:{port} — endpoints "

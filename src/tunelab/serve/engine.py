@@ -25,6 +25,7 @@ from tunelab.errors import TunelabError, one_line
 from tunelab.generation.decoder import Row
 from tunelab.generation.engine import Batcher, decoder_for, new_row
 from tunelab.generation.sampling import Sampling
+from tunelab.generation.weights import use_format
 from tunelab.runs.folder import RunFolder
 from tunelab.serve.protocol import APIError
 
@@ -67,11 +68,13 @@ class GenerationEngine:
         # applies to the two together
         self.context = None if encoder_decoder else context_length(model.config)
         self.batcher = Batcher(decoder_for(self.model, tokenizer), max_batch)
+        self.weights = "float32"  # the format the linear layers run in, as /health shows it
 
-    def use_bfloat16(self) -> None:
-        """Keep the weights in bf16: half the bytes read per token, but rounding then depends on the batch's
-        shape, so a greedy answer may change with the batch it ran in."""
-        self.model.to(torch.bfloat16)
+    def use_weights(self, name: str) -> None:
+        """Decode with the weights in format `name` (generation/weights.py): bfloat16 or int8 read fewer bytes per
+        token, but a greedy answer may then differ from fp32's and shift with the batch it ran in."""
+        use_format(self.model, name)
+        self.weights = name
 
     # -- requests -------------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict]) -> list[int]:
@@ -121,7 +124,7 @@ class GenerationEngine:
         stats = self.batcher.stats()
         # "batches": prefills (each admits the choices that arrived since the last step), "batched_requests": the
         # choices they admitted
-        return {**stats, "batches": stats["prefills"], "batched_requests": stats["admitted"]}
+        return {**stats, "batches": stats["prefills"], "batched_requests": stats["admitted"], "weights": self.weights}
 
 
 class InlineEngine:

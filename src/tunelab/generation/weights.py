@@ -1,0 +1,113 @@
+"""The weight formats the generation engine decodes in besides fp32, each with the CPU kernel that measured fastest
+for a decode step (benchmarks/decode_step.py; benchmarks/README.md, "Generation speed", has the numbers).
+
+- bfloat16: the weights in bf16, each linear layer's reordered once into oneDNN's blocked layout (what inductor's
+  weight freezing does for bf16 on CPUs), so that a step skips the reorder torch's bf16 `linear` does on every
+  call. All of SmolLM2-135M's linear layers: 18.9 ms packed vs 27.7 ms plain bf16 for one row, 19.1 vs 29.4 ms for
+  8 rows.
+- int8: weight-only, one scale per output channel, bf16 activations (torch's `_weight_int8pack_mm`): a quarter of
+  fp32's bytes, 13.3 ms for one row; it slows with more rows (31.5 ms for 8), and past 32 rows (a prompt's prefill)
+  the weights are widened to bf16 for one ordinary matrix product instead (faster from about 40 rows on).
+
+Both need a CPU that runs bf16 natively (AVX-512 BF16 or AMX): elsewhere bf16 is emulated, about 100x slower. GPT-2's
+`Conv1D` layers count as linear layers; a model whose own code reads its linear layers' weights (T5) is refused.
+
+Why by hand: no well-kept library gives these kernels in eager mode. torchao's Int8WeightOnlyConfig took 37.8 ms for
+SmolLM2's output layer (49152x576, one row) against 1.3 ms here and 4.2 ms in fp32; torch's dynamic int8
+quantization (fbgemm, int8 activations too) is fast on any x86 CPU but changed 23% of the symptom example's greedy
+answers (exact match 0.82 -> 0.69), and still 6% with the most sensitive layers kept in fp32, against 2.4% for
+weight-only int8 here (benchmarks/generation_exactness.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from tunelab.errors import TunelabError, one_line
+from tunelab.models.precision import bf16_supported
+
+FORMATS = ("float32", "bfloat16", "int8")
+WIDEN_ABOVE_ROWS = 32  # int8: more rows than this go through the weights widened to bf16 (measured crossover ~40)
+
+
+def use_format(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The model (changed in place) with its weights in format `name` (one of FORMATS), for decoding only."""
+    if name == "float32":
+        return model
+    if name not in FORMATS:
+        raise TunelabError(f"weight format '{name}' is not one of {', '.join(FORMATS)}")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if name == "bfloat16" and not on_cpu:
+        return model.to(torch.bfloat16)
+    if not on_cpu:
+        raise TunelabError("int8 weights run on CPUs; on a GPU use bfloat16")
+    if not bf16_supported():
+        raise TunelabError(f"{name} weights decode with bf16 arithmetic, which this CPU has no instructions for "
+                           f"(AVX-512 BF16 or AMX): emulated it is about 100x slower; use float32")
+    model.to(torch.bfloat16)
+    layer = PackedLinear if name == "bfloat16" else Int8Linear
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, torch.nn.Linear | Conv1D):
+                setattr(parent, child_name, layer(*weight_and_bias(child)))
+    check_runs(model, name)
+    return model
+
+
+def weight_and_bias(layer: torch.nn.Linear | Conv1D) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's weight [out, in] and bias; GPT-2's `Conv1D` keeps its weight the other way round."""
+    weight = layer.weight.detach()
+    return (weight.T if isinstance(layer, Conv1D) else weight), (None if layer.bias is None else layer.bias.detach())
+
+
+def check_runs(model: torch.nn.Module, name: str) -> None:
+    """One token generated, so that a model whose code reads its linear layers' weights itself (T5's feed-forward
+    does) is refused now, in one line, rather than failing every request."""
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids=torch.zeros(1, 1, dtype=torch.long), attention_mask=torch.ones(1, 1,
+                           dtype=torch.long), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    except Exception as exc:  # noqa: BLE001 - any failure means this format cannot serve this model
+        raise TunelabError(f"{name} weights do not run with {type(model).__name__} ({type(exc).__name__}: "
+                           f"{one_line(exc, 120)}); use float32") from None
+
+
+class PackedLinear(torch.nn.Module):
+    """A bf16 linear layer whose weight oneDNN has reordered once into its own layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # an opaque oneDNN tensor, kept out of parameters and buffers so that `.to()` and state dicts pass it by
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous(), 1)
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer with int8 weights (symmetric, one scale per output channel) and bf16 activations."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.shape[0] <= WIDEN_ABOVE_ROWS:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+        else:
+            out = torch.nn.functional.linear(rows, self.weight_int8.to(torch.bfloat16)) * self.scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
