@@ -3,7 +3,9 @@ alone (the floor any engine pays), per kernel choice, against a whole step of th
 KV cache compiled by `torch.compile` (inductor's CPU backend).
 
 Matrix products: every linear layer's weights of the model once (as a decode step reads them), on a batch of 1 and
-of 8 rows: torch's default `linear`, MKL's packed fp32 weights, oneDNN's packed bf16 weights. Whole steps: greedy,
+of 8 rows: torch's default `linear`, MKL's packed fp32 weights, oneDNN's packed bf16 weights (what `--dtype
+bfloat16` decodes with), int8 weights with bf16 activations (`--dtype int8`), and torch's dynamic int8 quantization
+(int8 activations too). Whole steps: greedy,
 batch 1, a static cache of 256 positions, median step after 10 warm-up steps. Prints one JSON object.
 
     PYTHONPATH=src TUNELAB_DATA_PATH=../shared/data .venv/bin/python benchmarks/decode_step.py [--model ALIAS]
@@ -42,7 +44,12 @@ def kernels(weights: list[torch.Tensor], rows: int) -> dict:
     halves = {width: x.bfloat16() for width, x in inputs.items()}
     mkl = [(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w) for w in weights]
     bf16 = [w.bfloat16() for w in weights]
-    onednn = [(torch.ops.mkldnn._reorder_linear_weight(w, rows), w.shape[1]) for w in bf16]
+    onednn = [(torch.ops.mkldnn._reorder_linear_weight(w, 1), w.shape[1]) for w in bf16]
+    scales = [w.abs().amax(1).clamp(min=1e-12) / 127 for w in weights]
+    int8 = [(torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), s.bfloat16())
+            for w, s in zip(weights, scales, strict=True)]
+    dynamic = torch.ao.quantization.quantize_dynamic(
+        torch.nn.ModuleList(linear_of(w) for w in weights), {torch.nn.Linear}, dtype=torch.qint8)
     return {
         "fp32 linear (default)": best_ms(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]),
         "fp32 MKL packed": best_ms(lambda: [torch.ops.mkl._mkl_linear(inputs[w.shape[1]], p, w, None, rows)
@@ -50,7 +57,17 @@ def kernels(weights: list[torch.Tensor], rows: int) -> dict:
         "bf16 linear": best_ms(lambda: [torch.nn.functional.linear(halves[w.shape[1]], w) for w in bf16]),
         "bf16 oneDNN packed": best_ms(lambda: [
             torch.ops.mkldnn._linear_pointwise(halves[width], p, None, "none", [], "") for p, width in onednn]),
+        "int8 weight-only, bf16 activations (_weight_int8pack_mm)": best_ms(lambda: [
+            torch.ops.aten._weight_int8pack_mm(halves[w.shape[1]], w, s) for w, s in int8]),
+        "int8 dynamic, int8 activations (torch.ao, fbgemm)": best_ms(lambda: [
+            layer(inputs[layer.in_features]) for layer in dynamic]),
     }
+
+
+def linear_of(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight.data = weight
+    return layer
 
 
 def step_ms(model: torch.nn.Module, prompt: list[int], compiled: bool, length: int = 256) -> tuple[float, float]:

@@ -23,7 +23,9 @@ from transformers import AutoModelForCausalLM
 
 from tunelab.generation.engine import answer_all, decoder_for
 from tunelab.generation.sampling import Sampling
+from tunelab.generation.weights import use_format
 from tunelab.models.loading import load_tokenizer, resolve_model
+from tunelab.models.precision import bf16_supported
 
 QUESTIONS = ["I have a rash on my arms and my skin itches a lot.", "My joints hurt and I feel tired all day.",
              "I keep coughing and my chest hurts when I breathe.", "I have a headache and light hurts my eyes.",
@@ -44,8 +46,19 @@ def bandwidth_gb_s() -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights read per decoded token: every parameter once (tied embeddings counted once)."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Bytes of weights read per decoded token: every linear layer's weights in whatever format they are (oneDNN's
+    packed ones too), norms, and of the input embeddings one row, or all of them when the output layer reads them
+    (tied)."""
+    tensors = {}
+    for module in model.modules():
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False),
+                       getattr(module, "packed", None)):
+            if tensor is not None:
+                tensors[id(tensor)] = tensor
+    embedding = model.get_input_embeddings().weight
+    tied = getattr(model.get_output_embeddings(), "weight", None) is embedding
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return total if tied else total - embedding.numel() * embedding.element_size()
 
 
 def best_of(runs: int, fn) -> tuple[float, object]:
@@ -67,6 +80,11 @@ def plain_generate(model, tokenizer, prompts: list[list[int]], tokens: int) -> l
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False, pad_token_id=pad)
     return out[:, width:].tolist()
+
+
+# (way, weight format): fp32 first, the reference the others' greedy answers are compared with
+WAYS = [("transformers generate", "float32"), ("tunelab engine", "float32"), ("transformers generate", "bfloat16"),
+        ("tunelab engine", "bfloat16"), ("tunelab engine", "int8")]
 
 
 def engine_generate(model, tokenizer, prompts: list[list[int]], tokens: int) -> list[str]:
@@ -102,22 +120,26 @@ def main() -> None:
                                            tokenize=False) for q in QUESTIONS]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     bandwidth = bandwidth_gb_s()
-    rows, agreement = [], {}
-    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    for dtype in (torch.float32, torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).eval()
-        bound = bandwidth * 1e9 / weight_bytes(model)
-        name = str(dtype).removeprefix("torch.")
-        reference = None
-        for way, fn in (("transformers generate", plain_generate), ("tunelab engine", engine_generate)):
-            one, _ = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts[:1], args.tokens))
-            eight, answers = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts, args.tokens))
-            if way == "transformers generate":
-                reference = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
-            else:
-                agreement[name] = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
-            rows.append({"way": f"{way}, {name} weights", "tok_s_1": args.tokens / one,
-                         "tok_s_8": 8 * args.tokens / eight, "bound_tok_s": bound})
+    rows, agreement, reference = [], {}, None
+    native_bf16 = bf16_supported()
+    for way, weights in WAYS:
+        if weights != "float32" and not native_bf16:
+            continue  # bf16 arithmetic is emulated here, ~100x slower: no row to compare
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+        if way == "transformers generate":
+            model.to(getattr(torch, weights))
+            fn = plain_generate
+        else:
+            use_format(model, weights)
+            fn = engine_generate
+        one, _ = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts[:1], args.tokens))
+        eight, answers = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts, args.tokens))
+        if way == "transformers generate":
+            answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+        reference = reference or answers  # the first way: fp32 generate
+        agreement[f"{way}, {weights}"] = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
+        rows.append({"way": f"{way}, {weights} weights", "tok_s_1": args.tokens / one,
+                     "tok_s_8": 8 * args.tokens / eight, "bound_tok_s": bandwidth * 1e9 / weight_bytes(model)})
     if args.gguf:
         try:
             rows.append(llama_cpp_row(args.gguf, texts, args.tokens))
@@ -125,7 +147,8 @@ def main() -> None:
             rows.append({"way": "llama.cpp: llama-cpp-python is not installed", "tok_s_1": None, "tok_s_8": None})
     result = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "native_bf16": native_bf16, "bandwidth_gb_s": round(bandwidth, 1), "new_tokens": args.tokens,
-              "model": args.model, "rows": rows, "greedy_agreement_8_prompts": agreement}
+              "model": args.model, "rows": rows,
+              "greedy_agreement_8_prompts_with_fp32_generate": agreement}
     print(json.dumps(result, indent=2))
     print("\n| way | tok/s, 1 request | tok/s, 8 at once | 8 / 1 | bandwidth bound |\n|---|---|---|---|---|")
     for row in rows:

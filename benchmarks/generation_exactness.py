@@ -1,0 +1,96 @@
+"""Exactness per weight format (issue 30's acceptance 2), side by side in one run: a finished sft run's own scoring
+prompts (all of its eval samples, e.g. the symptom example's 212) answered greedily by tunelab's generation engine
+in each weight format, against the fp32 reference (plain transformers `generate`, batches of the run's scoring
+size). Per format: the share of answers equal to the reference's, the run's task metric (exact match) with its 95%
+bootstrap interval, and the seconds the answers took.
+
+    PYTHONPATH=src TUNELAB_DATA_PATH=../shared/data .venv/bin/python benchmarks/generation_exactness.py RUN_DIR \
+        [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tunelab.evaluation.generation import generate_texts, generation_metrics
+from tunelab.evaluation.uncertainty import ROWS_KEY, mean_interval
+from tunelab.generation.weights import use_format
+from tunelab.inference.generator import load_generator
+from tunelab.models.precision import bf16_supported
+from tunelab.runs.folder import finished_run
+from tunelab.stages.sft import load_data
+
+# name: (how the loaded fp32 model is changed, bf16 autocast)
+FORMATS = {
+    "fp32 (serve's default)": (None, False),
+    "bf16 autocast (the scoring's default where bf16 is native)": (None, True),
+    "bf16 weights (serve --dtype bfloat16)": (lambda model: use_format(model, "bfloat16"), False),
+    "int8 weights (serve --dtype int8)": (lambda model: use_format(model, "int8"), False),
+}
+
+
+def reference(generator, prompts: list[str], batch_size: int, max_new_tokens: int, chat: bool) -> list[str]:
+    """Plain transformers greedy `generate`, fp32, left-padded batches."""
+    tokenizer, model = generator.tokenizer, generator.model
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=not chat)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            answers += [text.strip() for text in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                                      skip_special_tokens=True)]
+    return answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a finished sft run folder")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    run = finished_run(args.run, "generation_exactness")
+    recipe = run.recipe
+    data = load_data(recipe)
+    samples = data.eval.select(range(min(recipe.eval.generate.num_samples, len(data.eval))))
+    generator = load_generator(run.path)
+    prompts = [generator.prompt.prompt_text(row) for row in samples]
+    chat = generator.prompt.uses_chat_template
+    settings = recipe.eval.generate
+    start = time.perf_counter()
+    expected = reference(generator, prompts, settings.batch_size, settings.max_new_tokens, chat)
+    results = {"run": str(run.path), "prompts": len(prompts), "threads": torch.get_num_threads(),
+               "bf16 native": bf16_supported(), "reference": {"seconds": round(time.perf_counter() - start, 1),
+                                                               **metric(expected, samples["response"])}}
+    for name, (change, autocast) in FORMATS.items():
+        if (autocast or change is not None) and not bf16_supported():
+            continue  # bf16 arithmetic is emulated here, ~100x slower
+        model = load_generator(run.path).model.eval()
+        if change is not None:
+            change(model)
+        start = time.perf_counter()
+        answers = generate_texts(model, generator.tokenizer, prompts, settings, autocast,
+                                 add_special_tokens=not chat)
+        same = sum(a == b for a, b in zip(answers, expected, strict=True))
+        results[name] = {"seconds": round(time.perf_counter() - start, 1), "equal to reference": same,
+                         "equal share": round(same / len(prompts), 4), **metric(answers, samples["response"])}
+        print(name, results[name], flush=True)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(results, out, indent=2)
+
+
+def metric(answers: list[str], references: list[str]) -> dict:
+    scores = generation_metrics(answers, references)
+    return {"exact_match": round(scores["exact_match"], 4),
+            "exact_match 95% interval": mean_interval(scores[ROWS_KEY]["exact_match"])}
+
+
+if __name__ == "__main__":
+    main()
