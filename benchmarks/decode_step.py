@@ -21,6 +21,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
+from tunelab.generation.weights import Int8Linear, PackedLinear
 from tunelab.models.loading import load_tokenizer, resolve_model
 
 
@@ -44,10 +45,8 @@ def kernels(weights: list[torch.Tensor], rows: int) -> dict:
     halves = {width: x.bfloat16() for width, x in inputs.items()}
     mkl = [(torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w) for w in weights]
     bf16 = [w.bfloat16() for w in weights]
-    onednn = [(torch.ops.mkldnn._reorder_linear_weight(w, 1), w.shape[1]) for w in bf16]
-    scales = [w.abs().amax(1).clamp(min=1e-12) / 127 for w in weights]
-    int8 = [(torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), s.bfloat16())
-            for w, s in zip(weights, scales, strict=True)]
+    packed = [PackedLinear(w, None) for w in weights]  # what --dtype bfloat16 and --dtype int8 decode with
+    int8 = [Int8Linear(w, None) for w in weights]
     dynamic = torch.ao.quantization.quantize_dynamic(
         torch.nn.ModuleList(linear_of(w) for w in weights), {torch.nn.Linear}, dtype=torch.qint8)
     return {
@@ -55,10 +54,9 @@ def kernels(weights: list[torch.Tensor], rows: int) -> dict:
         "fp32 MKL packed": best_ms(lambda: [torch.ops.mkl._mkl_linear(inputs[w.shape[1]], p, w, None, rows)
                                             for p, w in mkl]),
         "bf16 linear": best_ms(lambda: [torch.nn.functional.linear(halves[w.shape[1]], w) for w in bf16]),
-        "bf16 oneDNN packed": best_ms(lambda: [
-            torch.ops.mkldnn._linear_pointwise(halves[width], p, None, "none", [], "") for p, width in onednn]),
+        "bf16 oneDNN packed": best_ms(lambda: [layer(halves[layer.in_features]) for layer in packed]),
         "int8 weight-only, bf16 activations (_weight_int8pack_mm)": best_ms(lambda: [
-            torch.ops.aten._weight_int8pack_mm(halves[w.shape[1]], w, s) for w, s in int8]),
+            layer(halves[layer.in_features]) for layer in int8]),
         "int8 dynamic, int8 activations (torch.ao, fbgemm)": best_ms(lambda: [
             layer(inputs[layer.in_features]) for layer in dynamic]),
     }
