@@ -1,8 +1,9 @@
 """Exactness per weight format (issue 30's acceptance 2), side by side in one run: a finished sft run's own scoring
 prompts (all of its eval samples, e.g. the symptom example's 212) answered greedily by tunelab's generation engine
 in each weight format, against the fp32 reference (plain transformers `generate`, batches of the run's scoring
-size). Per format: the share of answers equal to the reference's, the run's task metric (exact match) with its 95%
-bootstrap interval, and the seconds the answers took.
+size; the compiled rows answer one prompt at a time, as a lone request is served). Per format: the share of answers
+equal to the reference's, the run's task metric (exact match) with its 95% bootstrap interval, and the seconds the
+answers took (the compiled rows' include compiling).
 
     PYTHONPATH=src TUNELAB_DATA_PATH=../shared/data .venv/bin/python benchmarks/generation_exactness.py RUN_DIR \
         [--json out.json]
@@ -18,18 +19,22 @@ import torch
 
 from tunelab.evaluation.generation import generate_texts, generation_metrics
 from tunelab.evaluation.uncertainty import ROWS_KEY, mean_interval
+from tunelab.generation.engine import answer_all, decoder_for
+from tunelab.generation.sampling import Sampling
 from tunelab.generation.weights import use_format
 from tunelab.inference.generator import load_generator
 from tunelab.models.precision import bf16_supported
 from tunelab.runs.folder import finished_run
 from tunelab.stages.sft import load_data
 
-# name: (how the loaded fp32 model is changed, bf16 autocast)
+# name: (weight format, bf16 autocast, answers one at a time through compiled steps)
 FORMATS = {
-    "fp32 (serve's default)": (None, False),
-    "bf16 autocast (the scoring's default where bf16 is native)": (None, True),
-    "bf16 weights (serve --dtype bfloat16)": (lambda model: use_format(model, "bfloat16"), False),
-    "int8 weights (serve --dtype int8)": (lambda model: use_format(model, "int8"), False),
+    "fp32 (serve's default)": ("float32", False, False),
+    "bf16 autocast (the scoring's default where bf16 is native)": ("float32", True, False),
+    "bf16 weights (serve --dtype bfloat16)": ("bfloat16", False, False),
+    "int8 weights (serve --dtype int8)": ("int8", False, False),
+    "fp32, compiled, one at a time (serve --compile)": ("float32", False, True),
+    "int8, compiled, one at a time (serve --dtype int8 --compile)": ("int8", False, True),
 }
 
 
@@ -67,15 +72,19 @@ def main() -> None:
     results = {"run": str(run.path), "prompts": len(prompts), "threads": torch.get_num_threads(),
                "bf16 native": bf16_supported(), "reference": {"seconds": round(time.perf_counter() - start, 1),
                                                                **metric(expected, samples["response"])}}
-    for name, (change, autocast) in FORMATS.items():
-        if (autocast or change is not None) and not bf16_supported():
+    for name, (weights, autocast, compiled) in FORMATS.items():
+        if (autocast or weights != "float32") and not bf16_supported():
             continue  # bf16 arithmetic is emulated here, ~100x slower
-        model = load_generator(run.path).model.eval()
-        if change is not None:
-            change(model)
+        model = use_format(load_generator(run.path).model.eval(), weights)
         start = time.perf_counter()
-        answers = generate_texts(model, generator.tokenizer, prompts, settings, autocast,
-                                 add_special_tokens=not chat)
+        if compiled:
+            decoder = decoder_for(model, generator.tokenizer)
+            decoder.compile_solo_steps()
+            ids = generator.tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+            answers = answer_all(decoder, ids, Sampling(max_tokens=settings.max_new_tokens), 1)
+        else:
+            answers = generate_texts(model, generator.tokenizer, prompts, settings, autocast,
+                                     add_special_tokens=not chat)
         same = sum(a == b for a, b in zip(answers, expected, strict=True))
         results[name] = {"seconds": round(time.perf_counter() - start, 1), "equal to reference": same,
                          "equal share": round(same / len(prompts), 4), **metric(answers, samples["response"])}

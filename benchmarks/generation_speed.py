@@ -14,6 +14,7 @@ object and a markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -83,12 +84,13 @@ def plain_generate(model, tokenizer, prompts: list[list[int]], tokens: int) -> l
 
 
 # (way, weight format): fp32 first, the reference the others' greedy answers are compared with
-WAYS = [("transformers generate", "float32"), ("tunelab engine", "float32"), ("transformers generate", "bfloat16"),
-        ("tunelab engine", "bfloat16"), ("tunelab engine", "int8")]
+WAYS = [("transformers generate", "float32"), ("tunelab engine", "float32"), ("tunelab engine --compile", "float32"),
+        ("transformers generate", "bfloat16"), ("tunelab engine", "bfloat16"), ("tunelab engine", "int8"),
+        ("tunelab engine --compile", "int8")]
 
 
-def engine_generate(model, tokenizer, prompts: list[list[int]], tokens: int) -> list[str]:
-    decoder = decoder_for(model, tokenizer)
+def engine_generate(model, tokenizer, prompts: list[list[int]], tokens: int, decoder=None) -> list[str]:
+    decoder = decoder or decoder_for(model, tokenizer)
     return answer_all(decoder, prompts, Sampling(max_tokens=tokens, ignore_eos=True), batch_size=len(prompts))
 
 
@@ -126,12 +128,20 @@ def main() -> None:
         if weights != "float32" and not native_bf16:
             continue  # bf16 arithmetic is emulated here, ~100x slower: no row to compare
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+        compiled = None
         if way == "transformers generate":
             model.to(getattr(torch, weights))
             fn = plain_generate
         else:
             use_format(model, weights)
             fn = engine_generate
+            if way.endswith("--compile"):  # a lone answer's steps compiled; a batch decodes eagerly as before
+                decoder = decoder_for(model, tokenizer)
+                decoder.compile_solo_steps()
+                start = time.perf_counter()
+                engine_generate(model, tokenizer, prompts[:1], 2, decoder)
+                compiled = time.perf_counter() - start
+                fn = functools.partial(engine_generate, decoder=decoder)
         one, _ = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts[:1], args.tokens))
         eight, answers = best_of(2, lambda fn=fn, m=model: fn(m, tokenizer, prompts, args.tokens))
         if way == "transformers generate":
@@ -139,7 +149,8 @@ def main() -> None:
         reference = reference or answers  # the first way: fp32 generate
         agreement[f"{way}, {weights}"] = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
         rows.append({"way": f"{way}, {weights} weights", "tok_s_1": args.tokens / one,
-                     "tok_s_8": 8 * args.tokens / eight, "bound_tok_s": bandwidth * 1e9 / weight_bytes(model)})
+                     "tok_s_8": 8 * args.tokens / eight, "bound_tok_s": bandwidth * 1e9 / weight_bytes(model),
+                     **({"compile_s": round(compiled, 1)} if compiled is not None else {})})
     if args.gguf:
         try:
             rows.append(llama_cpp_row(args.gguf, texts, args.tokens))

@@ -206,3 +206,26 @@ def test_gpt2s_conv1d_layers_are_converted_and_a_model_that_reads_its_weights_is
     with pytest.raises(TunelabError, match=r"^int8 weights do not run with T5ForConditionalGeneration \(Attr.*; use "
                                            r"float32$"):
         use_format(t5, "int8")
+
+
+def test_a_row_alone_decodes_through_compiled_steps_and_hands_over_when_others_join(llama):
+    model, tokenizer = llama
+    prompts = tokenizer(PROMPTS)["input_ids"]
+    decoder = decoder_for(model, tokenizer)
+    assert decoder.compile_solo_steps()
+    alone = new_row(decoder, prompts[0], Sampling(max_tokens=20, ignore_eos=True))
+    decoder.admit([alone])
+    for _ in range(5):
+        decoder.step()
+    assert decoder.alone and list(decoder.solo.compiled) == [256]
+    joining = [new_row(decoder, prompt, Sampling(max_tokens=6)) for prompt in prompts[1:3]]
+    decoder.admit(joining)  # the lone row's states move to the eager batch's cache
+    assert not decoder.alone and len(decoder.rows) == 3
+    while decoder.rows:
+        decoder.step()
+    assert alone.text.text.strip() == plain_greedy(model, tokenizer, PROMPTS[0], 20, ignore_eos=True)
+    assert [row.text.text.strip() for row in joining] == [plain_greedy(model, tokenizer, p, 6) for p in PROMPTS[1:3]]
+    # the next lone rows reuse the static cache, reset: their answers do not see the earlier rows'
+    assert answer_all(decoder, prompts[3:], Sampling(max_tokens=12), 1) == [plain_greedy(model, tokenizer, p, 12)
+                                                                           for p in PROMPTS[3:]]
+    assert list(decoder.solo.compiled) == [256]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -140,30 +143,61 @@ def test_chat_completion_equals_plain_transformers_greedy(servers, chat_llama):
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
 
+@contextlib.contextmanager
+def one_server(folder: Path, log: Path, *flags: str) -> Iterator[str]:
+    """A generation server on its own port with extra flags, for the life of the block: its URL."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(folder), "--port", str(port),
+                                    *flags], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_healthy(process, f"http://127.0.0.1:{port}", log, None)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
 @pytest.mark.skipif(not bf16_supported(), reason="int8 weights decode with bf16 arithmetic: this CPU has none")
 def test_an_int8_server_answers_as_int8_generate_does(servers, chat_llama, tmp_path):
-    port, log = free_port(), tmp_path / "int8.log"
-    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(chat_llama), "--port", str(port),
-                                    "--dtype", "int8"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(process, url, log, None)
+    with one_server(chat_llama, tmp_path / "int8.log", "--dtype", "int8") as url:
         assert httpx.get(f"{url}/health").json()["weights"] == "int8"
         assert httpx.get(f"{servers['generate']}/health").json()["weights"] == "float32"
         for text in ("the day was good", "a lovely chair"):
             answer = client(url).chat.completions.create(
                 model=chat_llama.name, messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0)
             assert answer.choices[0].message.content == greedy(chat_llama, text, 8, chat=True, int8=True)
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
-def test_a_weight_format_for_a_non_generator_is_refused_in_one_line(tiny_classifier, capsys):
-    assert main(["serve", str(tiny_classifier), "--dtype", "int8", "--port", str(free_port())]) == 2
-    assert "error: --dtype int8 applies to text generators" in capsys.readouterr().err
+def test_a_compiled_server_answers_alone_and_together_as_generate_does(chat_llama, tmp_path):
+    texts = ["the day was good", "a lovely chair", "the window"]
+    with one_server(chat_llama, tmp_path / "compiled.log", "--compile") as url:
+        assert "compiling the decode step" in (tmp_path / "compiled.log").read_text()
+        alone = client(url).chat.completions.create(
+            model=chat_llama.name, messages=[{"role": "user", "content": texts[0]}], max_tokens=8, temperature=0)
+        assert alone.choices[0].message.content == greedy(chat_llama, texts[0], 8, chat=True)
+        with ThreadPoolExecutor(3) as pool:  # sent at once: the first may start alone, the others join it
+            together = list(pool.map(lambda text: client(url).chat.completions.create(
+                model=chat_llama.name, messages=[{"role": "user", "content": text}], max_tokens=12, temperature=0,
+            ).choices[0].message.content, texts))
+        assert together == [greedy(chat_llama, text, 12, chat=True) for text in texts]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "int8"], "error: --dtype int8 applies to text generators"),
+    (["--compile"], "error: --compile applies to text generators; "),
+])
+def test_a_format_or_compiling_for_a_non_generator_is_refused_in_one_line(tiny_classifier, capsys, flags, message):
+    assert main(["serve", str(tiny_classifier), *flags, "--port", str(free_port())]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compiling_packed_bf16_weights_is_refused_in_one_line(chat_llama, capsys):
+    assert main(["serve", str(chat_llama), "--dtype", "bfloat16", "--compile", "--port", str(free_port())]) == 2
+    assert "error: --compile runs float32 and int8 weights; bfloat16's packed weights cannot be compiled: drop " \
+           "--compile or --dtype bfloat16" in capsys.readouterr().err
 
 
 def test_streamed_chunks_concatenate_to_the_greedy_answer(servers, chat_llama):

@@ -4,8 +4,9 @@ leave it between steps (continuous batching), so a short answer never waits for 
 
 The rows share one KV cache (transformers' `DynamicCache`), right-aligned: a row that joins is prefilled on its
 own and its cache left-padded to the batch's width; a row that ends is dropped from the cache, and columns that
-only padding holds any more are cut off. Each row keeps its own sampling settings and seeded generator
-(sampling.py), stop strings and incrementally decoded text (text.py).
+only padding holds any more are cut off. Once `compile_solo_steps` is called, a row that starts alone decodes
+through a compiled step over a static cache instead (compiled.py), until another row joins it. Each row keeps its
+own sampling settings and seeded generator (sampling.py), stop strings and incrementally decoded text (text.py).
 
 Why not `generate` or transformers' continuous batching: `generate` runs one batch to its end (the measured
 symptom: a 4-token request behind a 1,000-token one waited for all 1,000), and its continuous-batching manager
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from tunelab.errors import one_line
+from tunelab.generation.compiled import SoloSteps
 from tunelab.generation.sampling import Sampling, next_tokens
 from tunelab.generation.text import AnswerText
 from tunelab.models.precision import autocast
@@ -112,6 +114,19 @@ class Decoder:
         self.mask: torch.Tensor | None = None  # [rows, width]: 1 where a row has a real token
         self.last: torch.Tensor | None = None  # [rows, 1]: each row's latest token, the next step's input
         self.steps = 0
+        self.solo: SoloSteps | None = None  # compiled steps for a row decoded alone, once `compile_solo_steps`
+
+    def compile_solo_steps(self) -> bool:
+        """From now on, a row that starts alone decodes through compiled steps (compiled.py), until another joins;
+        False when this model's cache cannot hand such a row over to a batch (sliding windows)."""
+        if SoloSteps.supports(self.model):
+            self.solo = SoloSteps(self.model, self.forward)
+        return self.solo is not None
+
+    @property
+    def alone(self) -> bool:
+        """Whether the one running row is decoding through the compiled steps."""
+        return self.solo is not None and self.solo.active is not None
 
     @property
     def device(self) -> torch.device:
@@ -119,7 +134,7 @@ class Decoder:
 
     def can_join(self) -> bool:
         """Whether rows may join now: the batch is empty, or its cache is one this module can pad and merge."""
-        return not self.rows or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return not self.rows or self.alone or all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
     # -- rows join ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -129,6 +144,13 @@ class Decoder:
         rows = [row for row in rows if not row.cancelled]
         if not rows:
             return
+        if self.solo is not None and not self.rows and len(rows) == 1:
+            positions = len(rows[0].prompt) + rows[0].sampling.max_tokens
+            if self.solo.fits(positions):
+                self.admit_alone(rows[0], positions)
+                return
+        if self.alone:  # a row joins the one decoding alone: its states move to the eager batch's cache
+            self.cache, self.mask = self.solo.hand_over()
         ids, mask = self.left_padded(rows)
         cache = DynamicCache(config=self.model.config)
         logits = self.forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
@@ -140,6 +162,13 @@ class Decoder:
             self.cache, self.mask, self.last = cache, mask, tokens[:, None]
         self.rows += rows
         self.hand(rows, tokens.tolist())
+        self.drop_finished()
+
+    def admit_alone(self, row: Row, positions: int) -> None:
+        """Read a row's prompt into the compiled steps' static cache and pick its first token."""
+        tokens = self.pick([row], self.solo.start(row.prompt, positions))
+        self.rows, self.last = [row], tokens[:, None]
+        self.hand([row], tokens.tolist())
         self.drop_finished()
 
     def left_padded(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,18 +183,23 @@ class Decoder:
     @torch.inference_mode()
     def step(self) -> None:
         """Decode one more token for every running row."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        positions = self.mask.sum(-1, keepdim=True) - 1
-        logits = self.forward(self.last, self.mask, positions, self.cache)
+        if self.alone:
+            logits = self.solo.step(self.last)
+        else:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            positions = self.mask.sum(-1, keepdim=True) - 1
+            logits = self.forward(self.last, self.mask, positions, self.cache)
         tokens = self.pick(self.rows, logits)
         self.last = tokens[:, None]
         self.steps += 1
         self.take(tokens)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                cache: DynamicCache) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
         """The model's next-token logits [rows, vocab] for the last position of each row."""
         extra = {"logits_to_keep": 1} if self.keep_last else {}
+        if cache_position is not None:  # a static cache's slots (compiled.py)
+            extra["cache_position"] = cache_position
         with autocast(self.bf16):  # bf16 matmuls where the machine runs them natively and the caller asks
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **{self.cache_keyword: cache}, **extra)
@@ -234,6 +268,8 @@ class Decoder:
 
     def reset(self) -> None:
         self.rows, self.cache, self.mask, self.last = [], None, None, None
+        if self.solo is not None:
+            self.solo.active = None
 
 
 def failure(exc: BaseException) -> str:

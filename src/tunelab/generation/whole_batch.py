@@ -18,6 +18,9 @@ class WholeBatchDecoder(Decoder):
     def can_join(self) -> bool:
         return True
 
+    def compile_solo_steps(self) -> bool:
+        return False  # its rows run inside `generate`
+
     @torch.inference_mode()
     def admit(self, rows: list[Row]) -> None:
         rows = [row for row in rows if not row.cancelled]

@@ -416,10 +416,13 @@ def body_timeout_from_env() -> float:
 
 
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "float32",
-          allowed_hosts: Iterable[str] = ()) -> int:
+          allowed_hosts: Iterable[str] = (), compile_steps: bool = False) -> int:
     """Load MODEL and serve it until interrupted."""
     import uvicorn
 
+    if compile_steps and dtype == "bfloat16":
+        raise TunelabError("--compile runs float32 and int8 weights; bfloat16's packed weights cannot be compiled: "
+                           "drop --compile or --dtype bfloat16")
     warning = bind_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr)
@@ -431,6 +434,10 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
         if engine.kind != "generate":
             raise TunelabError(f"--dtype {dtype} applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
         engine.use_weights(dtype)
+    if compile_steps:
+        if engine.kind != "generate":
+            raise TunelabError(f"--compile applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
+        engine.compile_steps()
     model_id = model if "/" not in model.rstrip("/") else model.rstrip("/").rsplit("/", 1)[1]
     app = create_app(engine, model_id, {model, model_id}, api_key, hosts, body_timeout)
     print(f"tunelab: serving '{model_id}' ({KIND_NAMES[engine.kind]}) on http://{host}:{port} — endpoints "

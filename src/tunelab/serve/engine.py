@@ -13,6 +13,7 @@ run a `ClassifierEngine` that answers with `tunelab predict`'s numbers.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from transformers import AutoConfig
 
 from tunelab.errors import TunelabError, one_line
 from tunelab.generation.decoder import Row
-from tunelab.generation.engine import Batcher, decoder_for, new_row
+from tunelab.generation.engine import Batcher, decode_all, decoder_for, new_row
 from tunelab.generation.sampling import Sampling
 from tunelab.generation.weights import use_format
 from tunelab.runs.folder import RunFolder
@@ -75,6 +76,22 @@ class GenerationEngine:
         token, but a greedy answer may then differ from fp32's and shift with the batch it ran in."""
         use_format(self.model, name)
         self.weights = name
+
+    def compile_steps(self) -> None:
+        """Decode an answer that runs alone through compiled steps (generation/compiled.py), compiled now for the
+        shortest cache length so that the first request does not wait for it."""
+        decoder = self.batcher.decoder
+        if not decoder.compile_solo_steps():
+            raise TunelabError("--compile needs a decoder whose attention sees the whole context (this model has "
+                               "sliding windows, is an encoder-decoder or a prompt-learning adapter); serve it "
+                               "without --compile")
+        print("tunelab: compiling the decode step (once per answer length bucket, up to a minute each)…",
+              file=sys.stderr, flush=True)
+        try:
+            decode_all(decoder, [[decoder.pad]], Sampling(max_tokens=2, ignore_eos=True), 1)
+        except Exception as exc:  # noqa: BLE001 - inductor raises many kinds; each means this model cannot compile
+            raise TunelabError(f"--compile failed for this model ({one_line(exc, 200)}); serve it without "
+                               f"--compile") from None
 
     # -- requests -------------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict]) -> list[int]:
