@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "from float32's and shift with the batch")
     serve.add_argument("--compile", action="store_true",
                        help="decode an answer that runs alone through a compiled step (torch.compile): faster "
-                            "single answers after 10-60 s of compiling at start and per longer answer length; "
-                            "float32 and int8 only")
+                            "single answers after up to a minute of compiling at start and per longer answer "
+                            "length; float32 and int8 only")
 
     curve = commands.add_parser("curve", help="learning curve: run a recipe at k examples per class × seeds × "
                                               "methods; table, plot and report in one folder")
