@@ -157,7 +157,8 @@ def one_server(folder: Path, log: Path, *flags: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        code = process.wait(timeout=20)
+    assert code == 0, log.read_text()[-2000:]  # SIGTERM ends the HTTP thread and the decoding loop, and nothing else
 
 
 @pytest.mark.skipif(not bf16_supported(), reason="int8 weights decode with bf16 arithmetic: this CPU has none")

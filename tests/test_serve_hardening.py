@@ -4,7 +4,8 @@ foreign Host headers (DNS rebinding), and lax types or silently ignored OpenAI p
 
 Three real servers on free loopback ports (generator, encoder with a key, classifier), started once for the module
 with the same flags the old code knew, so every test fails on the old code for its own reason; the new flags
-(--allowed-hosts, --api-key-file) are checked through `tunelab serve` in this process with uvicorn.run replaced."""
+(--allowed-hosts, --api-key-file) are checked through `tunelab serve` in this process with its HTTP server (run_http)
+replaced."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 import test_serve
-import uvicorn
 from starlette.testclient import TestClient
 from test_serve import CHAT_TEMPLATE, client, free_port, greedy, wait_until_healthy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
 from tunelab.cli import main
+from tunelab.serve import app as serve_app
 from tunelab.serve.engine import decoder_engine
 
 G, E, C = "generate", "embed", "classify"
@@ -296,10 +297,10 @@ def test_only_loopback_names_and_ip_addresses_are_answered_by_default(hardened):
 
 
 def served_in_process(monkeypatch, argv: list[str]) -> tuple[int, dict]:
-    """`tunelab serve ARGV` run in this process up to uvicorn.run, which is replaced: the exit code and what
+    """`tunelab serve ARGV` run in this process up to its HTTP server, which is replaced: the exit code and what
     uvicorn would have been given."""
     given: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **settings: given.update(app=app, **settings))
+    monkeypatch.setattr(serve_app, "run_http", lambda app, engine, **settings: given.update(app=app, **settings))
     return main(["serve", *argv, "--port", str(free_port())]), given
 
 

@@ -418,8 +418,6 @@ def body_timeout_from_env() -> float:
 def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "float32",
           allowed_hosts: Iterable[str] = (), compile_steps: bool = False) -> int:
     """Load MODEL and serve it until interrupted."""
-    import uvicorn
-
     if compile_steps and dtype == "bfloat16":
         raise TunelabError("--compile runs float32 and int8 weights; bfloat16's packed weights cannot be compiled: "
                            "drop --compile or --dtype bfloat16")
@@ -443,6 +441,47 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     print(f"tunelab: serving '{model_id}' ({KIND_NAMES[engine.kind]}) on http://{host}:{port} — endpoints "
           f"{', '.join(ENDPOINTS[engine.kind])}; API key {'required' if api_key else 'not required'}",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=KEEP_ALIVE_S,
-                limit_concurrency=MAX_CONNECTIONS)
+    run_http(app, engine, host=host, port=port, log_level="warning", access_log=False,
+             timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
     return 0
+
+
+def run_http(app: FastAPI, engine, **settings) -> None:
+    """Serve `app` with uvicorn (`settings` are its own) until SIGINT or SIGTERM; a text generator's decoding loop
+    runs in this thread meanwhile (`decode_here`)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, **settings))
+    if isinstance(engine, GenerationEngine):
+        decode_here(server, engine)
+    else:
+        server.run()
+
+
+def decode_here(server, engine: GenerationEngine) -> None:
+    """HTTP in a thread, the decoding loop in this one, the thread that loaded the model (Batcher.here says why);
+    SIGINT and SIGTERM shut both down as uvicorn alone would."""
+    import signal
+    import threading
+
+    batcher = engine.batcher
+    batcher.here = True
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            batcher.stopping.set()  # the server ended (or never started): so does decoding
+
+    def shut_down(*_) -> None:
+        server.should_exit = True
+
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, shut_down)
+    web = threading.Thread(target=http, name="tunelab-http", daemon=True)
+    web.start()
+    batcher.work()
+    web.join(timeout=30)
+    if not server.started:
+        raise TunelabError(f"the HTTP server could not start on {server.config.host}:{server.config.port} (its log "
+                           f"above says why)")
