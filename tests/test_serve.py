@@ -67,12 +67,18 @@ def tiny_classifier(tiny_bert, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def servers(chat_llama, tiny_bert, tiny_classifier, tmp_path_factory):
-    """Three real servers started side by side: generation (max batch 4), embeddings (API key), classify."""
+def server_env() -> dict:
+    """The environment a test's server process runs in: this tunelab, one thread, offline, no API key from outside."""
     env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     env.pop("TUNELAB_API_KEY", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def servers(chat_llama, tiny_bert, tiny_classifier, tmp_path_factory):
+    """Three real servers started side by side: generation (max batch 4), embeddings (API key), classify."""
+    env = server_env()
     logs = tmp_path_factory.mktemp("server-logs")
     started = {}
     for name, model, extra in [("generate", chat_llama, ["--max-batch", "4"]),
@@ -147,11 +153,9 @@ def test_chat_completion_equals_plain_transformers_greedy(servers, chat_llama):
 def one_server(folder: Path, log: Path, *flags: str) -> Iterator[str]:
     """A generation server on its own port with extra flags, for the life of the block: its URL."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(folder), "--port", str(port),
-                                    *flags], env=env, stdout=out, stderr=subprocess.STDOUT)
+                                    *flags], env=server_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_until_healthy(process, f"http://127.0.0.1:{port}", log, None)
         yield f"http://127.0.0.1:{port}"

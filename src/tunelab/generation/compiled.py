@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import DynamicLayer
 
 BUCKETS = (256, 512, 1024, 2048)  # cache lengths a step is compiled for; longer answers decode eagerly
 
@@ -31,11 +30,6 @@ class SoloSteps:
         self.compiled: dict[int, tuple[StaticCache, torch.Tensor, object]] = {}  # length: (cache, mask, step)
         self.active: int | None = None  # the bucket of the row being decoded, if any
         self.length = 0  # positions the row has filled
-
-    @staticmethod
-    def supports(model: torch.nn.Module) -> bool:
-        """Whether the model's cache is plain full attention (what the eager batch can take the row's states into)."""
-        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
     def fits(self, positions: int) -> bool:
         return positions <= BUCKETS[-1]

@@ -119,7 +119,7 @@ class Decoder:
     def compile_solo_steps(self) -> bool:
         """From now on, a row that starts alone decodes through compiled steps (compiled.py), until another joins;
         False when this model's cache cannot hand such a row over to a batch (sliding windows)."""
-        if SoloSteps.supports(self.model):
+        if full_attention(DynamicCache(config=self.model.config)):
             self.solo = SoloSteps(self.model, self.forward)
         return self.solo is not None
 
@@ -134,7 +134,7 @@ class Decoder:
 
     def can_join(self) -> bool:
         """Whether rows may join now: the batch is empty, or its cache is one this module can pad and merge."""
-        return not self.rows or self.alone or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        return not self.rows or self.alone or full_attention(self.cache)
 
     # -- rows join ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -250,7 +250,7 @@ class Decoder:
         self.cache.batch_select_indices(index)
         self.mask, self.last = self.mask[index], self.last[index]
         first = int(self.mask.any(0).nonzero()[0])  # columns before it hold only padding now
-        if first > 0 and all(type(layer) is DynamicLayer for layer in self.cache.layers):
+        if first > 0 and full_attention(self.cache):
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
             self.mask = self.mask[:, first:]
@@ -270,6 +270,12 @@ class Decoder:
         self.rows, self.cache, self.mask, self.last = [], None, None, None
         if self.solo is not None:
             self.solo.active = None
+
+
+def full_attention(cache: DynamicCache) -> bool:
+    """Whether every layer of the cache is a plain `DynamicLayer` (no sliding window): one whose rows this module can
+    pad, merge and trim."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def failure(exc: BaseException) -> str:
