@@ -21,7 +21,7 @@ from tunelab.generation import weights
 from tunelab.generation.engine import answer_all, decoder_for, new_row
 from tunelab.generation.sampling import Sampling
 from tunelab.generation.text import AnswerText
-from tunelab.generation.weights import WIDEN_ABOVE_ROWS, Int8Linear, PackedLinear, use_format
+from tunelab.generation.weights import PACKED_ABOVE_ROWS, Int8Linear, PackedLinear, auto_format, use_format
 from tunelab.models.precision import bf16_supported
 
 PROMPTS = ["the day was", "a lovely chair by the window", "it", "the paper is on the table in the", "a day"]
@@ -167,14 +167,15 @@ def test_a_weight_format_replaces_every_linear_and_decodes_as_its_own_generate(t
 
 
 @pytest.mark.skipif(not bf16_supported(), reason="int8 weights decode with bf16 arithmetic: this CPU has none")
-def test_int8_weights_widened_for_many_rows_give_the_kernels_numbers():
+def test_int8_weights_packed_for_many_rows_give_the_kernels_numbers():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     layer = Int8Linear(linear.weight.detach(), linear.bias.detach())
-    rows = torch.randn(WIDEN_ABOVE_ROWS + 8, 64)
+    rows = torch.randn(PACKED_ABOVE_ROWS + 8, 64)
     with torch.inference_mode():
         widened = layer(rows).float()
-        kernel = torch.cat([layer(rows[i:i + 8]) for i in range(0, len(rows), 8)]).float()
+        kernel = torch.cat([layer(rows[i:i + PACKED_ABOVE_ROWS]) for i in range(0, len(rows), PACKED_ABOVE_ROWS)]
+                           ).float()
         exact = rows @ (layer.weight_int8.float() * layer.scale.float()[:, None]).T + layer.bias.float()
     torch.testing.assert_close(widened, kernel, rtol=0.02, atol=0.02)
     torch.testing.assert_close(kernel, exact, rtol=0.02, atol=0.02)
@@ -206,6 +207,18 @@ def test_gpt2s_conv1d_layers_are_converted_and_a_model_that_reads_its_weights_is
     with pytest.raises(TunelabError, match=r"^int8 weights do not run with T5ForConditionalGeneration \(Attr.*; use "
                                            r"float32$"):
         use_format(t5, "int8")
+
+
+def test_auto_picks_int8_only_for_a_decoder_on_a_cpu_with_native_bf16(tiny_llama, monkeypatch):
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0, pad_token_id=0)).eval()
+    monkeypatch.setattr(weights, "bf16_supported", lambda: True)
+    assert auto_format(llama) == ("int8", "this CPU runs bf16 natively")
+    assert auto_format(t5)[0] == "float32"
+    monkeypatch.setattr(weights, "bf16_supported", lambda: False)
+    assert auto_format(llama) == ("float32", "this CPU has no native bf16 (AVX-512 BF16 or AMX), which int8 "
+                                             "weights decode with")
 
 
 def test_a_row_alone_decodes_through_compiled_steps_and_hands_over_when_others_join(llama):

@@ -6,8 +6,10 @@ for a decode step (benchmarks/decode_step.py; benchmarks/README.md, "Generation 
   call. All of SmolLM2-135M's linear layers: 18.9 ms packed vs 27.7 ms plain bf16 for one row, 19.1 vs 29.4 ms for
   8 rows.
 - int8: weight-only, one scale per output channel, bf16 activations (torch's `_weight_int8pack_mm`): a quarter of
-  fp32's bytes, 13.3 ms for one row; it slows with more rows (31.5 ms for 8), and past 32 rows (a prompt's prefill)
-  the weights are widened to bf16 for one ordinary matrix product instead (faster from about 40 rows on).
+  fp32's bytes, 15.0 ms for one row against 19.9 ms packed bf16. That kernel slows with every row (32.4 ms for 8,
+  80.7 for 32, against 20.8 and 25.4 packed), so for more than 4 rows (a batch of answers, a prompt's prefill) the
+  same weights, widened back to bf16 with their scales folded in and packed, go through oneDNN. That copy makes
+  int8's weights 3/4 of fp32's in memory, where a step of one row reads only the int8 quarter.
 
 Both need a CPU that runs bf16 natively (AVX-512 BF16 or AMX): elsewhere bf16 is emulated, about 100x slower. GPT-2's
 `Conv1D` layers count as linear layers; a model whose own code reads its linear layers' weights (T5) is refused.
@@ -28,7 +30,8 @@ from tunelab.errors import TunelabError, one_line
 from tunelab.models.precision import bf16_supported
 
 FORMATS = ("float32", "bfloat16", "int8")
-WIDEN_ABOVE_ROWS = 32  # int8: more rows than this go through the weights widened to bf16 (measured crossover ~40)
+AUTO = "auto"  # serve's default: the fastest format this machine runs the model in (auto_format)
+PACKED_ABOVE_ROWS = 4  # int8: more rows than this go through the packed bf16 copy (measured crossover: 4-5 rows)
 
 
 def use_format(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -53,6 +56,19 @@ def use_format(model: torch.nn.Module, name: str) -> torch.nn.Module:
                 setattr(parent, child_name, layer(*weight_and_bias(child)))
     check_runs(model, name)
     return model
+
+
+def auto_format(model: torch.nn.Module) -> tuple[str, str]:
+    """The format `--dtype auto` decodes a text generator in, and why: int8 on a CPU with native bf16 (one answer
+    1.5x fp32's tokens/s, 8 at once 1.8x; 97% of the symptom example's greedy answers equal fp32's, its exact match
+    within the interval), bf16 on a GPU that has it, fp32 elsewhere (emulated bf16 is ~100x slower)."""
+    if next(model.parameters()).device.type != "cpu":
+        return ("bfloat16", "a GPU with bf16") if bf16_supported() else ("float32", "a GPU without bf16")
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "float32", "int8 weights do not run encoder-decoders' own weight reads"
+    if not bf16_supported():
+        return "float32", "this CPU has no native bf16 (AVX-512 BF16 or AMX), which int8 weights decode with"
+    return "int8", "this CPU runs bf16 natively"
 
 
 def weight_and_bias(layer: torch.nn.Linear | Conv1D) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,17 +113,25 @@ class Int8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         weight = weight.float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight_int8", torch.round(weight / scale[:, None]).clamp(-127, 127)
-                             .to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        integers = torch.round(weight / scale[:, None]).clamp(-127, 127)
+        # plain attributes, not buffers, as PackedLinear's: a decode step calls 200+ of these layers, and a buffer's
+        # lookup through Module.__getattr__ was half of the 10 us each call cost besides its kernel
+        self.weight_int8 = integers.to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
+        # the int8 weights widened back, scales folded in, in oneDNN's layout: for batches and prefill
+        self.packed = torch.ops.mkldnn._reorder_linear_weight((integers * scale[:, None]).to(torch.bfloat16)
+                                                              .contiguous(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= WIDEN_ABOVE_ROWS:
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
+        if rows.shape[0] <= PACKED_ABOVE_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
         else:
-            out = torch.nn.functional.linear(rows, self.weight_int8.to(torch.bfloat16)) * self.scale
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
