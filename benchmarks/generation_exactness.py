@@ -6,7 +6,7 @@ equal to the reference's, the run's task metric (exact match) with its 95% boots
 answers took (the compiled rows' include compiling).
 
     PYTHONPATH=src TUNELAB_DATA_PATH=../shared/data .venv/bin/python benchmarks/generation_exactness.py RUN_DIR \
-        [--json out.json]
+        [--only int8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from tunelab.stages.sft import load_data
 
 # name: (weight format, bf16 autocast, answers one at a time through compiled steps)
 FORMATS = {
-    "fp32 (serve's default)": ("float32", False, False),
+    "fp32 (serve --dtype float32; the default's choice on CPUs without native bf16)": ("float32", False, False),
     "bf16 autocast (the scoring's default where bf16 is native)": ("float32", True, False),
     "bf16 weights (serve --dtype bfloat16)": ("bfloat16", False, False),
-    "int8 weights (serve --dtype int8)": ("int8", False, False),
-    "fp32, compiled, one at a time (serve --compile)": ("float32", False, True),
+    "int8 weights (serve --dtype int8; the default's choice on CPUs with native bf16)": ("int8", False, False),
+    "fp32, compiled, one at a time (serve --dtype float32 --compile)": ("float32", False, True),
     "int8, compiled, one at a time (serve --dtype int8 --compile)": ("int8", False, True),
 }
 
@@ -57,6 +57,7 @@ def reference(generator, prompts: list[str], batch_size: int, max_new_tokens: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a finished sft run folder")
+    parser.add_argument("--only", help="just the formats whose name holds this (e.g. int8); the reference always runs")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     run = finished_run(args.run, "generation_exactness")
@@ -75,6 +76,8 @@ def main() -> None:
     for name, (weights, autocast, compiled) in FORMATS.items():
         if (autocast or weights != "float32") and not bf16_supported():
             continue  # bf16 arithmetic is emulated here, ~100x slower
+        if args.only and args.only not in name:
+            continue
         model = use_format(load_generator(run.path).model.eval(), weights)
         start = time.perf_counter()
         if compiled:

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from tunelab.generation.engine import answer_all, decoder_for
 from tunelab.generation.sampling import Sampling
-from tunelab.generation.weights import use_format
+from tunelab.generation.weights import Int8Linear, auto_format, use_format
 from tunelab.models.loading import load_tokenizer, resolve_model
 from tunelab.models.precision import bf16_supported
 
@@ -47,13 +47,17 @@ def bandwidth_gb_s() -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights read per decoded token: every linear layer's weights in whatever format they are (oneDNN's
-    packed ones too), norms, and of the input embeddings one row, or all of them when the output layer reads them
-    (tied)."""
+    """Bytes of weights read per decoded token of one row: every linear layer's weights in whatever format they are
+    (oneDNN's packed ones too; of int8 layers the int8 weights and scales, not the packed bf16 copy that batches of
+    more than 4 rows read), norms, and of the input embeddings one row, or all of them when the output layer reads
+    them (tied)."""
     tensors = {}
     for module in model.modules():
-        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False),
-                       getattr(module, "packed", None)):
+        if isinstance(module, Int8Linear):
+            own = (module.weight_int8, module.scale, module.bias)
+        else:
+            own = (*module.parameters(recurse=False), *module.buffers(recurse=False), getattr(module, "packed", None))
+        for tensor in own:
             if tensor is not None:
                 tensors[id(tensor)] = tensor
     embedding = model.get_input_embeddings().weight
@@ -122,12 +126,13 @@ def main() -> None:
                                            tokenize=False) for q in QUESTIONS]
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     bandwidth = bandwidth_gb_s()
-    rows, agreement, reference = [], {}, None
+    rows, agreement, reference, default = [], {}, None, None
     native_bf16 = bf16_supported()
     for way, weights in WAYS:
         if weights != "float32" and not native_bf16:
             continue  # bf16 arithmetic is emulated here, ~100x slower: no row to compare
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32).eval()
+        default = default or auto_format(model)[0]  # what `tunelab serve` decodes in here, unless told otherwise
         compiled = None
         if way == "transformers generate":
             model.to(getattr(torch, weights))
@@ -148,7 +153,8 @@ def main() -> None:
             answers = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
         reference = reference or answers  # the first way: fp32 generate
         agreement[f"{way}, {weights}"] = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
-        rows.append({"way": f"{way}, {weights} weights", "tok_s_1": args.tokens / one,
+        marked = " (serve's default here)" if way == "tunelab engine" and weights == default else ""
+        rows.append({"way": f"{way}, {weights} weights{marked}", "tok_s_1": args.tokens / one,
                      "tok_s_8": 8 * args.tokens / eight, "bound_tok_s": bandwidth * 1e9 / weight_bytes(model),
                      **({"compile_s": round(compiled, 1)} if compiled is not None else {})})
     if args.gguf:
@@ -166,9 +172,22 @@ def main() -> None:
         one, eight = row["tok_s_1"], row["tok_s_8"]
         print(f"| {row['way']} | {one and round(one, 1)} | {eight and round(eight, 1)} | "
               f"{round(eight / one, 2) if one and eight else '–'} | {round(row.get('bound_tok_s') or 0, 1) or '–'} |")
+    print(acceptance(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(result, out, indent=2)
+
+
+def acceptance(rows: list[dict]) -> str:
+    """Issue 30's bar for serve's default: one request at >= 0.8x llama.cpp's tokens/s or >= 70% of its own format's
+    bandwidth bound, whichever is lower; 8 at once >= 4x one."""
+    default = next(row for row in rows if row["way"].endswith("(serve's default here)"))
+    llama = next((row["tok_s_1"] for row in rows if row["way"].startswith("llama.cpp on")), None)
+    bars = [0.7 * default["bound_tok_s"]] + ([0.8 * llama] if llama else [])
+    one, eight = default["tok_s_1"], default["tok_s_8"]
+    return (f"\nserve's default ({default['way']}): 1 request {one:.1f} tok/s against a bar of {min(bars):.1f} "
+            f"({one / min(bars):.2f}x; 0.8x llama.cpp {'= %.1f' % (0.8 * llama) if llama else 'not measured'}, "
+            f"70% of the bound = {bars[0]:.1f}); 8 at once {eight / one:.2f}x one (bar 4x)")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertFo
 import tunelab
 from tunelab import api
 from tunelab.cli import build_parser, main
-from tunelab.generation.weights import use_format
+from tunelab.errors import TunelabError
+from tunelab.generation.weights import Int8Linear, use_format
 from tunelab.models.precision import bf16_supported
+from tunelab.serve import app
 from tunelab.serve.app import bind_warning
+from tunelab.serve.engine import GenerationEngine, load_engine
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}it was{% endif %}")
@@ -77,11 +80,12 @@ def server_env() -> dict:
 
 @pytest.fixture(scope="module")
 def servers(chat_llama, tiny_bert, tiny_classifier, tmp_path_factory):
-    """Three real servers started side by side: generation (max batch 4), embeddings (API key), classify."""
+    """Three real servers started side by side: generation (max batch 4, float32: the answers are compared with
+    fp32 `generate`'s), embeddings (API key), classify."""
     env = server_env()
     logs = tmp_path_factory.mktemp("server-logs")
     started = {}
-    for name, model, extra in [("generate", chat_llama, ["--max-batch", "4"]),
+    for name, model, extra in [("generate", chat_llama, ["--max-batch", "4", "--dtype", "float32"]),
                                ("embed", tiny_bert, ["--api-key", API_KEY]),
                                ("classify", tiny_classifier, [])]:
         port = free_port()
@@ -166,19 +170,41 @@ def one_server(folder: Path, log: Path, *flags: str) -> Iterator[str]:
 
 
 @pytest.mark.skipif(not bf16_supported(), reason="int8 weights decode with bf16 arithmetic: this CPU has none")
-def test_an_int8_server_answers_as_int8_generate_does(servers, chat_llama, tmp_path):
-    with one_server(chat_llama, tmp_path / "int8.log", "--dtype", "int8") as url:
+@pytest.mark.parametrize("flags", [[], ["--dtype", "int8"]], ids=["auto", "int8"])
+def test_an_int8_server_answers_as_int8_generate_does(servers, chat_llama, tmp_path, flags):
+    with one_server(chat_llama, tmp_path / "int8.log", *flags) as url:
         assert httpx.get(f"{url}/health").json()["weights"] == "int8"
         assert httpx.get(f"{servers['generate']}/health").json()["weights"] == "float32"
         for text in ("the day was good", "a lovely chair"):
             answer = client(url).chat.completions.create(
                 model=chat_llama.name, messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0)
             assert answer.choices[0].message.content == greedy(chat_llama, text, 8, chat=True, int8=True)
+    said = (tmp_path / "int8.log").read_text()
+    assert ("int8 weights, chosen by --dtype auto: this CPU runs bf16 natively" in said) == (not flags)
+
+
+def test_auto_weights_serve_a_fresh_float32_model_where_the_chosen_format_fails(chat_llama, monkeypatch, capsys):
+    convert = GenerationEngine.use_weights
+
+    def converted_then_refused(self, name):  # as use_format's check does: the layers are int8 when it refuses
+        try:
+            convert(self, name)
+        finally:
+            raise TunelabError("int8 weights do not run with LlamaForCausalLM (TypeError: x); use float32")
+
+    monkeypatch.setattr(app, "auto_format", lambda model: ("int8", "this CPU runs bf16 natively"))
+    monkeypatch.setattr(GenerationEngine, "use_weights", converted_then_refused)
+    engine = app.auto_weights(load_engine(str(chat_llama), 4), str(chat_llama), 4, compile_steps=False)
+    assert engine.weights == "float32"
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+    assert not any(isinstance(m, Int8Linear) for m in engine.model.modules())
+    assert "float32 weights, chosen by --dtype auto: int8 weights do not run with LlamaForCausalLM (TypeError: x)\n" \
+        in capsys.readouterr().err
 
 
 def test_a_compiled_server_answers_alone_and_together_as_generate_does(chat_llama, tmp_path):
     texts = ["the day was good", "a lovely chair", "the window"]
-    with one_server(chat_llama, tmp_path / "compiled.log", "--compile") as url:
+    with one_server(chat_llama, tmp_path / "compiled.log", "--compile", "--dtype", "float32") as url:
         assert "compiling the decode step" in (tmp_path / "compiled.log").read_text()
         alone = client(url).chat.completions.create(
             model=chat_llama.name, messages=[{"role": "user", "content": texts[0]}], max_tokens=8, temperature=0)

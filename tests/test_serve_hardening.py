@@ -63,7 +63,7 @@ def hardened(long_llama, tiny_bert, tiny_classifier, tmp_path_factory):
         port = free_port()
         log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed at teardown
         process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(model), "--port", str(port),
-                                    "--max-batch", "4"], env={**env, **extra_env}, stdout=log,
+                                    "--max-batch", "4", "--dtype", "float32"], env={**env, **extra_env}, stdout=log,
                                    stderr=subprocess.STDOUT)
         started[name] = (process, f"http://127.0.0.1:{port}", log, logs / f"{name}.log")
     try:

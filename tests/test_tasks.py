@@ -129,7 +129,8 @@ def test_a_reward_run_scores_through_predict_as_its_judge_does(runs, capsys):
 
 @pytest.fixture(scope="module")
 def task_servers(runs, tmp_path_factory):
-    """Real `tunelab serve` processes for a dpo, a seq2seq, a grpo and a reward run."""
+    """Real `tunelab serve` processes for a dpo, a seq2seq, a grpo and a reward run: the two decoders in float32
+    (their answers are compared with fp32 chat's), the seq2seq run in `--dtype auto`'s choice for it (float32)."""
     env = {**os.environ, "PYTHONPATH": str(Path(tunelab.__file__).parents[1]), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     env.pop("TUNELAB_API_KEY", None)
@@ -138,8 +139,9 @@ def task_servers(runs, tmp_path_factory):
     for task in ("dpo", "seq2seq", "grpo", "reward"):
         port = free_port()
         log = open(logs / f"{task}.log", "w")  # noqa: SIM115 - closed at teardown
-        process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(runs[task]), "--port", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        dtype = ["--dtype", "float32"] if task in ("dpo", "grpo") else []
+        process = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(runs[task]), "--port", str(port),
+                                    *dtype], env=env, stdout=log, stderr=subprocess.STDOUT)
         started[task] = (process, f"http://127.0.0.1:{port}", log, logs / f"{task}.log")
     try:
         for process, url, _, log_path in started.values():
@@ -168,6 +170,7 @@ def test_serve_answers_a_preference_or_rl_run_as_chat_does(task, runs, task_serv
 
 def test_serve_answers_a_seq2seq_run_as_generate_does(runs, task_servers):
     model = Path(runs["seq2seq"]).name
+    assert httpx.get(f"{task_servers['seq2seq']}/health").json()["weights"] == "float32"  # auto: an encoder-decoder
     prompts = ["good morning", "a bad day"]
     expected = api.generate(str(runs["seq2seq"]), prompts, max_new_tokens=3)
     for prompt, want in zip(prompts, expected, strict=True):

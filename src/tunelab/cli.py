@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "own name (DNS rebinding guard); may repeat; '*' answers any Host")
     serve.add_argument("--max-batch", type=positive_int, default=16,
                        help="most answers generated together in one batch (default: %(default)s)")
-    serve.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
-                       help="weights of a text generator: float32 (default: a greedy answer is the same in any "
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
+                       help="weights of a text generator: auto (default: int8 on a CPU with native bf16, bfloat16 "
+                            "on a GPU that has it, else float32), float32 (a greedy answer is the same in any "
                             "batch), bfloat16 (fastest batches) or int8 (fastest single answers); both need a CPU "
                             "with native bf16 or a GPU (int8: CPU only), and their answers may differ a little "
                             "from float32's and shift with the batch")

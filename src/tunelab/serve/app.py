@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tunelab.errors import TunelabError
+from tunelab.generation.weights import AUTO, auto_format
 from tunelab.hosts import HostAllowList, allowed_names, is_loopback
 from tunelab.serve.engine import Choice, GenerationEngine, load_engine
 from tunelab.serve.protocol import (
@@ -415,7 +416,7 @@ def body_timeout_from_env() -> float:
     return seconds
 
 
-def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "float32",
+def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int, dtype: str = "auto",
           allowed_hosts: Iterable[str] = (), compile_steps: bool = False) -> int:
     """Load MODEL and serve it until interrupted."""
     if compile_steps and dtype == "bfloat16":
@@ -428,7 +429,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     hosts = allowed_names(host, allowed_hosts)
     check_port_free(host, port)
     engine = load_engine(model, max_batch)
-    if dtype != "float32":
+    if dtype == AUTO:
+        engine = auto_weights(engine, model, max_batch, compile_steps)
+    elif dtype != "float32":
         if engine.kind != "generate":
             raise TunelabError(f"--dtype {dtype} applies to text generators; '{model}' is {KIND_NAMES[engine.kind]}")
         engine.use_weights(dtype)
@@ -444,6 +447,25 @@ def serve(model: str, host: str, port: int, api_key: str | None, max_batch: int,
     run_http(app, engine, host=host, port=port, log_level="warning", access_log=False,
              timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=MAX_CONNECTIONS)
     return 0
+
+
+def auto_weights(engine, model: str, max_batch: int, compile_steps: bool):
+    """`--dtype auto`: a text generator's weights in the fastest format this machine runs it in (auto_format), said
+    in one line; where that format cannot run this model, it is loaded again and served in float32."""
+    if engine.kind != "generate":
+        return engine
+    name, why = auto_format(engine.model)
+    if name == "bfloat16" and compile_steps:
+        name, why = "float32", "--compile"
+    if name != "float32":
+        try:
+            engine.use_weights(name)
+        except TunelabError as exc:
+            name, why = "float32", str(exc).split(";")[0]
+            engine = load_engine(model, max_batch)
+    exact = " (--dtype float32: the same greedy answer in any batch)" if name != "float32" else ""
+    print(f"tunelab: {name} weights, chosen by --dtype auto: {why}{exact}", file=sys.stderr, flush=True)
+    return engine
 
 
 def run_http(app: FastAPI, engine, **settings) -> None:
