@@ -52,7 +52,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     more than 4 rows read), norms, and of the input embeddings one row, or all of them when the output layer reads
     them (tied)."""
     tensors = {}
+    widened = {id(m.widened) for m in model.modules() if isinstance(m, Int8Linear)}
     for module in model.modules():
+        if id(module) in widened:
+            continue
         if isinstance(module, Int8Linear):
             own = (module.weight_int8, module.scale, module.bias)
         else:

@@ -60,7 +60,7 @@ def use_format(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def auto_format(model: torch.nn.Module) -> tuple[str, str]:
     """The format `--dtype auto` decodes a text generator in, and why: int8 on a CPU with native bf16 (one answer
-    1.5x fp32's tokens/s, 8 at once 1.8x; 97% of the symptom example's greedy answers equal fp32's, its exact match
+    1.5x fp32's tokens/s, 8 at once 1.8x; 98% of the symptom example's greedy answers equal fp32's, its exact match
     within the interval), bf16 on a GPU that has it, fp32 elsewhere (emulated bf16 is ~100x slower)."""
     if next(model.parameters()).device.type != "cpu":
         return ("bfloat16", "a GPU with bf16") if bf16_supported() else ("float32", "a GPU without bf16")
@@ -119,9 +119,7 @@ class Int8Linear(torch.nn.Module):
         self.weight_int8 = integers.to(torch.int8).contiguous()
         self.scale = scale.to(torch.bfloat16)
         self.bias = None if bias is None else bias.to(torch.bfloat16)
-        # the int8 weights widened back, scales folded in, in oneDNN's layout: for batches and prefill
-        self.packed = torch.ops.mkldnn._reorder_linear_weight((integers * scale[:, None]).to(torch.bfloat16)
-                                                              .contiguous(), 1)
+        self.widened = PackedLinear(integers * scale[:, None], None)  # for batches and prefill: see the module doc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -130,8 +128,7 @@ class Int8Linear(torch.nn.Module):
         if rows.shape[0] <= PACKED_ABOVE_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
+            out = self.widened(rows)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
-
