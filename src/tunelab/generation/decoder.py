@@ -18,10 +18,12 @@ join a running batch: their rows wait until the batch is empty, then run togethe
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import traceback
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from transformers import DynamicCache
@@ -32,6 +34,7 @@ from tunelab.generation.compiled import SoloSteps
 from tunelab.generation.sampling import Sampling, next_tokens
 from tunelab.generation.text import AnswerText
 from tunelab.models.precision import autocast
+from tunelab.speedups import decode_step_for
 
 
 @dataclass(eq=False)
@@ -105,8 +108,8 @@ class Decoder:
         self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16  # in eval mode: the caller's to set
         self.eos_ids = set(eos_ids)
         self.pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
-        accepts = inspect.signature(base.forward).parameters
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes it on
+        accepts = inspect.signature(self.base.forward).parameters
         self.keep_last = "logits_to_keep" in accepts
         self.cache_keyword = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5.x
         self.rows: list[Row] = []
@@ -115,6 +118,12 @@ class Decoder:
         self.last: torch.Tensor | None = None  # [rows, 1]: each row's latest token, the next step's input
         self.steps = 0
         self.solo: SoloSteps | None = None  # compiled steps for a row decoded alone, once `compile_solo_steps`
+
+    @functools.cached_property
+    def plain(self) -> ModuleType | None:
+        """A decode step without transformers' plumbing (speedups/decode_step.py) where it gives this model's own
+        logits; found at the first forward, after any change of weight format (serve converts after building this)."""
+        return decode_step_for(self.base)
 
     def compile_solo_steps(self) -> bool:
         """From now on, a row that starts alone decodes through compiled steps (compiled.py), until another joins;
@@ -197,6 +206,9 @@ class Decoder:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                 cache_position: torch.Tensor | None = None) -> torch.Tensor:
         """The model's next-token logits [rows, vocab] for the last position of each row."""
+        if self.plain is not None and cache_position is None and self.plain.steps(self.base, cache, ids):
+            with autocast(self.bf16):
+                return self.plain.decode_step(self.base, ids, mask, positions, cache)
         extra = {"logits_to_keep": 1} if self.keep_last else {}
         if cache_position is not None:  # a static cache's slots (compiled.py)
             extra["cache_position"] = cache_position

@@ -11,6 +11,7 @@ library's result in tests/:
 | fast_dropout.py | dropout masks drawn from 16 random bits per element | models with dropout, CPU |
 | glibc_malloc.py | freed memory kept in glibc's heap while training | training under glibc, CPU |
 | batch_order.py | length-grouped batches sorted over whole groups, in random order | padded batches |
+| decode_step.py | a decode step through the model's own modules, minus transformers' plumbing | Llama-family decoders |
 
 A run applies them through one call: `api.train` runs its stage inside `speedups_for_run(recipe.train.speedups)`,
 and each trainer the stage builds (trainer.TunelabMixin) takes that run's `Speedups` (`speedups_of_this_run()`) to fit
@@ -22,6 +23,7 @@ Off switch: `train.speedups: false` in the recipe, or TUNELAB_SPEEDUPS=0 in the 
 recipe): nothing here is applied and every step takes the libraries' own path (TRL's fused head as TRL sets it,
 peft's LoRA forward, SDPA or the model's own attention, torch's dropout, HF's sampler, glibc's default malloc).
 A speed-up whose library is not at a version it was checked against falls back the same way (guard.py).
+Decoding (generation/decoder.py) takes its step from `decode_step_for(model)`, under the same switch and guard.
 """
 
 from __future__ import annotations
@@ -101,6 +103,18 @@ def speedups_for_run(enabled: bool = True) -> Iterator[Speedups]:
 def speedups_of_this_run() -> Speedups:
     """The speed-ups of the run in progress; outside `speedups_for_run`, none (the libraries' own paths)."""
     return _runs[-1] if _runs else Speedups(enabled=False)
+
+
+def decode_step_for(model) -> ModuleType | None:
+    """speedups/decode_step.py where its step gives `model`'s own logits (a Llama-family model as transformers
+    builds it) and TUNELAB_SPEEDUPS does not turn it off; else None (the model's own forward)."""
+    if switched_off_by_environment():
+        return None
+    step = usable("decode_step")
+    if step is None or not step.fits(model):
+        return None
+    step.stack_int8_products(model)
+    return step
 
 
 def adapts_causal_lm(model) -> bool:

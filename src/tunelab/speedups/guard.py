@@ -68,7 +68,7 @@ def fall_back(name: str, reason: str) -> None:
     """Report, once per process, that speed-up `name` is left out and why; return None (no module to apply)."""
     if name not in _warned:
         _warned.add(name)
-        message = f"tunelab: speed-up {name} is off: {reason}; training takes the library's own path"
+        message = f"tunelab: speed-up {name} is off: {reason}; tunelab takes the library's own path"
         say(message)
         warnings.warn(message, SpeedupFallbackWarning, stacklevel=3)
     return None
