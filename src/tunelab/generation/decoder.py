@@ -12,8 +12,9 @@ Why not `generate` or transformers' continuous batching: `generate` runs one bat
 symptom: a 4-token request behind a 1,000-token one waited for all 1,000), and its continuous-batching manager
 (`init_continuous_batching`) fixes greedy-or-sampling and the seed per manager, which breaks the OpenAI contract of
 per-request settings and seeds. The loop here is the part neither gives: a forward per step, the cache rows moved
-with plain tensor ops. Encoder-decoders and caches that are not plain `DynamicLayer`s (sliding windows) cannot
-join a running batch: their rows wait until the batch is empty, then run together.
+with plain tensor ops. A Llama-family model steps through speedups/decode_step.py: its own modules without
+transformers' per-call plumbing, the same logits. Encoder-decoders and caches that are not plain `DynamicLayer`s
+(sliding windows) cannot join a running batch: their rows wait until the batch is empty, then run together.
 """
 
 from __future__ import annotations
