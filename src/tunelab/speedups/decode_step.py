@@ -7,12 +7,12 @@ the hub-kernel wrappers and `**kwargs` passed down through 30 layers. Here the s
 in the same order (the model's embedding, rotary embedding, norms, projections and MLPs, transformers'
 `apply_rotary_pos_emb`, its registered attention function, the cache layers' own `update`), so the figures are the
 library's own: equal logits, tested against the model's forward (tests/test_decode_step.py). Measured side by side
-on a 2-core Xeon (AMX), SmolLM2-135M, 64 greedy tokens: one answer 41.4 -> 45.7 tokens/s with int8 weights,
-8 at once 187 -> 200. With int8 weights the products of q, k and v, and of gate and up, each take one kernel call
-over the layers' weights stacked (vLLM's fused QKV and gate-up): 22.4 -> 21.1 ms a step, the calls
-alternated 8 times. `torch.compile` removes the same overhead (`serve --compile`) but compiles for seconds to
-minutes at every start and only for one row; llama.cpp needs a gguf export. No library decodes a transformers
-model's step this way on a CPU, hence this module.
+on a 2-core Xeon (AMX), SmolLM2-135M, 64 greedy tokens, the two paths alternating in one process: one answer
+41.0 -> 44.0 tokens/s with int8 weights, 8 at once 187 -> 200; fp32 26.4 -> 27.9. With int8 weights the products
+of q, k and v, and of gate and up, each take one kernel call over the layers' weights stacked (vLLM's fused QKV and
+gate-up): 22.4 -> 21.1 ms a step, alternated 8 times. `torch.compile` removes the same overhead (`serve
+--compile`) but compiles for seconds to minutes at every start and only for one row; llama.cpp needs a gguf export.
+No library decodes a transformers model's step this way on a CPU, hence this module.
 
 It stands in for the model's forward only where it is equal to it: a model whose class is one of `FAMILIES` exactly,
 every layer full attention, SDPA attention, in eval mode, with no hooks on the modules it steps over, one new token
