@@ -7,7 +7,8 @@ own forward instead of speedups/decode_step.py. Each way runs in a fresh process
 Greedy, 64 new tokens (end-of-sequence ignored, so every way decodes the same number of tokens), prompts through
 the model's chat template. Each way runs twice; the faster is kept (the first run pays warm-up). Then serve's
 default way, its 8 at once and llama.cpp run `--rounds` more times, alternating, and the bar's ratios are the medians
-of those rounds (this host's speed drifts by 10% within minutes, which a single pass reads as a change of speed).
+of those rounds (this host's speed drifts by 10-30% within minutes, which a single pass reads as a change of
+speed).
 Prints one JSON object and a markdown table.
 
     PYTHONPATH=src TUNELAB_DATA_PATH=../shared/data .venv/bin/python benchmarks/generation_speed.py \

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import seeded_random_weights
 from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
     DynamicCache,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -116,8 +118,6 @@ def test_models_and_calls_it_does_not_match_keep_their_own_forward(tiny_llama):
 
 
 def test_the_engine_decodes_through_the_step_unless_speedups_are_off(tiny_llama, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     prompts = tokenizer(["the day was", "a lovely chair by the window", "it"])["input_ids"]
@@ -136,8 +136,6 @@ def test_the_engine_decodes_through_the_step_unless_speedups_are_off(tiny_llama,
 
 
 def test_int8_weights_given_after_the_decoder_was_built_are_stacked_at_its_first_step(tiny_llama, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     monkeypatch.setattr(weights, "bf16_supported", lambda: True)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)

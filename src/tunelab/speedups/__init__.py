@@ -107,7 +107,8 @@ def speedups_of_this_run() -> Speedups:
 
 def decode_step_for(model) -> ModuleType | None:
     """speedups/decode_step.py where its step gives `model`'s own logits (a Llama-family model as transformers
-    builds it) and TUNELAB_SPEEDUPS does not turn it off; else None (the model's own forward)."""
+    builds it) and TUNELAB_SPEEDUPS does not turn it off, with the model's int8 q/k/v and gate/up products stacked
+    (`stack_int8_products`, once per model); else None (the model's own forward)."""
     if switched_off_by_environment():
         return None
     step = usable("decode_step")
