@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from test_ui_hardening import CHROMIUM
 from tunelab.cli import main
 from tunelab.data import sources
 from tunelab.tune import trials as trials_module
+from tunelab.tune.storage import open_storage
 
 SPACE = {"train.learning_rate": {"log_uniform": [1.0e-3, 2.0e-2]}, "train.epochs": {"int": [1, 4]}}
 
@@ -122,6 +124,28 @@ def test_two_workers_share_one_sqlite_study_without_losing_or_repeating_a_trial(
     values = [tuple(sorted(trial["values"].items())) for trial in study["trials"]]
     assert len(set(values)) == 6  # the two workers' samplers drew apart
     assert study["final"] is None
+
+
+def test_a_queued_trial_is_taken_by_one_sqlite_worker_only(tmp_path):
+    """Two workers reading the same queued trial waiting both ran it (seen in CI: both ran trial 0, one crashed).
+    Worker 1 reads it waiting in its transaction; worker 2's attempt to take it waits, then finds it taken."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first, second = open_storage(url), open_storage(url)
+    study = optuna.create_study(study_name="study", storage=first)
+    study.enqueue_trial({"x": 1.0})
+    trial_id = study.trials[0]._trial_id
+    taken = []
+    second_takes = threading.Thread(
+        target=lambda: taken.append(second.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)))
+    with first.engine.begin() as connection:
+        state = connection.exec_driver_sql("SELECT state FROM trials WHERE trial_id = ?", (trial_id,)).scalar()
+        assert state == "WAITING"
+        second_takes.start()
+        second_takes.join(timeout=1.0)
+        assert second_takes.is_alive() and taken == []  # worker 2 waits for worker 1's transaction
+        connection.exec_driver_sql("UPDATE trials SET state = 'RUNNING' WHERE trial_id = ?", (trial_id,))
+    second_takes.join(timeout=60)
+    assert taken == [False]
 
 
 def test_workers_on_two_machines_join_one_postgresql_study(tiny_bert, toy_data, tmp_path, postgres_url):

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import SQLAlchemyError
 
 from tunelab.errors import TunelabError, one_line
@@ -43,12 +44,29 @@ def open_storage(url: str) -> BaseStorage:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                          grace_period=GRACE_SECONDS,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                             grace_period=GRACE_SECONDS,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
     except (SQLAlchemyError, ImportError, ValueError) as exc:  # a bad URL, a missing driver, a refused login
         raise TunelabError(f"cannot open --storage '{url}': {one_line(exc, 200)}; check the URL, that the server "
                            f"is reachable and that its Python driver is installed") from None
+    if url.startswith("sqlite"):
+        begin_immediate(storage.engine)
+    return storage
+
+
+def begin_immediate(engine: Engine) -> None:
+    """Make every SQLite transaction take the write lock before its first read.
+
+    A worker takes a queued trial (your recipe's values, a retried one) by reading it WAITING and writing RUNNING in
+    one transaction, which Optuna guards with SELECT … FOR UPDATE; SQLite has no such lock, so two workers could both
+    read it waiting and both run it (optuna/optuna#4002; here, two workers both ran trial 0 and one crashed). With
+    BEGIN IMMEDIATE the second worker waits for the first one's commit and then reads the trial running. This is
+    SQLAlchemy's own recipe for SQLite transactions (pysqlite's deferred BEGIN turned off, ours emitted instead); the
+    pool is emptied so that every connection from here on is made so."""
+    event.listen(engine, "connect", lambda connection, _record: setattr(connection, "isolation_level", None))
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+    engine.dispose()
 
 
 def fail_orphans(storage: BaseStorage, study: optuna.Study) -> int:
