@@ -81,12 +81,12 @@ def test_int8_products_stacked_give_the_models_own_logits_and_hold_no_second_cop
     monkeypatch.setattr(weights, "bf16_supported", lambda: True)  # bf16 arithmetic emulated where it is not native
     model = weights.use_format(FAMILIES[family]().eval(), "int8")
     int8_bytes = int8_storage_bytes(model)
-    decode_step.stack_int8_products(model)
+    decode_step.stack_products(model, weights.stack_int8)
     attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert attention.stacked_qkv.sizes == [64, 32, 32] and mlp.stacked_gate_up.sizes == [96, 96]
-    assert attention.k_proj.weight_int8.data_ptr() == attention.stacked_qkv.weight[64:].data_ptr()  # a view
+    assert attention.k_proj.weight_int8.data_ptr() == attention.stacked_qkv.weight_int8[64:].data_ptr()  # a view
     assert int8_storage_bytes(model) == int8_bytes
-    for prompts in ([[5, 9, 11, 3]], [[5, 9, 11, 3], [7, 2], [40, 41, 42]], [[5, 9]] * 6):  # 6 rows: not stacked
+    for prompts in ([[5, 9, 11, 3]], [[5, 9, 11, 3], [7, 2], [40, 41, 42]], [[5, 9]] * 6):  # 6: packed copies
         with torch.inference_mode():
             theirs, mask, token = prefilled(model, prompts)
             ours = copy.deepcopy(theirs)

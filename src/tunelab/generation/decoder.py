@@ -34,6 +34,7 @@ from tunelab.errors import one_line
 from tunelab.generation.compiled import SoloSteps
 from tunelab.generation.sampling import Sampling, next_tokens
 from tunelab.generation.text import AnswerText
+from tunelab.generation.weights import stack_int8
 from tunelab.models.precision import autocast
 from tunelab.speedups import decode_step_for
 
@@ -124,7 +125,7 @@ class Decoder:
     def plain(self) -> ModuleType | None:
         """A decode step without transformers' plumbing (speedups/decode_step.py) where it gives this model's own
         logits; found at the first forward, after any change of weight format (serve converts after building this)."""
-        return decode_step_for(self.base)
+        return decode_step_for(self.base, stack=stack_int8)
 
     def compile_solo_steps(self) -> bool:
         """From now on, a row that starts alone decodes through compiled steps (compiled.py), until another joins;

@@ -105,16 +105,18 @@ def speedups_of_this_run() -> Speedups:
     return _runs[-1] if _runs else Speedups(enabled=False)
 
 
-def decode_step_for(model) -> ModuleType | None:
+def decode_step_for(model, stack=None) -> ModuleType | None:
     """speedups/decode_step.py where its step gives `model`'s own logits (a Llama-family model as transformers
-    builds it) and TUNELAB_SPEEDUPS does not turn it off, with the model's int8 q/k/v and gate/up products stacked
-    (`stack_int8_products`, once per model); else None (the model's own forward)."""
+    builds it) and TUNELAB_SPEEDUPS does not turn it off; else None (the model's own forward). With `stack`
+    (generation/weights.py's `stack_int8`), the model's q/k/v and gate/up products are stacked into one each where
+    `stack` can (`stack_products`, once per model): a change to the model."""
     if switched_off_by_environment():
         return None
     step = usable("decode_step")
     if step is None or not step.fits(model):
         return None
-    step.stack_int8_products(model)
+    if stack is not None:
+        step.stack_products(model, stack)
     return step
 
 

@@ -23,7 +23,9 @@ attribute names), hence the version range below and the attribute check.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -39,12 +41,12 @@ FAMILIES = {  # model class -> its module's rotary function (each family keeps i
     modeling_mistral.MistralForCausalLM: modeling_mistral.apply_rotary_pos_emb,
     modeling_qwen2.Qwen2ForCausalLM: modeling_qwen2.apply_rotary_pos_emb,
 }
-STACKED_ROWS = 4  # up to this many rows int8 products go through the int8 kernel (weights.py's PACKED_ABOVE_ROWS)
 LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
 SDPA_ARGUMENTS = ("module", "query", "key", "value", "attention_mask", "dropout", "scaling")
 
 
+@functools.cache  # each decoder asks at its first step; building the layer to look at takes a millisecond
 def missing_internals() -> list[str]:
     """The transformers names the step relies on that the installed version lacks or calls differently."""
     missing = []
@@ -75,46 +77,16 @@ def fits(model: torch.nn.Module) -> bool:
                    for module in stepped_over)
 
 
-def stack_int8_products(model: torch.nn.Module) -> None:
-    """Give each attention block its q/k/v and each MLP its gate/up as one `Stacked` product where those layers hold
-    int8 weights (generation/weights.py's `Int8Linear`: `weight_int8`, `scale`, `bias`); once per model."""
+def stack_products(model: torch.nn.Module, stack: Callable[[list[torch.nn.Module]], Callable | None]) -> None:
+    """Give each attention block its q/k/v and each MLP its gate/up as one product where `stack` makes one of those
+    layers (generation/weights.py's `stack_int8`: int8 layers; it returns the layers' outputs, or None where it
+    cannot stack them); once per model."""
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         if getattr(attention, "stacked_qkv", None) is None:
-            attention.stacked_qkv = Stacked.of([attention.q_proj, attention.k_proj, attention.v_proj])
+            attention.stacked_qkv = stack([attention.q_proj, attention.k_proj, attention.v_proj])
         if getattr(mlp, "stacked_gate_up", None) is None:
-            mlp.stacked_gate_up = Stacked.of([mlp.gate_proj, mlp.up_proj])
-
-
-class Stacked:
-    """Int8 layers that read the same input, as one product: their weights and scales stacked (the layers' own become
-    views of these, so nothing is held twice); each layer's output is its slice of the result, the same numbers."""
-
-    def __init__(self, layers: list[torch.nn.Module]) -> None:
-        self.sizes = [layer.out_features for layer in layers]
-        self.weight = torch.cat([layer.weight_int8 for layer in layers])
-        self.scale = torch.cat([layer.scale for layer in layers])
-        biases = [layer.bias for layer in layers]
-        self.bias = None if all(bias is None for bias in biases) else biases
-        start = 0
-        for layer, size in zip(layers, self.sizes, strict=True):
-            layer.weight_int8, layer.scale = self.weight[start:start + size], self.scale[start:start + size]
-            start += size
-
-    @classmethod
-    def of(cls, layers: list[torch.nn.Module]) -> Stacked | None:
-        """The layers stacked, when they are all int8 layers over the same input size; else None."""
-        int8 = all(hasattr(layer, "weight_int8") for layer in layers)  # a LoRA layer around one is not
-        return cls(layers) if int8 and len({layer.in_features for layer in layers}) == 1 else None
-
-    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        rows = hidden.reshape(-1, self.weight.shape[1])
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale).split(self.sizes, dim=-1)
-        if self.bias is not None:
-            out = [part if bias is None else part + bias for part, bias in zip(out, self.bias, strict=True)]
-        return tuple(part.reshape(*hidden.shape[:-1], -1) for part in out)
+            mlp.stacked_gate_up = stack([mlp.gate_proj, mlp.up_proj])
 
 
 def steps(model: torch.nn.Module, cache: DynamicCache, ids: torch.Tensor) -> bool:
@@ -133,20 +105,18 @@ def decode_step(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, p
     rotary = inner.rotary_emb(hidden, positions)
     padding = None if bool(mask.all()) else mask[:, None, None, :].bool()  # as transformers' causal mask for sdpa
     rotate = FAMILIES[type(model)]
-    stacked = ids.shape[0] <= STACKED_ROWS
     for layer, states in zip(inner.layers[:model.config.num_hidden_layers], cache.layers, strict=True):
-        hidden = hidden + attention(layer.self_attn, layer.input_layernorm(hidden), rotary, rotate, padding, states,
-                                    stacked)
-        hidden = hidden + mlp(layer.mlp, layer.post_attention_layernorm(hidden), stacked)
+        hidden = hidden + attention(layer.self_attn, layer.input_layernorm(hidden), rotary, rotate, padding, states)
+        hidden = hidden + mlp(layer.mlp, layer.post_attention_layernorm(hidden))
     return model.lm_head(inner.norm(hidden))[:, -1]
 
 
 def attention(module: torch.nn.Module, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], rotate,
-              padding: torch.Tensor | None, states: DynamicLayer, stacked: bool) -> torch.Tensor:
+              padding: torch.Tensor | None, states: DynamicLayer) -> torch.Tensor:
     """The attention block's output for one new position per row: `LlamaAttention.forward`'s steps."""
     rows, length = hidden.shape[:2]
     shape = (rows, length, -1, module.head_dim)
-    if stacked and (qkv := getattr(module, "stacked_qkv", None)) is not None:
+    if (qkv := getattr(module, "stacked_qkv", None)) is not None:
         products = qkv(hidden)
     else:
         products = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
@@ -157,9 +127,9 @@ def attention(module: torch.nn.Module, hidden: torch.Tensor, rotary: tuple[torch
     return module.o_proj(out.reshape(rows, length, -1))
 
 
-def mlp(module: torch.nn.Module, hidden: torch.Tensor, stacked: bool) -> torch.Tensor:
+def mlp(module: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The MLP's output: `LlamaMLP.forward`, its gate and up products stacked where they can be."""
-    gate_up = getattr(module, "stacked_gate_up", None) if stacked else None
+    gate_up = getattr(module, "stacked_gate_up", None)
     if gate_up is None:
         return module(hidden)
     gate, up = gate_up(hidden)
