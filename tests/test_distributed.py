@@ -18,7 +18,7 @@ from conftest import toy_recipe
 
 import tunelab
 from tunelab.cli import main
-from tunelab.distributed import World, shard_bounds
+from tunelab.distributed import World, failure_message, first_recorded_failure, shard_bounds
 
 SOURCE = Path(tunelab.__file__).resolve().parents[1]  # the tunelab the launched processes must import too
 RUN_FILES = {"recipe.yaml", "baseline.json", "log.jsonl", "metrics.json", "predictions.jsonl", "report.html", "model",
@@ -195,6 +195,20 @@ def test_a_killed_two_process_run_resumes_where_one_process_ends(recipe_path, on
     assert logged.count(1) == 1, "the resumed attempt continues from the checkpoint, not from step 1"
     resumed, straight = (json.loads((run / "metrics.json").read_text()) for run in (killed, one))
     assert resumed["after"]["confusion_matrix"] == straight["after"]["confusion_matrix"]
+
+
+def test_without_recorded_errors_the_rank_that_died_of_itself_is_named_not_the_ones_the_agent_stopped(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    no_file = str(tmp_path / "none.json")
+    stopped = ProcessFailure(local_rank=0, pid=101, exitcode=-signal.SIGTERM, error_file=no_file)
+    killed = ProcessFailure(local_rank=1, pid=102, exitcode=-signal.SIGKILL, error_file=no_file)
+    stopped.timestamp = killed.timestamp  # the same second, as when the agent stops the rest
+    rank, failure = first_recorded_failure(ChildFailedError("train", {0: stopped, 1: killed}))
+    assert rank == 1 and failure_message(failure) == "Signal 9 (SIGKILL) received by PID 102"
+    exited = ProcessFailure(local_rank=1, pid=103, exitcode=1, error_file=no_file)
+    rank, failure = first_recorded_failure(ChildFailedError("train", {0: stopped, 1: exited}))
+    assert failure_message(failure) == "process 103 (local rank 1) exited with code 1 without recording an error"
 
 
 def test_shards_cover_every_row_once():

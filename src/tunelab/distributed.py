@@ -19,6 +19,7 @@ and the Trainer (through accelerate) joins the same group.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -224,15 +225,27 @@ class LaunchFailed(Exception):
 def first_recorded_failure(failed) -> tuple[int, Any]:
     """The rank whose error is the cause. Ranks the agent stopped end by a signal without an error file, and a
     rank whose peer died fails in its next collective ("connection closed by peer") within the same second as
-    the cause: so a tunelab error (exit 2) comes first, then the earliest recorded error, then the lowest rank."""
-    recorded = {rank: failure for rank, failure in failed.failures.items() if failure.error_file_data.get("message")}
+    the cause: so a tunelab error (exit 2) comes first, then the earliest recorded error, then the lowest rank.
+    Where no rank recorded one (a crash, the kernel's OOM killer), a rank that died of itself comes before those the
+    agent then stopped with SIGTERM (torch's own first failure is the earliest, and those end in the same second)."""
+    recorded = {rank: failure for rank, failure in failed.failures.items() if recorded_error(failure)}
     if not recorded:
-        return failed.get_first_failure()
+        return min(failed.failures.items(),
+                   key=lambda item: (item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0]))
     return min(recorded.items(), key=lambda item: (item[1].exitcode != 2, item[1].timestamp, item[0]))
 
 
+def recorded_error(failure) -> bool:
+    """Whether a failed rank left an error file (without one, torch fills in the placeholder message "<NONE>")."""
+    return failure.error_file_data.get("message") not in (None, "", "<NONE>")
+
+
 def failure_message(failure) -> str:
-    """The one line a failed rank recorded ('TunelabError: …' loses its class name: it is tunelab's own)."""
+    """The one line a failed rank recorded ('TunelabError: …' loses its class name: it is tunelab's own); for a
+    rank that recorded none, how it ended."""
+    if not recorded_error(failure) and failure.exitcode > 0:
+        return f"process {failure.pid} (local rank {failure.local_rank}) exited with code {failure.exitcode} " \
+               f"without recording an error"
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", "")
