@@ -62,7 +62,7 @@ def use_format(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def auto_format(model: torch.nn.Module) -> tuple[str, str]:
     """The format `--dtype auto` decodes a text generator in, and why: int8 on a CPU with native bf16 (one answer
-    1.75x fp32's tokens/s, 8 at once 1.8x; 98% of the symptom example's greedy answers equal fp32's, its exact match
+    1.64x fp32's tokens/s, 8 at once 1.8x; 98% of the symptom example's greedy answers equal fp32's, its exact match
     within the interval), bf16 on a GPU that has it, fp32 elsewhere (emulated bf16 is ~100x slower)."""
     if next(model.parameters()).device.type != "cpu":
         return ("bfloat16", "a GPU with bf16") if bf16_supported() else ("float32", "a GPU without bf16")
