@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import toy_recipe
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 import tunelab
 from tunelab.cli import main
@@ -198,8 +199,6 @@ def test_a_killed_two_process_run_resumes_where_one_process_ends(recipe_path, on
 
 
 def test_without_recorded_errors_the_rank_that_died_of_itself_is_named_not_the_ones_the_agent_stopped(tmp_path):
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
-
     no_file = str(tmp_path / "none.json")
     stopped = ProcessFailure(local_rank=0, pid=101, exitcode=-signal.SIGTERM, error_file=no_file)
     killed = ProcessFailure(local_rank=1, pid=102, exitcode=-signal.SIGKILL, error_file=no_file)
