@@ -129,7 +129,7 @@ def test_the_engine_decodes_through_the_step_unless_speedups_are_off(tiny_llama,
     answers = answer_all(decoder, prompts, Sampling(max_tokens=10, ignore_eos=True), batch_size=2)
     assert len(calls) >= 2 * 9  # every token after the first, rows joining and leaving
     monkeypatch.setenv("TUNELAB_SPEEDUPS", "0")
-    assert decode_step_for(model) is None
+    assert decode_step_for(model, weights.stack_int8) is None
     calls.clear()
     assert answer_all(decoder_for(model, tokenizer), prompts, Sampling(max_tokens=10, ignore_eos=True), 2) == answers
     assert not calls

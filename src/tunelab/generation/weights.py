@@ -125,10 +125,8 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
         if rows.shape[0] <= PACKED_ABOVE_ROWS:
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+            out = int8_product(rows, self.weight_int8, self.scale)
         else:
             out = self.widened(rows)
         if self.bias is not None:
@@ -165,8 +163,14 @@ class StackedInt8:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > PACKED_ABOVE_ROWS:
             return tuple(layer(x) for layer in self.layers)
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
-        parts = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale).split(self.sizes, dim=-1)
+        parts = int8_product(rows, self.weight_int8, self.scale).split(self.sizes, dim=-1)
         return tuple((part if bias is None else part + bias).reshape(*x.shape[:-1], -1)
                      for part, bias in zip(parts, self.biases, strict=True))
+
+
+def int8_product(rows: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """rows [n, in] times int8 weights [out, in] with one scale per output channel, in bf16 (torch's weight-only int8
+    kernel): the one place `Int8Linear` and `StackedInt8` multiply, so that a stacked product is each layer's own."""
+    if rows.dtype != torch.bfloat16:
+        rows = rows.to(torch.bfloat16)
+    return torch.ops.aten._weight_int8pack_mm(rows, weight_int8, scale)

@@ -23,13 +23,13 @@ Off switch: `train.speedups: false` in the recipe, or TUNELAB_SPEEDUPS=0 in the 
 recipe): nothing here is applied and every step takes the libraries' own path (TRL's fused head as TRL sets it,
 peft's LoRA forward, SDPA or the model's own attention, torch's dropout, HF's sampler, glibc's default malloc).
 A speed-up whose library is not at a version it was checked against falls back the same way (guard.py).
-Decoding (generation/decoder.py) takes its step from `decode_step_for(model)`, under the same switch and guard.
+Decoding (generation/decoder.py) takes its step from `decode_step_for(model, stack)`, under the same switch and guard.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from types import ModuleType
 
@@ -105,18 +105,17 @@ def speedups_of_this_run() -> Speedups:
     return _runs[-1] if _runs else Speedups(enabled=False)
 
 
-def decode_step_for(model, stack=None) -> ModuleType | None:
+def decode_step_for(model, stack: Callable) -> ModuleType | None:
     """speedups/decode_step.py where its step gives `model`'s own logits (a Llama-family model as transformers
-    builds it) and TUNELAB_SPEEDUPS does not turn it off; else None (the model's own forward). With `stack`
-    (generation/weights.py's `stack_int8`), the model's q/k/v and gate/up products are stacked into one each where
-    `stack` can (`stack_products`, once per model): a change to the model."""
+    builds it) and TUNELAB_SPEEDUPS does not turn it off; else None (the model's own forward). The model's q/k/v and
+    gate/up products are then stacked into one each where `stack` (generation/weights.py's `stack_int8`) can
+    (`stack_products`, once per model): a change to the model."""
     if switched_off_by_environment():
         return None
     step = usable("decode_step")
     if step is None or not step.fits(model):
         return None
-    if stack is not None:
-        step.stack_products(model, stack)
+    step.stack_products(model, stack)
     return step
 
 
